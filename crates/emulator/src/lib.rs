@@ -1,0 +1,1 @@
+//! CUDA-on-CPU emulator (work in progress).

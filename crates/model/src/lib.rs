@@ -1,0 +1,1 @@
+//! Minimal transformer (work in progress).
