@@ -1,0 +1,259 @@
+//! `feature_map.cu`: materialise phi(x) for callers who want it outside the
+//! fused attention kernels. Element-wise over a strided `rows x cols` view.
+
+use cudarc::driver::{DevicePtr, DevicePtrMut};
+
+use crate::dtype::{DType, Element};
+use crate::params::LinattnFeatureMapParams;
+use crate::plan::{div_ceil_u64, Executor, LaunchPlan};
+use crate::{Buffer, Device, Error, FeatureMap, Gpu, Result};
+
+const KERNEL: &str = "feature_map";
+/// Threads per block and elements per thread, as in `feature_map.cu`.
+const THREADS: u32 = 256;
+const ITEMS: u64 = 4;
+const MAX_GRID_Y: u64 = 65_535;
+
+/// A strided 2-D view: `rows` rows of `cols` contiguous elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowsShape {
+    /// Number of rows.
+    pub rows: usize,
+    /// Contiguous elements per row.
+    pub cols: usize,
+    /// Elements between the starts of consecutive input rows (>= cols).
+    pub x_row_stride: usize,
+    /// Elements between the starts of consecutive output rows (>= cols).
+    pub y_row_stride: usize,
+}
+
+impl RowsShape {
+    /// A contiguous `rows x cols` matrix for input and output.
+    pub fn contiguous(rows: usize, cols: usize) -> Self {
+        RowsShape {
+            rows,
+            cols,
+            x_row_stride: cols,
+            y_row_stride: cols,
+        }
+    }
+
+    /// Elements a buffer must hold for a view with this row stride.
+    fn span(&self, stride: usize) -> Option<usize> {
+        if self.rows == 0 || self.cols == 0 {
+            return Some(0);
+        }
+        (self.rows - 1).checked_mul(stride)?.checked_add(self.cols)
+    }
+
+    /// Checks the shape against buffer lengths; returns whether there is work.
+    pub fn validate(&self, x_len: usize, y_len: usize) -> Result<bool> {
+        let limit = i64::MAX as usize;
+        for (arg, stride) in [
+            ("x_row_stride", self.x_row_stride),
+            ("y_row_stride", self.y_row_stride),
+        ] {
+            if self.rows > 1 && stride < self.cols {
+                return Err(Error::invalid(KERNEL, arg, format!("row stride {stride} is smaller than the row length {} (rows would overlap)", self.cols)));
+            }
+        }
+        let x_need = self.span(self.x_row_stride).filter(|&n| n <= limit);
+        let y_need = self.span(self.y_row_stride).filter(|&n| n <= limit);
+        let x_need = x_need.ok_or_else(|| {
+            Error::invalid(KERNEL, "x", "the view's extent overflows 64-bit indexing")
+        })?;
+        let y_need = y_need.ok_or_else(|| {
+            Error::invalid(KERNEL, "y", "the view's extent overflows 64-bit indexing")
+        })?;
+        if x_len < x_need {
+            return Err(Error::invalid(
+                KERNEL,
+                "x",
+                format!("buffer holds {x_len} elements, the view needs {x_need}"),
+            ));
+        }
+        if y_len < y_need {
+            return Err(Error::invalid(
+                KERNEL,
+                "y",
+                format!("buffer holds {y_len} elements, the view needs {y_need}"),
+            ));
+        }
+        let col_blocks = div_ceil_u64(self.cols as u64, THREADS as u64 * ITEMS);
+        if col_blocks > i32::MAX as u64 {
+            return Err(Error::invalid(
+                KERNEL,
+                "cols",
+                format!("{} columns exceed the grid limit", self.cols),
+            ));
+        }
+        Ok(self.rows > 0 && self.cols > 0)
+    }
+}
+
+/// The kernel symbol for a dtype.
+pub fn kernel_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "feature_map_f32",
+        DType::F16 => "feature_map_f16",
+        DType::Bf16 => "feature_map_bf16",
+    }
+}
+
+/// Builds the launch for an already validated, non-empty shape.
+pub fn plan(
+    dtype: DType,
+    shape: &RowsShape,
+    map: FeatureMap,
+    x: u64,
+    y: u64,
+) -> LaunchPlan<LinattnFeatureMapParams> {
+    let col_blocks = div_ceil_u64(shape.cols as u64, THREADS as u64 * ITEMS) as u32;
+    let row_blocks = (shape.rows as u64).min(MAX_GRID_Y) as u32;
+    LaunchPlan {
+        module: KERNEL,
+        kernel: kernel_name(dtype),
+        grid: [col_blocks, row_blocks, 1],
+        block: [THREADS, 1, 1],
+        shared_bytes: 0,
+        params: LinattnFeatureMapParams {
+            x,
+            y,
+            rows: shape.rows as i64,
+            cols: shape.cols as i64,
+            x_row_stride: shape.x_row_stride as i64,
+            y_row_stride: shape.y_row_stride as i64,
+            feature_map: map.to_c(),
+            _pad0: 0,
+        },
+    }
+}
+
+/// y = phi(x) on a [`Device`].
+pub fn feature_map<T: Element>(
+    dev: &Device,
+    x: &Buffer<T>,
+    y: &mut Buffer<T>,
+    shape: &RowsShape,
+    map: FeatureMap,
+) -> Result<()> {
+    if !shape.validate(x.len(), y.len())? {
+        return Ok(());
+    }
+    let (xp, _gx) = x.read_ptr(dev, KERNEL, "x")?;
+    let (yp, _gy) = y.write_ptr(dev, KERNEL, "y")?;
+    // SAFETY: both pointers belong to `dev` and the lengths were validated.
+    unsafe { dev.launch(&plan(T::DTYPE, shape, map, xp, yp)) }
+}
+
+/// y = phi(x) on cudarc memory (a `CudaSlice` or a view of one), on `gpu`'s stream.
+pub fn feature_map_cuda<T: Element>(
+    gpu: &Gpu,
+    x: &impl DevicePtr<T>,
+    y: &mut impl DevicePtrMut<T>,
+    shape: &RowsShape,
+    map: FeatureMap,
+) -> Result<()> {
+    if !shape.validate(x.len(), y.len())? {
+        return Ok(());
+    }
+    let (xp, _gx) = x.device_ptr(gpu.stream());
+    let (yp, _gy) = y.device_ptr_mut(gpu.stream());
+    // SAFETY: cudarc memory of this context; lengths validated.
+    unsafe { gpu.launch(&plan(T::DTYPE, shape, map, xp, yp)) }
+}
+
+/// y = phi(x) on raw device addresses, for engines that manage their own memory.
+///
+/// # Safety
+/// `x` must address at least `(rows-1)*x_row_stride + cols` readable elements
+/// of `dtype` and `y` as many writable ones (with `y_row_stride`), in memory
+/// the executor can reach (device memory of the GPU's context, host memory for
+/// the emulator), and stay valid until the launch completes. `y` may equal `x`
+/// with equal strides (in place); partial overlap is undefined.
+pub unsafe fn feature_map_raw<E: Executor>(
+    exec: &E,
+    dtype: DType,
+    x: u64,
+    y: u64,
+    shape: &RowsShape,
+    map: FeatureMap,
+) -> Result<()> {
+    if !shape.validate(usize::MAX, usize::MAX)? {
+        return Ok(());
+    }
+    if x == 0 || y == 0 {
+        return Err(Error::invalid(
+            KERNEL,
+            if x == 0 { "x" } else { "y" },
+            "null pointer",
+        ));
+    }
+    // SAFETY: forwarded to the caller.
+    unsafe { exec.launch(&plan(dtype, shape, map, x, y)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_covers_every_element_once() {
+        for (rows, cols) in [(1, 1), (3, 1023), (2, 1024), (5, 1025), (70_000, 7)] {
+            let s = RowsShape::contiguous(rows, cols);
+            assert!(s.validate(rows * cols, rows * cols).unwrap());
+            let p = plan(DType::F16, &s, FeatureMap::Relu, 16, 32);
+            let covered_cols = p.grid[0] as u64 * THREADS as u64 * ITEMS;
+            assert!(
+                covered_cols >= cols as u64
+                    && covered_cols - (cols as u64) < THREADS as u64 * ITEMS
+            );
+            assert!(p.grid[1] as u64 <= MAX_GRID_Y && p.grid[1] >= 1);
+            assert_eq!(p.kernel, "feature_map_f16");
+            assert_eq!(p.params.feature_map, FeatureMap::Relu.to_c());
+        }
+    }
+
+    #[test]
+    fn rejects_short_buffers_and_overlapping_rows() {
+        let s = RowsShape {
+            rows: 4,
+            cols: 8,
+            x_row_stride: 10,
+            y_row_stride: 8,
+        };
+        assert!(s.validate(38, 32).unwrap());
+        let e = s.validate(37, 32).unwrap_err().to_string();
+        assert!(e.contains("`x`") && e.contains("needs 38"), "{e}");
+        let e = s.validate(38, 31).unwrap_err().to_string();
+        assert!(e.contains("`y`"), "{e}");
+        let bad = RowsShape {
+            rows: 2,
+            cols: 8,
+            x_row_stride: 7,
+            y_row_stride: 8,
+        };
+        assert!(bad
+            .validate(100, 100)
+            .unwrap_err()
+            .to_string()
+            .contains("overlap"));
+        let huge = RowsShape {
+            rows: usize::MAX / 2,
+            cols: 8,
+            x_row_stride: 16,
+            y_row_stride: 8,
+        };
+        assert!(huge
+            .validate(usize::MAX, usize::MAX)
+            .unwrap_err()
+            .to_string()
+            .contains("overflows"));
+    }
+
+    #[test]
+    fn empty_views_do_nothing() {
+        assert!(!RowsShape::contiguous(0, 5).validate(0, 0).unwrap());
+        assert!(!RowsShape::contiguous(5, 0).validate(0, 0).unwrap());
+    }
+}
