@@ -1,0 +1,40 @@
+//! Shared by the cross-crate kernel tests: which executors to run on, and
+//! conversions between kernel dtypes and the reference's f64.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use linattn_kernels::{BuildStatus, Device, Element, Gpu};
+
+/// Every executor available here: the GPU when a driver, a device and built
+/// kernels are present, and always the CPU emulator. Prints why the GPU is
+/// skipped, so a GPU-less run says so instead of passing silently.
+pub fn devices() -> Vec<Device> {
+    let mut out = Vec::new();
+    match (Gpu::new(0), linattn_kernels::build_status()) {
+        (Ok(g), BuildStatus::Built { .. }) => out.push(Device::Gpu(Arc::new(g))),
+        (Ok(_), BuildStatus::NotBuilt(why)) => eprintln!("GPU present but kernels not built ({why}): GPU skipped"),
+        (Err(e), _) => eprintln!("GPU skipped: {e}"),
+    }
+    out.push(Device::Emulator(Arc::new(linattn_kernels::Emulator::new().expect("the emulator is compiled into tests"))));
+    out
+}
+
+/// Rounds f64 data to the kernel dtype.
+pub fn to_dtype<T: Element>(xs: &[f64]) -> Vec<T> {
+    xs.iter().map(|&x| T::from_f64(x)).collect()
+}
+
+/// Widens kernel data to f64.
+pub fn to_f64<T: Element>(xs: &[T]) -> Vec<f64> {
+    xs.iter().map(|&x| x.to_f64()).collect()
+}
+
+/// The relative-norm thresholds of DEVELOPERS.md: fp32 well under 1e-5, 16-bit inputs under 1e-2.
+pub fn tolerance<T: Element>(f32_tol: f64, f16_tol: f64, bf16_tol: f64) -> f64 {
+    match T::DTYPE {
+        linattn_kernels::DType::F32 => f32_tol,
+        linattn_kernels::DType::F16 => f16_tol,
+        linattn_kernels::DType::Bf16 => bf16_tol,
+    }
+}
