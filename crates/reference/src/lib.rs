@@ -27,6 +27,13 @@
 //! D x M plus `z` of length D. Bad input returns a [`ReferenceError`]; public
 //! functions do not panic on it.
 //!
+//! ## Speed
+//!
+//! The recurrent and chunked forms are tight loops over contiguous rows. On
+//! one CPU core (f32, causal, D = M = 64; `benches/reference_cpu.rs`, details
+//! in `crates/reference/BENCH.md`) linear attention overtakes softmax between
+//! N = 64 and 128, and is ~136x faster at N = 16384 (34.7 ms vs 4.7 s).
+//!
 //! ## Example: prefill, then decode one token
 //!
 //! ```
