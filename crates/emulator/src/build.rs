@@ -1041,7 +1041,9 @@ pub fn rewrite(src: &str, path: &Path, lib: Option<&str>) -> Result<Rewritten, B
         pos = e.end;
     }
     out.push_str(&src[pos..]);
-    out.push('\n');
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
     Ok(Rewritten {
         text: out,
         kernels,
