@@ -2,7 +2,7 @@
 //! `test-kernels` feature is on, with the same helper that kernel crates use.
 
 #[path = "src/build.rs"]
-#[allow(dead_code, unreachable_pub)]
+#[allow(unreachable_pub)]
 mod emu_build;
 
 fn main() {

@@ -26,6 +26,7 @@ struct ScanParams {
     m: i32,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn scalar_scan(
     q: &[f32],
     k: &[f32],

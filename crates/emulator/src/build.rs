@@ -913,7 +913,7 @@ pub fn rewrite(src: &str, path: &Path, lib: Option<&str>) -> Result<Rewritten, B
                         text: "__attribute__((noinline))".into(),
                     });
                 } else if word == "__shared__" {
-                    if !braces.iter().any(|b| *b == Brace::Code) {
+                    if !braces.contains(&Brace::Code) {
                         return Err(perr(
                             tok.line,
                             "`__shared__` at namespace scope is not supported by the emulator; declare it inside \

@@ -158,7 +158,7 @@ unsafe extern "C" fn cb_static_shared(
         let align = (align.max(16) as usize).next_power_of_two();
         let size = size as usize;
         let off = b.static_top.div_ceil(align) * align;
-        let end = off.checked_add(size).unwrap_or(usize::MAX);
+        let end = off.saturating_add(size);
         if end > b.limit {
             let static_bytes = end.saturating_sub(b.dyn_bytes);
             fail_fiber(f, Fault::SharedLimit { static_bytes });
