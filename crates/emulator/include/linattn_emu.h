@@ -206,6 +206,9 @@ struct LinattnEmuModule {
   const LinattnEmuKernel* kernels;
   void (*set_ctx)(LinattnEmuThreadCtx* ctx);
   const char* lib_name;
+  // Clears AddressSanitizer poison left on a fiber stack whose frames were abandoned
+  // (a no-op unless the library was built with LINATTN_EMU_SANITIZE=address).
+  void (*unpoison)(void* addr, unsigned long long len);
 };
 #define LINATTN_EMU_MAGIC 0x4C454D55u
 

@@ -588,6 +588,12 @@ fn registry_source(lib: &str, kernels: &[KernelDecl]) -> String {
     s.push_str(&format!(
         "static void {lib}_emu_set_ctx(LinattnEmuThreadCtx* c) {{ {lib}_emu_tls = c; }}\n"
     ));
+    s.push_str(
+        "#if defined(__SANITIZE_ADDRESS__)\nextern \"C\" void __asan_unpoison_memory_region(void const volatile*, decltype(sizeof(0)));\n#endif\n",
+    );
+    s.push_str(&format!(
+        "static void {lib}_emu_unpoison(void* p, unsigned long long n) {{\n#if defined(__SANITIZE_ADDRESS__)\n  __asan_unpoison_memory_region(p, (decltype(sizeof(0)))n);\n#else\n  (void)p;\n  (void)n;\n#endif\n}}\n"
+    ));
     s.push_str(&format!(
         "extern \"C\" const LinattnEmuModule* {lib}_emu_module(void) {{\n"
     ));
@@ -613,7 +619,7 @@ fn registry_source(lib: &str, kernels: &[KernelDecl]) -> String {
         ));
     }
     s.push_str(&format!(
-        "    return LinattnEmuModule{{LINATTN_EMU_MAGIC, LINATTN_EMU_ABI_VERSION, (uint32_t)sizeof(LinattnEmuThreadCtx), {}u, kernels, {lib}_emu_set_ctx, \"{lib}\"}};\n",
+        "    return LinattnEmuModule{{LINATTN_EMU_MAGIC, LINATTN_EMU_ABI_VERSION, (uint32_t)sizeof(LinattnEmuThreadCtx), {}u, kernels, {lib}_emu_set_ctx, \"{lib}\", {lib}_emu_unpoison}};\n",
         kernels.len()
     ));
     s.push_str("  }();\n  return &module;\n}\n");

@@ -97,4 +97,5 @@ pub struct RawModule {
     pub kernels: *const RawKernel,
     pub set_ctx: Option<unsafe extern "C" fn(*mut ThreadCtx)>,
     pub lib_name: *const c_char,
+    pub unpoison: Option<unsafe extern "C" fn(*mut c_void, u64)>,
 }

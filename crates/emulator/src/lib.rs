@@ -294,6 +294,7 @@ struct KernelInfo {
 pub struct Module {
     lib_name: String,
     set_ctx: unsafe extern "C" fn(*mut ThreadCtx),
+    unpoison: Option<unsafe extern "C" fn(*mut c_void, u64)>,
     kernels: Vec<KernelInfo>,
     shared_limit: usize,
 }
@@ -373,6 +374,7 @@ impl Module {
         Ok(Module {
             lib_name,
             set_ctx,
+            unpoison: raw.unpoison,
             kernels,
             shared_limit: DEFAULT_SHARED_LIMIT,
         })
@@ -471,6 +473,7 @@ impl Module {
             kernel: &k.name,
             entry: k.entry,
             set_ctx: self.set_ctx,
+            unpoison: self.unpoison,
             params: buf.ptr as *const c_void,
             grid: cfg.grid,
             block: cfg.block,

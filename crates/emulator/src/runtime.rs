@@ -7,7 +7,7 @@ use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use corosensei::stack::DefaultStack;
+use corosensei::stack::{DefaultStack, Stack};
 use corosensei::{Coroutine, CoroutineResult, Yielder};
 
 use crate::ffi::{self, op, Callbacks, ThreadCtx};
@@ -196,6 +196,7 @@ pub(crate) struct Launch<'a> {
     pub kernel: &'a str,
     pub entry: KernelEntry,
     pub set_ctx: SetCtx,
+    pub unpoison: Option<unsafe extern "C" fn(*mut c_void, u64)>,
     pub params: *const c_void,
     pub grid: [u32; 3],
     pub block: [u32; 3],
@@ -420,6 +421,15 @@ impl Worker {
                     // SAFETY: the suspended frames are C++ kernel code and our
                     // callbacks, which hold no values that need dropping.
                     unsafe { co.force_reset() };
+                    let stack = co.into_stack();
+                    if let Some(unpoison) = launch.unpoison {
+                        let lo = stack.limit().get();
+                        let hi = stack.base().get();
+                        // SAFETY: the stack's own mapping; nothing runs on it now.
+                        unsafe { unpoison(lo as *mut c_void, (hi - lo) as u64) };
+                    }
+                    self.stacks.push(stack);
+                    continue;
                 }
                 self.stacks.push(co.into_stack());
             }
