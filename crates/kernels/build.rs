@@ -148,8 +148,18 @@ fn main() {
 }
 
 fn build_emulator(sources: &[PathBuf], include_dir: &Path) {
-    // Wired to linattn_emulator::build once that lands.
-    let _ = (sources, include_dir);
+    let result = linattn_emulator::build::Build::new("linattn_kernels")
+        .sources(sources)
+        .include_dir(include_dir)
+        .compile();
+    match result {
+        Ok(report) if report.module_symbol == "linattn_kernels_emu_module" => {}
+        Ok(report) => fail(&format!(
+            "linattn-kernels: the emulator module symbol is {}, src/emu.rs expects linattn_kernels_emu_module",
+            report.module_symbol
+        )),
+        Err(e) => fail(&format!("linattn-kernels: the CUDA sources failed to build for the CPU emulator:\n{e}")),
+    }
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) {

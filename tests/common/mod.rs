@@ -7,16 +7,21 @@ use std::sync::Arc;
 use linattn_kernels::{BuildStatus, Device, Element, Gpu};
 
 /// Every executor available here: the GPU when a driver, a device and built
-/// kernels are present, and always the CPU emulator. Prints why the GPU is
+/// kernels are present, and always the CPU emulator (with its two-schedule
+/// race check on). Prints why the GPU is
 /// skipped, so a GPU-less run says so instead of passing silently.
 pub fn devices() -> Vec<Device> {
     let mut out = Vec::new();
     match (Gpu::new(0), linattn_kernels::build_status()) {
         (Ok(g), BuildStatus::Built { .. }) => out.push(Device::Gpu(Arc::new(g))),
-        (Ok(_), BuildStatus::NotBuilt(why)) => eprintln!("GPU present but kernels not built ({why}): GPU skipped"),
+        (Ok(_), BuildStatus::NotBuilt(why)) => {
+            eprintln!("GPU present but kernels not built ({why}): GPU skipped")
+        }
         (Err(e), _) => eprintln!("GPU skipped: {e}"),
     }
-    out.push(Device::Emulator(Arc::new(linattn_kernels::Emulator::new().expect("the emulator is compiled into tests"))));
+    out.push(Device::Emulator(Arc::new(
+        linattn_kernels::Emulator::checked().expect("the emulator is compiled into tests"),
+    )));
     out
 }
 

@@ -167,4 +167,17 @@ impl Executor for Device {
             Device::Emulator(e) => unsafe { e.launch(plan) },
         }
     }
+
+    unsafe fn launch_writing<P: KernelParams>(
+        &self,
+        plan: &LaunchPlan<P>,
+        writes: &[(u64, usize)],
+    ) -> Result<()> {
+        match self {
+            // SAFETY: forwarded contract.
+            Device::Gpu(g) => unsafe { g.launch_writing(plan, writes) },
+            #[cfg(feature = "emulator")]
+            Device::Emulator(e) => unsafe { e.launch_writing(plan, writes) },
+        }
+    }
 }

@@ -45,6 +45,24 @@ pub trait Executor {
     /// emulator) and cover every element the kernel touches, as the op's
     /// validation guarantees for the safe entry points.
     unsafe fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> crate::Result<()>;
+
+    /// [`Executor::launch`], also naming the memory the kernel writes as
+    /// `(address, bytes)` regions. The emulator's schedule check uses them to
+    /// run the launch under two thread orders and compare the results (a
+    /// missing barrier shows up as a difference); the GPU ignores them.
+    ///
+    /// # Safety
+    /// As for [`Executor::launch`]; the regions must be valid for reads and
+    /// writes and cover everything the kernel writes.
+    unsafe fn launch_writing<P: KernelParams>(
+        &self,
+        plan: &LaunchPlan<P>,
+        writes: &[(u64, usize)],
+    ) -> crate::Result<()> {
+        let _ = writes;
+        // SAFETY: forwarded contract.
+        unsafe { self.launch(plan) }
+    }
 }
 
 /// Ceil-division for grid sizes.

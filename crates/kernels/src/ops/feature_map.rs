@@ -141,9 +141,10 @@ pub fn feature_map<T: Element>(
         return Ok(());
     }
     let (xp, _gx) = x.read_ptr(dev, KERNEL, "x")?;
+    let y_bytes = y.len() * std::mem::size_of::<T>();
     let (yp, _gy) = y.write_ptr(dev, KERNEL, "y")?;
     // SAFETY: both pointers belong to `dev` and the lengths were validated.
-    unsafe { dev.launch(&plan(T::DTYPE, shape, map, xp, yp)) }
+    unsafe { dev.launch_writing(&plan(T::DTYPE, shape, map, xp, yp), &[(yp, y_bytes)]) }
 }
 
 /// y = phi(x) on cudarc memory (a `CudaSlice` or a view of one), on `gpu`'s stream.
