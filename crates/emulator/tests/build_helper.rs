@@ -40,6 +40,16 @@ fn every_project_cuda_source_builds_under_the_emulator() {
         .compile()
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(report.module_symbol, "linattn_project_check_emu_module");
+    // Every one-line `extern "C" __global__ ... {` definition is registered.
+    let mut expected = 0;
+    for s in &sources {
+        let text = std::fs::read_to_string(s).unwrap();
+        expected += text
+            .lines()
+            .filter(|l| l.trim_start().starts_with("extern \"C\" __global__") && l.contains('{'))
+            .count();
+    }
+    assert!(report.kernels.len() >= expected, "{:?}", report.kernels);
     let _ = std::fs::remove_dir_all(&out);
 }
 
