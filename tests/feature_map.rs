@@ -10,9 +10,15 @@ use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
 
 fn maps() -> [(FeatureMap, linattn_reference::FeatureMap); 3] {
     [
-        (FeatureMap::EluPlusOne, linattn_reference::FeatureMap::EluPlusOne),
+        (
+            FeatureMap::EluPlusOne,
+            linattn_reference::FeatureMap::EluPlusOne,
+        ),
         (FeatureMap::Relu, linattn_reference::FeatureMap::Relu),
-        (FeatureMap::Identity, linattn_reference::FeatureMap::Identity),
+        (
+            FeatureMap::Identity,
+            linattn_reference::FeatureMap::Identity,
+        ),
     ]
 }
 
@@ -21,8 +27,18 @@ fn check<T: Element>(rng: &mut Rng) {
         RowsShape::contiguous(1, 1),
         RowsShape::contiguous(3, 17),
         RowsShape::contiguous(2, 1025),
-        RowsShape { rows: 5, cols: 64, x_row_stride: 96, y_row_stride: 70 },
-        RowsShape { rows: 7, cols: 3, x_row_stride: 3, y_row_stride: 8 },
+        RowsShape {
+            rows: 5,
+            cols: 64,
+            x_row_stride: 96,
+            y_row_stride: 70,
+        },
+        RowsShape {
+            rows: 7,
+            cols: 3,
+            x_row_stride: 3,
+            y_row_stride: 8,
+        },
     ];
     for dev in devices() {
         for shape in &shapes {
@@ -43,13 +59,22 @@ fn check<T: Element>(rng: &mut Rng) {
                     // The gaps between output rows must stay untouched.
                     if r + 1 < shape.rows {
                         for c in shape.cols..shape.y_row_stride {
-                            assert!(y[r * shape.y_row_stride + c].is_nan(), "{}: wrote outside the view", dev.describe());
+                            assert!(
+                                y[r * shape.y_row_stride + c].is_nan(),
+                                "{}: wrote outside the view",
+                                dev.describe()
+                            );
                         }
                     }
                 }
                 let err = rel_l2_error(&got, &want);
                 let tol = tolerance::<T>(1e-6, 1e-3, 8e-3);
-                assert!(err < tol, "{} {:?} {map:?} {shape:?}: rel error {err:e} >= {tol:e}", dev.describe(), T::DTYPE);
+                assert!(
+                    err < tol,
+                    "{} {:?} {map:?} {shape:?}: rel error {err:e} >= {tol:e}",
+                    dev.describe(),
+                    T::DTYPE
+                );
             }
         }
     }
@@ -68,7 +93,14 @@ fn feature_map_rejects_bad_shapes() {
     for dev in devices() {
         let x = dev.upload(&[0.5f32; 10]).unwrap();
         let mut y = dev.upload(&[0.0f32; 10]).unwrap();
-        let e = feature_map(&dev, &x, &mut y, &RowsShape::contiguous(3, 4), FeatureMap::Relu).unwrap_err();
+        let e = feature_map(
+            &dev,
+            &x,
+            &mut y,
+            &RowsShape::contiguous(3, 4),
+            FeatureMap::Relu,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("needs 12"), "{e}");
     }
 }
