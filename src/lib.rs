@@ -13,6 +13,8 @@
 //! assert!(report.contains("device code:"));
 //! ```
 
+pub mod demo;
+pub mod generate;
 pub mod info;
 
 pub use linattn_kernels as kernels;
