@@ -64,6 +64,7 @@ pub fn printable(bytes: &[u8]) -> String {
 
 /// Loads or builds the model, generates, prints the text and the speed to `out`.
 pub fn run(opts: &GenerateOptions, out: &mut impl Write) -> Result<Generated> {
+    anyhow::ensure!(!opts.prompt.is_empty(), "--prompt must not be empty");
     let selection = select_backend(opts.backend)?;
     let model = match &opts.weights {
         Some(path) => Model::load(path, None)
