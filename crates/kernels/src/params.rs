@@ -25,7 +25,12 @@ macro_rules! kernel_params {
     )*};
 }
 
-kernel_params!(LinattnFeatureMapParams);
+kernel_params!(
+    LinattnFeatureMapParams,
+    LinattnForwardParams,
+    LinattnStateScanParams,
+    LinattnDecodeParams,
+);
 
 /// The params layout version this crate was generated against; checked
 /// against the header by the bindings check in CI.

@@ -47,3 +47,286 @@ const _: () = {
     ["Offset of field: LinattnFeatureMapParams::_pad0"]
         [::core::mem::offset_of!(LinattnFeatureMapParams, _pad0) - 52usize];
 };
+#[repr(u32)]
+#[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
+pub enum LinattnStateLoad {
+    LINATTN_STATE_ZERO = 0,
+    LINATTN_STATE_INITIAL = 1,
+    LINATTN_STATE_WORK_PART = 2,
+    LINATTN_STATE_WORK_TOTAL = 3,
+}
+#[repr(u32)]
+#[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
+pub enum LinattnStateStore {
+    LINATTN_STORE_NONE = 0,
+    LINATTN_STORE_FINAL = 1,
+    LINATTN_STORE_WORK_PART = 2,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LinattnForwardParams {
+    pub q: linattn_ptr,
+    pub k: linattn_ptr,
+    pub v: linattn_ptr,
+    pub o: linattn_ptr,
+    pub cu_seqlens: linattn_ptr,
+    pub state_in_s: linattn_ptr,
+    pub state_in_z: linattn_ptr,
+    pub state_out_s: linattn_ptr,
+    pub state_out_z: linattn_ptr,
+    pub work_s: linattn_ptr,
+    pub work_z: linattn_ptr,
+    pub num_seqs: i64,
+    pub heads: i64,
+    pub tokens: i64,
+    pub d: i64,
+    pub m: i64,
+    pub q_batch_stride: i64,
+    pub q_token_stride: i64,
+    pub q_head_stride: i64,
+    pub k_batch_stride: i64,
+    pub k_token_stride: i64,
+    pub k_head_stride: i64,
+    pub v_batch_stride: i64,
+    pub v_token_stride: i64,
+    pub v_head_stride: i64,
+    pub o_batch_stride: i64,
+    pub o_token_stride: i64,
+    pub o_head_stride: i64,
+    pub part_len: i64,
+    pub num_parts: i32,
+    pub chunk: i32,
+    pub m_tile: i32,
+    pub m_tiles: i32,
+    pub feature_map: i32,
+    pub normalize: i32,
+    pub causal: i32,
+    pub write_output: i32,
+    pub state_load: i32,
+    pub state_store: i32,
+    pub eps: f32,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LinattnForwardParams"][::core::mem::size_of::<LinattnForwardParams>() - 280usize];
+    ["Alignment of LinattnForwardParams"][::core::mem::align_of::<LinattnForwardParams>() - 8usize];
+    ["Offset of field: LinattnForwardParams::q"]
+        [::core::mem::offset_of!(LinattnForwardParams, q) - 0usize];
+    ["Offset of field: LinattnForwardParams::k"]
+        [::core::mem::offset_of!(LinattnForwardParams, k) - 8usize];
+    ["Offset of field: LinattnForwardParams::v"]
+        [::core::mem::offset_of!(LinattnForwardParams, v) - 16usize];
+    ["Offset of field: LinattnForwardParams::o"]
+        [::core::mem::offset_of!(LinattnForwardParams, o) - 24usize];
+    ["Offset of field: LinattnForwardParams::cu_seqlens"]
+        [::core::mem::offset_of!(LinattnForwardParams, cu_seqlens) - 32usize];
+    ["Offset of field: LinattnForwardParams::state_in_s"]
+        [::core::mem::offset_of!(LinattnForwardParams, state_in_s) - 40usize];
+    ["Offset of field: LinattnForwardParams::state_in_z"]
+        [::core::mem::offset_of!(LinattnForwardParams, state_in_z) - 48usize];
+    ["Offset of field: LinattnForwardParams::state_out_s"]
+        [::core::mem::offset_of!(LinattnForwardParams, state_out_s) - 56usize];
+    ["Offset of field: LinattnForwardParams::state_out_z"]
+        [::core::mem::offset_of!(LinattnForwardParams, state_out_z) - 64usize];
+    ["Offset of field: LinattnForwardParams::work_s"]
+        [::core::mem::offset_of!(LinattnForwardParams, work_s) - 72usize];
+    ["Offset of field: LinattnForwardParams::work_z"]
+        [::core::mem::offset_of!(LinattnForwardParams, work_z) - 80usize];
+    ["Offset of field: LinattnForwardParams::num_seqs"]
+        [::core::mem::offset_of!(LinattnForwardParams, num_seqs) - 88usize];
+    ["Offset of field: LinattnForwardParams::heads"]
+        [::core::mem::offset_of!(LinattnForwardParams, heads) - 96usize];
+    ["Offset of field: LinattnForwardParams::tokens"]
+        [::core::mem::offset_of!(LinattnForwardParams, tokens) - 104usize];
+    ["Offset of field: LinattnForwardParams::d"]
+        [::core::mem::offset_of!(LinattnForwardParams, d) - 112usize];
+    ["Offset of field: LinattnForwardParams::m"]
+        [::core::mem::offset_of!(LinattnForwardParams, m) - 120usize];
+    ["Offset of field: LinattnForwardParams::q_batch_stride"]
+        [::core::mem::offset_of!(LinattnForwardParams, q_batch_stride) - 128usize];
+    ["Offset of field: LinattnForwardParams::q_token_stride"]
+        [::core::mem::offset_of!(LinattnForwardParams, q_token_stride) - 136usize];
+    ["Offset of field: LinattnForwardParams::q_head_stride"]
+        [::core::mem::offset_of!(LinattnForwardParams, q_head_stride) - 144usize];
+    ["Offset of field: LinattnForwardParams::k_batch_stride"]
+        [::core::mem::offset_of!(LinattnForwardParams, k_batch_stride) - 152usize];
+    ["Offset of field: LinattnForwardParams::k_token_stride"]
+        [::core::mem::offset_of!(LinattnForwardParams, k_token_stride) - 160usize];
+    ["Offset of field: LinattnForwardParams::k_head_stride"]
+        [::core::mem::offset_of!(LinattnForwardParams, k_head_stride) - 168usize];
+    ["Offset of field: LinattnForwardParams::v_batch_stride"]
+        [::core::mem::offset_of!(LinattnForwardParams, v_batch_stride) - 176usize];
+    ["Offset of field: LinattnForwardParams::v_token_stride"]
+        [::core::mem::offset_of!(LinattnForwardParams, v_token_stride) - 184usize];
+    ["Offset of field: LinattnForwardParams::v_head_stride"]
+        [::core::mem::offset_of!(LinattnForwardParams, v_head_stride) - 192usize];
+    ["Offset of field: LinattnForwardParams::o_batch_stride"]
+        [::core::mem::offset_of!(LinattnForwardParams, o_batch_stride) - 200usize];
+    ["Offset of field: LinattnForwardParams::o_token_stride"]
+        [::core::mem::offset_of!(LinattnForwardParams, o_token_stride) - 208usize];
+    ["Offset of field: LinattnForwardParams::o_head_stride"]
+        [::core::mem::offset_of!(LinattnForwardParams, o_head_stride) - 216usize];
+    ["Offset of field: LinattnForwardParams::part_len"]
+        [::core::mem::offset_of!(LinattnForwardParams, part_len) - 224usize];
+    ["Offset of field: LinattnForwardParams::num_parts"]
+        [::core::mem::offset_of!(LinattnForwardParams, num_parts) - 232usize];
+    ["Offset of field: LinattnForwardParams::chunk"]
+        [::core::mem::offset_of!(LinattnForwardParams, chunk) - 236usize];
+    ["Offset of field: LinattnForwardParams::m_tile"]
+        [::core::mem::offset_of!(LinattnForwardParams, m_tile) - 240usize];
+    ["Offset of field: LinattnForwardParams::m_tiles"]
+        [::core::mem::offset_of!(LinattnForwardParams, m_tiles) - 244usize];
+    ["Offset of field: LinattnForwardParams::feature_map"]
+        [::core::mem::offset_of!(LinattnForwardParams, feature_map) - 248usize];
+    ["Offset of field: LinattnForwardParams::normalize"]
+        [::core::mem::offset_of!(LinattnForwardParams, normalize) - 252usize];
+    ["Offset of field: LinattnForwardParams::causal"]
+        [::core::mem::offset_of!(LinattnForwardParams, causal) - 256usize];
+    ["Offset of field: LinattnForwardParams::write_output"]
+        [::core::mem::offset_of!(LinattnForwardParams, write_output) - 260usize];
+    ["Offset of field: LinattnForwardParams::state_load"]
+        [::core::mem::offset_of!(LinattnForwardParams, state_load) - 264usize];
+    ["Offset of field: LinattnForwardParams::state_store"]
+        [::core::mem::offset_of!(LinattnForwardParams, state_store) - 268usize];
+    ["Offset of field: LinattnForwardParams::eps"]
+        [::core::mem::offset_of!(LinattnForwardParams, eps) - 272usize];
+    ["Offset of field: LinattnForwardParams::scale"]
+        [::core::mem::offset_of!(LinattnForwardParams, scale) - 276usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LinattnStateScanParams {
+    pub cu_seqlens: linattn_ptr,
+    pub state_in_s: linattn_ptr,
+    pub state_in_z: linattn_ptr,
+    pub state_out_s: linattn_ptr,
+    pub state_out_z: linattn_ptr,
+    pub work_s: linattn_ptr,
+    pub work_z: linattn_ptr,
+    pub num_seqs: i64,
+    pub heads: i64,
+    pub tokens: i64,
+    pub d: i64,
+    pub m: i64,
+    pub part_len: i64,
+    pub num_parts: i32,
+    pub blocks_per_state: i32,
+    pub causal: i32,
+    pub _pad0: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LinattnStateScanParams"][::core::mem::size_of::<LinattnStateScanParams>() - 120usize];
+    ["Alignment of LinattnStateScanParams"]
+        [::core::mem::align_of::<LinattnStateScanParams>() - 8usize];
+    ["Offset of field: LinattnStateScanParams::cu_seqlens"]
+        [::core::mem::offset_of!(LinattnStateScanParams, cu_seqlens) - 0usize];
+    ["Offset of field: LinattnStateScanParams::state_in_s"]
+        [::core::mem::offset_of!(LinattnStateScanParams, state_in_s) - 8usize];
+    ["Offset of field: LinattnStateScanParams::state_in_z"]
+        [::core::mem::offset_of!(LinattnStateScanParams, state_in_z) - 16usize];
+    ["Offset of field: LinattnStateScanParams::state_out_s"]
+        [::core::mem::offset_of!(LinattnStateScanParams, state_out_s) - 24usize];
+    ["Offset of field: LinattnStateScanParams::state_out_z"]
+        [::core::mem::offset_of!(LinattnStateScanParams, state_out_z) - 32usize];
+    ["Offset of field: LinattnStateScanParams::work_s"]
+        [::core::mem::offset_of!(LinattnStateScanParams, work_s) - 40usize];
+    ["Offset of field: LinattnStateScanParams::work_z"]
+        [::core::mem::offset_of!(LinattnStateScanParams, work_z) - 48usize];
+    ["Offset of field: LinattnStateScanParams::num_seqs"]
+        [::core::mem::offset_of!(LinattnStateScanParams, num_seqs) - 56usize];
+    ["Offset of field: LinattnStateScanParams::heads"]
+        [::core::mem::offset_of!(LinattnStateScanParams, heads) - 64usize];
+    ["Offset of field: LinattnStateScanParams::tokens"]
+        [::core::mem::offset_of!(LinattnStateScanParams, tokens) - 72usize];
+    ["Offset of field: LinattnStateScanParams::d"]
+        [::core::mem::offset_of!(LinattnStateScanParams, d) - 80usize];
+    ["Offset of field: LinattnStateScanParams::m"]
+        [::core::mem::offset_of!(LinattnStateScanParams, m) - 88usize];
+    ["Offset of field: LinattnStateScanParams::part_len"]
+        [::core::mem::offset_of!(LinattnStateScanParams, part_len) - 96usize];
+    ["Offset of field: LinattnStateScanParams::num_parts"]
+        [::core::mem::offset_of!(LinattnStateScanParams, num_parts) - 104usize];
+    ["Offset of field: LinattnStateScanParams::blocks_per_state"]
+        [::core::mem::offset_of!(LinattnStateScanParams, blocks_per_state) - 108usize];
+    ["Offset of field: LinattnStateScanParams::causal"]
+        [::core::mem::offset_of!(LinattnStateScanParams, causal) - 112usize];
+    ["Offset of field: LinattnStateScanParams::_pad0"]
+        [::core::mem::offset_of!(LinattnStateScanParams, _pad0) - 116usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LinattnDecodeParams {
+    pub q: linattn_ptr,
+    pub k: linattn_ptr,
+    pub v: linattn_ptr,
+    pub o: linattn_ptr,
+    pub state_s: linattn_ptr,
+    pub state_z: linattn_ptr,
+    pub batch: i64,
+    pub heads: i64,
+    pub d: i64,
+    pub m: i64,
+    pub q_batch_stride: i64,
+    pub q_head_stride: i64,
+    pub k_batch_stride: i64,
+    pub k_head_stride: i64,
+    pub v_batch_stride: i64,
+    pub v_head_stride: i64,
+    pub o_batch_stride: i64,
+    pub o_head_stride: i64,
+    pub feature_map: i32,
+    pub normalize: i32,
+    pub eps: f32,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LinattnDecodeParams"][::core::mem::size_of::<LinattnDecodeParams>() - 160usize];
+    ["Alignment of LinattnDecodeParams"][::core::mem::align_of::<LinattnDecodeParams>() - 8usize];
+    ["Offset of field: LinattnDecodeParams::q"]
+        [::core::mem::offset_of!(LinattnDecodeParams, q) - 0usize];
+    ["Offset of field: LinattnDecodeParams::k"]
+        [::core::mem::offset_of!(LinattnDecodeParams, k) - 8usize];
+    ["Offset of field: LinattnDecodeParams::v"]
+        [::core::mem::offset_of!(LinattnDecodeParams, v) - 16usize];
+    ["Offset of field: LinattnDecodeParams::o"]
+        [::core::mem::offset_of!(LinattnDecodeParams, o) - 24usize];
+    ["Offset of field: LinattnDecodeParams::state_s"]
+        [::core::mem::offset_of!(LinattnDecodeParams, state_s) - 32usize];
+    ["Offset of field: LinattnDecodeParams::state_z"]
+        [::core::mem::offset_of!(LinattnDecodeParams, state_z) - 40usize];
+    ["Offset of field: LinattnDecodeParams::batch"]
+        [::core::mem::offset_of!(LinattnDecodeParams, batch) - 48usize];
+    ["Offset of field: LinattnDecodeParams::heads"]
+        [::core::mem::offset_of!(LinattnDecodeParams, heads) - 56usize];
+    ["Offset of field: LinattnDecodeParams::d"]
+        [::core::mem::offset_of!(LinattnDecodeParams, d) - 64usize];
+    ["Offset of field: LinattnDecodeParams::m"]
+        [::core::mem::offset_of!(LinattnDecodeParams, m) - 72usize];
+    ["Offset of field: LinattnDecodeParams::q_batch_stride"]
+        [::core::mem::offset_of!(LinattnDecodeParams, q_batch_stride) - 80usize];
+    ["Offset of field: LinattnDecodeParams::q_head_stride"]
+        [::core::mem::offset_of!(LinattnDecodeParams, q_head_stride) - 88usize];
+    ["Offset of field: LinattnDecodeParams::k_batch_stride"]
+        [::core::mem::offset_of!(LinattnDecodeParams, k_batch_stride) - 96usize];
+    ["Offset of field: LinattnDecodeParams::k_head_stride"]
+        [::core::mem::offset_of!(LinattnDecodeParams, k_head_stride) - 104usize];
+    ["Offset of field: LinattnDecodeParams::v_batch_stride"]
+        [::core::mem::offset_of!(LinattnDecodeParams, v_batch_stride) - 112usize];
+    ["Offset of field: LinattnDecodeParams::v_head_stride"]
+        [::core::mem::offset_of!(LinattnDecodeParams, v_head_stride) - 120usize];
+    ["Offset of field: LinattnDecodeParams::o_batch_stride"]
+        [::core::mem::offset_of!(LinattnDecodeParams, o_batch_stride) - 128usize];
+    ["Offset of field: LinattnDecodeParams::o_head_stride"]
+        [::core::mem::offset_of!(LinattnDecodeParams, o_head_stride) - 136usize];
+    ["Offset of field: LinattnDecodeParams::feature_map"]
+        [::core::mem::offset_of!(LinattnDecodeParams, feature_map) - 144usize];
+    ["Offset of field: LinattnDecodeParams::normalize"]
+        [::core::mem::offset_of!(LinattnDecodeParams, normalize) - 148usize];
+    ["Offset of field: LinattnDecodeParams::eps"]
+        [::core::mem::offset_of!(LinattnDecodeParams, eps) - 152usize];
+    ["Offset of field: LinattnDecodeParams::scale"]
+        [::core::mem::offset_of!(LinattnDecodeParams, scale) - 156usize];
+};

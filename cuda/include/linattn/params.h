@@ -45,10 +45,131 @@ typedef struct LinattnFeatureMapParams {
     int32_t _pad0;
 } LinattnFeatureMapParams;
 
+/* How the chunk walk (causal_forward.cu, noncausal_forward.cu) starts and ends. */
+typedef enum LinattnStateLoad {
+    LINATTN_STATE_ZERO = 0,        /* start from S = 0, z = 0 */
+    LINATTN_STATE_INITIAL = 1,     /* start from state_in_s / state_in_z */
+    LINATTN_STATE_WORK_PART = 2,   /* start from work slot (sequence-head, partition) */
+    LINATTN_STATE_WORK_TOTAL = 3   /* start from work slot (sequence-head, 0) */
+} LinattnStateLoad;
+
+typedef enum LinattnStateStore {
+    LINATTN_STORE_NONE = 0,
+    LINATTN_STORE_FINAL = 1,       /* to state_out_s / state_out_z */
+    LINATTN_STORE_WORK_PART = 2    /* to work slot (sequence-head, partition) */
+} LinattnStateStore;
+
+/*
+ * causal_forward.cu / noncausal_forward.cu: linear attention over a batch of
+ * sequences (dense: num_seqs = batch, every sequence `tokens` long; varlen:
+ * batch index 0, sequence s owns tokens cu_seqlens[s]..cu_seqlens[s+1]).
+ * Element (b, h, t, x) of q lives at b*q_batch_stride + h*q_head_stride +
+ * t*q_token_stride + x (likewise k, v, o). States are fp32, one per
+ * (sequence, head) `sh = s*heads + h`: S row-major d x m at sh*d*m, z at sh*d.
+ * The work buffers hold one state per (sh, partition): S at
+ * (sh*num_parts + p)*d*m, z at (sh*num_parts + p)*d.
+ * Each block walks partition p = blockIdx.y (tokens p*part_len ..) of one
+ * (sh, value tile) pair, blockIdx.x = sh*m_tiles + tile, in chunks of `chunk`
+ * rows, value columns tile*m_tile .. + m_tile.
+ */
+typedef struct LinattnForwardParams {
+    linattn_ptr q;
+    linattn_ptr k;
+    linattn_ptr v;
+    linattn_ptr o;
+    linattn_ptr cu_seqlens;     /* int64_t[num_seqs + 1], or 0 for dense */
+    linattn_ptr state_in_s;     /* fp32, read with LINATTN_STATE_INITIAL */
+    linattn_ptr state_in_z;
+    linattn_ptr state_out_s;    /* fp32, written with LINATTN_STORE_FINAL */
+    linattn_ptr state_out_z;
+    linattn_ptr work_s;         /* fp32 per-partition states */
+    linattn_ptr work_z;
+    int64_t num_seqs;
+    int64_t heads;
+    int64_t tokens;             /* dense: tokens per sequence; varlen: unused */
+    int64_t d;                  /* key size D */
+    int64_t m;                  /* value size M */
+    int64_t q_batch_stride, q_token_stride, q_head_stride;
+    int64_t k_batch_stride, k_token_stride, k_head_stride;
+    int64_t v_batch_stride, v_token_stride, v_head_stride;
+    int64_t o_batch_stride, o_token_stride, o_head_stride;
+    int64_t part_len;           /* tokens per partition (a multiple of chunk) */
+    int32_t num_parts;          /* partitions per sequence (grid y) */
+    int32_t chunk;              /* rows per chunk */
+    int32_t m_tile;             /* value columns per block */
+    int32_t m_tiles;            /* ceil(m / m_tile) */
+    int32_t feature_map;        /* LinattnFeatureMap */
+    int32_t normalize;          /* divide by s phi(q)^T z + eps */
+    int32_t causal;             /* 1: prefix sums; 0: the state is fixed (non-causal read-out) */
+    int32_t write_output;       /* 0: only accumulate states (partials) */
+    int32_t state_load;         /* LinattnStateLoad */
+    int32_t state_store;        /* LinattnStateStore */
+    float eps;
+    float scale;
+} LinattnForwardParams;
+
+/*
+ * The fixed-order combine of per-partition states (causal_state_scan,
+ * noncausal_state_scan): for each (sh, element) walk the partitions in order.
+ * Causal: each work slot becomes the exclusive prefix (initial state plus all
+ * earlier partitions) and the final state is the total. Non-causal: work slot
+ * 0 becomes the total (initial state included). Element e < d*m is S[e],
+ * e >= d*m is z[e - d*m]. Grid x: sh * blocks_per_state.
+ */
+typedef struct LinattnStateScanParams {
+    linattn_ptr cu_seqlens;     /* int64_t[num_seqs + 1], or 0 for dense */
+    linattn_ptr state_in_s;     /* fp32 or 0 (zeros) */
+    linattn_ptr state_in_z;
+    linattn_ptr state_out_s;    /* fp32 or 0 (not wanted) */
+    linattn_ptr state_out_z;
+    linattn_ptr work_s;
+    linattn_ptr work_z;
+    int64_t num_seqs;
+    int64_t heads;
+    int64_t tokens;             /* dense tokens per sequence */
+    int64_t d;
+    int64_t m;
+    int64_t part_len;
+    int32_t num_parts;
+    int32_t blocks_per_state;   /* ceil((d*m + d) / blockDim.x) */
+    int32_t causal;
+    int32_t _pad0;
+} LinattnStateScanParams;
+
+/*
+ * decode_step.cu: one new token per (batch, head), state updated in place.
+ * q, k: [batch, heads, d] rows, v, o: [batch, heads, m] rows, with batch and
+ * head strides (the last dim contiguous). State sh = b*heads + h: S (fp32,
+ * d x m row-major) at sh*d*m, z at sh*d. One block per sh (grid x).
+ */
+typedef struct LinattnDecodeParams {
+    linattn_ptr q;
+    linattn_ptr k;
+    linattn_ptr v;
+    linattn_ptr o;
+    linattn_ptr state_s;
+    linattn_ptr state_z;
+    int64_t batch;
+    int64_t heads;
+    int64_t d;
+    int64_t m;
+    int64_t q_batch_stride, q_head_stride;
+    int64_t k_batch_stride, k_head_stride;
+    int64_t v_batch_stride, v_head_stride;
+    int64_t o_batch_stride, o_head_stride;
+    int32_t feature_map;
+    int32_t normalize;
+    float eps;
+    float scale;
+} LinattnDecodeParams;
+
 #ifdef __cplusplus
 } /* extern "C" */
 
 static_assert(sizeof(LinattnFeatureMapParams) == 56, "LinattnFeatureMapParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
+static_assert(sizeof(LinattnForwardParams) == 280, "LinattnForwardParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
+static_assert(sizeof(LinattnStateScanParams) == 120, "LinattnStateScanParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
+static_assert(sizeof(LinattnDecodeParams) == 160, "LinattnDecodeParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
 #endif
 
 #endif /* LINATTN_PARAMS_H */

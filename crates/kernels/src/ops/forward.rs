@@ -1,0 +1,1495 @@
+//! `causal_forward.cu` and `noncausal_forward.cu`: linear attention over a
+//! batch (or a packed varlen batch) of sequences, feature map and normaliser
+//! fused, optional initial state in and final state out (fp32).
+//!
+//! Layers, as in every op module: a validated [`AttentionShape`] (+ optional
+//! `cu_seqlens`), a plain-Rust [`plan`] (tiling, the walk/split policy
+//! [`schedule`], the launches), and entry points for [`Device`] buffers
+//! ([`causal_forward`], [`noncausal_forward`]), cudarc memory
+//! ([`causal_forward_cuda`], [`noncausal_forward_cuda`]) and raw device
+//! addresses ([`causal_forward_raw`], [`noncausal_forward_raw`]).
+//!
+//! States are one per (sequence, head), index `seq * heads + head`: `S` is
+//! row-major `d x m` fp32 at `index * d * m`, `z` is `d` fp32 at `index * d`.
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+
+use crate::device::PtrGuard;
+use crate::dtype::{DType, Element};
+use crate::params::{
+    LinattnForwardParams, LinattnStateLoad, LinattnStateScanParams, LinattnStateStore,
+};
+use crate::plan::{Executor, LaunchPlan};
+use crate::{Buffer, Device, Error, FeatureMap, Gpu, Result};
+
+/// Largest key size D and value size M the kernels accept.
+pub const MAX_DIM: usize = 256;
+/// Threads per block of the walk and the state scan (as in the `.cu` files).
+pub const THREADS: u32 = 256;
+/// Dynamic shared memory a block may use without the opt-in attribute; the
+/// tiling keeps every walk block within it.
+pub const SHARED_BUDGET_BYTES: usize = 48 * 1024;
+/// Streaming multiprocessors the policy plans for (an H100 SXM has 132); a
+/// GPU with fewer is still filled, one with more slightly under-filled.
+pub const ASSUMED_SMS: usize = 132;
+const MAX_GRID_X: u64 = i32::MAX as u64;
+const MAX_GRID_Y: usize = 65_535;
+
+/// Element strides of one `(batch, heads, tokens, dim)` tensor; the last
+/// dimension is contiguous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Strides {
+    /// Elements between consecutive batch entries.
+    pub batch: usize,
+    /// Elements between consecutive tokens.
+    pub token: usize,
+    /// Elements between consecutive heads.
+    pub head: usize,
+}
+
+impl Strides {
+    /// Contiguous `[B, H, N, dim]`.
+    pub fn bhnd(heads: usize, tokens: usize, dim: usize) -> Self {
+        Strides {
+            batch: heads * tokens * dim,
+            token: dim,
+            head: tokens * dim,
+        }
+    }
+
+    /// Contiguous `[B, N, H, dim]`.
+    pub fn bnhd(heads: usize, tokens: usize, dim: usize) -> Self {
+        Strides {
+            batch: tokens * heads * dim,
+            token: heads * dim,
+            head: dim,
+        }
+    }
+}
+
+/// Shapes and strides of q, k (`d` wide), v and o (`m` wide).
+///
+/// Dense batches: `batch` sequences of `tokens` tokens each. Varlen batches:
+/// `batch == 1`, `tokens` is the total, and `cu_seqlens` (passed alongside)
+/// cuts the token axis into sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AttentionShape {
+    /// Batch entries (1 for varlen).
+    pub batch: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Tokens per sequence (dense) or in total (varlen).
+    pub tokens: usize,
+    /// Key size D (1..=256).
+    pub d: usize,
+    /// Value size M (1..=256).
+    pub m: usize,
+    /// Strides of q.
+    pub q: Strides,
+    /// Strides of k.
+    pub k: Strides,
+    /// Strides of v.
+    pub v: Strides,
+    /// Strides of o.
+    pub o: Strides,
+}
+
+impl AttentionShape {
+    /// All four tensors contiguous `[B, H, N, dim]`.
+    pub fn bhnd(batch: usize, heads: usize, tokens: usize, d: usize, m: usize) -> Self {
+        let (qk, vo) = (
+            Strides::bhnd(heads, tokens, d),
+            Strides::bhnd(heads, tokens, m),
+        );
+        AttentionShape {
+            batch,
+            heads,
+            tokens,
+            d,
+            m,
+            q: qk,
+            k: qk,
+            v: vo,
+            o: vo,
+        }
+    }
+
+    /// All four tensors contiguous `[B, N, H, dim]`.
+    pub fn bnhd(batch: usize, heads: usize, tokens: usize, d: usize, m: usize) -> Self {
+        let (qk, vo) = (
+            Strides::bnhd(heads, tokens, d),
+            Strides::bnhd(heads, tokens, m),
+        );
+        AttentionShape {
+            batch,
+            heads,
+            tokens,
+            d,
+            m,
+            q: qk,
+            k: qk,
+            v: vo,
+            o: vo,
+        }
+    }
+
+    /// Packed varlen `[total_tokens, H, dim]` tensors (use with `cu_seqlens`).
+    pub fn packed(total_tokens: usize, heads: usize, d: usize, m: usize) -> Self {
+        Self::bnhd(1, heads, total_tokens, d, m)
+    }
+
+    /// Elements a buffer needs for `strides` over `dim` (None on overflow).
+    fn span(&self, s: &Strides, dim: usize) -> Option<usize> {
+        if self.tokens == 0 {
+            return Some(0);
+        }
+        (self.batch - 1)
+            .checked_mul(s.batch)?
+            .checked_add((self.heads - 1).checked_mul(s.head)?)?
+            .checked_add((self.tokens - 1).checked_mul(s.token)?)?
+            .checked_add(dim)
+            .filter(|&n| n <= i64::MAX as usize)
+    }
+}
+
+/// How the causal forward spreads work (see [`schedule`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ScheduleChoice {
+    /// Let the policy decide from the shape.
+    #[default]
+    Auto,
+    /// One block per (sequence-head, value tile) walks every chunk in order.
+    Walk,
+    /// Cut every sequence into (up to) this many partitions: partition
+    /// states, a fixed-order prefix combine, then all partitions in parallel.
+    Split {
+        /// Partitions per sequence (>= 1; capped by the number of chunks).
+        parts: usize,
+    },
+}
+
+/// Options of the forward kernels and the decode step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionOptions {
+    /// phi applied to q and k.
+    pub feature_map: FeatureMap,
+    /// Divide by `s phi(q)^T z + eps` (false: the numerator alone).
+    pub normalize: bool,
+    /// Keeps the denominator away from zero (default 1e-6).
+    pub eps: f32,
+    /// The scale `s` on phi(q) (default 1.0).
+    pub scale: f32,
+    /// Walk or split (forward kernels only).
+    pub schedule: ScheduleChoice,
+}
+
+impl Default for AttentionOptions {
+    fn default() -> Self {
+        AttentionOptions {
+            feature_map: FeatureMap::EluPlusOne,
+            normalize: true,
+            eps: 1e-6,
+            scale: 1.0,
+            schedule: ScheduleChoice::Auto,
+        }
+    }
+}
+
+impl AttentionOptions {
+    pub(crate) fn check(&self, kernel: &'static str) -> Result<()> {
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            return Err(Error::invalid(
+                kernel,
+                "opts.eps",
+                format!("eps = {}; expected a finite number >= 0", self.eps),
+            ));
+        }
+        if !self.scale.is_finite() {
+            return Err(Error::invalid(
+                kernel,
+                "opts.scale",
+                format!("scale = {}; expected a finite number", self.scale),
+            ));
+        }
+        if let ScheduleChoice::Split { parts: 0 } = self.schedule {
+            return Err(Error::invalid(
+                kernel,
+                "opts.schedule",
+                "Split { parts: 0 }: at least one partition",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Causal (prefix sums) or non-causal (every query sees the whole sequence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// `causal_forward.cu`.
+    Causal,
+    /// `noncausal_forward.cu`.
+    NonCausal,
+}
+
+impl Kind {
+    fn module(self) -> &'static str {
+        match self {
+            Kind::Causal => "causal_forward",
+            Kind::NonCausal => "noncausal_forward",
+        }
+    }
+
+    /// The walk kernel's symbol for a dtype.
+    pub fn kernel_name(self, dtype: DType) -> &'static str {
+        match (self, dtype) {
+            (Kind::Causal, DType::F32) => "causal_forward_f32",
+            (Kind::Causal, DType::F16) => "causal_forward_f16",
+            (Kind::Causal, DType::Bf16) => "causal_forward_bf16",
+            (Kind::NonCausal, DType::F32) => "noncausal_forward_f32",
+            (Kind::NonCausal, DType::F16) => "noncausal_forward_f16",
+            (Kind::NonCausal, DType::Bf16) => "noncausal_forward_bf16",
+        }
+    }
+
+    fn scan_name(self) -> &'static str {
+        match self {
+            Kind::Causal => "causal_state_scan",
+            Kind::NonCausal => "noncausal_state_scan",
+        }
+    }
+}
+
+/// Rows per chunk and value columns per block, chosen so a block's fp32
+/// state slice and chunk tiles fit [`SHARED_BUDGET_BYTES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Tiling {
+    /// Rows per chunk C.
+    pub chunk: usize,
+    /// Value columns per block.
+    pub m_tile: usize,
+    /// Blocks per sequence-head along M: `ceil(m / m_tile)`.
+    pub m_tiles: usize,
+}
+
+/// Shared memory of one walk block in floats, in the order the kernel carves
+/// it: S slice, z, phi(q) and phi(k) tiles (odd row stride), v tile, scores,
+/// normaliser.
+pub fn walk_shared_floats(d: usize, chunk: usize, m_tile: usize) -> usize {
+    let dp = d | 1;
+    d * m_tile + d + 2 * chunk * dp + chunk * m_tile + chunk * chunk + chunk
+}
+
+/// The tiling for key size `d` and value size `m` (both in 1..=256).
+///
+/// Largest chunk first (fewer, larger products; less redundant score work per
+/// value tile), as long as a value tile of at least `min(m, 32)` columns still
+/// fits; value tiles are then balanced so none is nearly empty.
+pub fn tiling(d: usize, m: usize) -> Tiling {
+    let budget = SHARED_BUDGET_BYTES / 4;
+    for chunk in [64usize, 32, 16, 8] {
+        let fixed = walk_shared_floats(d, chunk, 0);
+        if fixed >= budget {
+            continue;
+        }
+        let mt_max = (budget - fixed) / (d + chunk);
+        if mt_max >= m.min(32) || chunk == 8 {
+            let m_tiles = m.div_ceil(mt_max.max(1));
+            let m_tile = m.div_ceil(m_tiles);
+            return Tiling {
+                chunk,
+                m_tile,
+                m_tiles,
+            };
+        }
+    }
+    unreachable!("chunk 8 fits for every d <= 256")
+}
+
+/// Walk or split, as decided by [`schedule`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Schedule {
+    /// Partitions per sequence (1: the state-on-chip walk).
+    pub parts: usize,
+    /// Tokens per partition (a multiple of the chunk).
+    pub part_len: usize,
+}
+
+/// The walk/split policy, plain Rust so it is unit-tested without a GPU.
+///
+/// `blocks = seq_heads * m_tiles` blocks can walk in parallel. When that
+/// fills the GPU (two blocks per SM of [`ASSUMED_SMS`]) or the longest
+/// sequence is at most two chunks, walk: one launch, no workspace. Otherwise
+/// split each sequence into enough partitions (of at least two chunks each)
+/// to fill it; the extra cost is one state write and read per partition.
+pub fn schedule(
+    choice: ScheduleChoice,
+    seq_heads: usize,
+    tiling: &Tiling,
+    max_len: usize,
+) -> Schedule {
+    let chunk = tiling.chunk;
+    let chunks = max_len.div_ceil(chunk).max(1);
+    let walk = Schedule {
+        parts: 1,
+        part_len: chunks * chunk,
+    };
+    let parts = match choice {
+        ScheduleChoice::Walk => return walk,
+        ScheduleChoice::Split { parts } => parts.max(1),
+        ScheduleChoice::Auto => {
+            let blocks = seq_heads.saturating_mul(tiling.m_tiles);
+            let target = 2 * ASSUMED_SMS;
+            if blocks >= target || chunks <= 2 {
+                return walk;
+            }
+            target.div_ceil(blocks).min(chunks / 2)
+        }
+    };
+    let parts = parts.min(chunks).min(MAX_GRID_Y);
+    let part_len = chunks.div_ceil(parts) * chunk;
+    Schedule {
+        parts: max_len.div_ceil(part_len).max(1),
+        part_len,
+    }
+}
+
+/// A validated call: everything the plan needs besides addresses.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    /// The shape as given.
+    pub shape: AttentionShape,
+    /// Sequences (batch, or `cu_seqlens.len() - 1`).
+    pub num_seqs: usize,
+    /// Longest sequence.
+    pub max_len: usize,
+    /// The offsets, as the kernels read them (empty for dense).
+    pub cu_seqlens: Vec<i64>,
+    /// Tiling for (d, m).
+    pub tiling: Tiling,
+}
+
+impl Problem {
+    /// Number of states: sequences x heads.
+    pub fn seq_heads(&self) -> usize {
+        self.num_seqs * self.shape.heads
+    }
+
+    /// fp32 elements of S over all states.
+    pub fn state_s_len(&self) -> usize {
+        self.seq_heads() * self.shape.d * self.shape.m
+    }
+
+    /// fp32 elements of z over all states.
+    pub fn state_z_len(&self) -> usize {
+        self.seq_heads() * self.shape.d
+    }
+}
+
+fn check_dim(kernel: &'static str, arg: &'static str, v: usize) -> Result<()> {
+    if v == 0 || v > MAX_DIM {
+        return Err(Error::invalid(
+            kernel,
+            arg,
+            format!("{arg} = {v}; supported sizes are 1..={MAX_DIM}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether rows of `dim` elements at these strides can never share an
+/// element: sorted by stride, each stride must clear the extent of the
+/// smaller axes. Conservative (interleavings that happen not to collide are
+/// rejected), which is fine for an output.
+fn rows_disjoint(counts: &[(usize, usize)], dim: usize) -> bool {
+    let mut axes: Vec<(usize, usize)> = counts.iter().copied().filter(|&(n, _)| n > 1).collect();
+    axes.sort_by_key(|&(_, s)| s);
+    let mut reach = dim;
+    for (n, s) in axes {
+        if s < reach {
+            return false;
+        }
+        reach = reach.saturating_add((n - 1).saturating_mul(s));
+    }
+    true
+}
+
+/// Buffer lengths in elements (`usize::MAX` when unknown, as for raw pointers).
+#[derive(Debug, Clone, Copy)]
+pub struct Lens {
+    /// q.
+    pub q: usize,
+    /// k.
+    pub k: usize,
+    /// v.
+    pub v: usize,
+    /// o.
+    pub o: usize,
+    /// Initial (S, z), if given.
+    pub initial: Option<(usize, usize)>,
+    /// Final (S, z), if wanted.
+    pub final_state: Option<(usize, usize)>,
+}
+
+/// Validates a forward call; `cu_seqlens` makes it a varlen call.
+pub fn validate(
+    kernel: &'static str,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+    lens: &Lens,
+) -> Result<Problem> {
+    opts.check(kernel)?;
+    check_dim(kernel, "d", shape.d)?;
+    check_dim(kernel, "m", shape.m)?;
+    if shape.batch == 0 || shape.heads == 0 {
+        return Err(Error::invalid(
+            kernel,
+            if shape.batch == 0 { "batch" } else { "heads" },
+            "must be at least 1",
+        ));
+    }
+    let (num_seqs, max_len, cu) = match cu_seqlens {
+        None => (shape.batch, shape.tokens, Vec::new()),
+        Some(cu) => {
+            if shape.batch != 1 {
+                return Err(Error::invalid(
+                    kernel,
+                    "shape.batch",
+                    format!(
+                        "varlen batches are packed along tokens: batch must be 1, found {}",
+                        shape.batch
+                    ),
+                ));
+            }
+            if cu.len() < 2 || cu[0] != 0 || *cu.last().unwrap_or(&0) != shape.tokens {
+                return Err(Error::invalid(kernel, "cu_seqlens", format!("expected offsets from 0 to tokens = {} (at least two entries), found {} entries starting {:?} and ending {:?}", shape.tokens, cu.len(), cu.first(), cu.last())));
+            }
+            if let Some(w) = cu.windows(2).position(|w| w[1] < w[0]) {
+                return Err(Error::invalid(
+                    kernel,
+                    "cu_seqlens",
+                    format!(
+                        "offsets decrease at index {}: {} then {}",
+                        w + 1,
+                        cu[w],
+                        cu[w + 1]
+                    ),
+                ));
+            }
+            let max_len = cu.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+            (
+                cu.len() - 1,
+                max_len,
+                cu.iter().map(|&x| x as i64).collect(),
+            )
+        }
+    };
+    for (arg, s, dim, len) in [
+        ("q", &shape.q, shape.d, lens.q),
+        ("k", &shape.k, shape.d, lens.k),
+        ("v", &shape.v, shape.m, lens.v),
+        ("o", &shape.o, shape.m, lens.o),
+    ] {
+        let need = shape.span(s, dim).ok_or_else(|| {
+            Error::invalid(kernel, arg, "the tensor's extent overflows 64-bit indexing")
+        })?;
+        if len < need {
+            return Err(Error::invalid(
+                kernel,
+                arg,
+                format!("buffer holds {len} elements, the shape and strides need {need}"),
+            ));
+        }
+    }
+    if !rows_disjoint(
+        &[
+            (shape.batch, shape.o.batch),
+            (shape.heads, shape.o.head),
+            (shape.tokens, shape.o.token),
+        ],
+        shape.m,
+    ) {
+        return Err(Error::invalid(
+            kernel,
+            "o",
+            format!(
+                "output strides {:?} make rows of {} elements overlap",
+                shape.o, shape.m
+            ),
+        ));
+    }
+    let tiling = tiling(shape.d, shape.m);
+    let seq_heads = num_seqs.checked_mul(shape.heads);
+    let grid_ok = seq_heads
+        .and_then(|sh| sh.checked_mul(tiling.m_tiles))
+        .is_some_and(|b| (b as u64) <= MAX_GRID_X)
+        && seq_heads
+            .and_then(|sh| sh.checked_mul(scan_blocks_per_state(shape.d, shape.m)))
+            .is_some_and(|b| (b as u64) <= MAX_GRID_X);
+    let seq_heads = seq_heads.filter(|_| grid_ok).ok_or_else(|| {
+        Error::invalid(
+            kernel,
+            "shape",
+            format!(
+                "{num_seqs} sequences x {} heads exceed the grid limit",
+                shape.heads
+            ),
+        )
+    })?;
+    let problem = Problem {
+        shape: *shape,
+        num_seqs,
+        max_len,
+        cu_seqlens: cu,
+        tiling,
+    };
+    let (s_need, z_need) = (
+        seq_heads
+            .checked_mul(shape.d * shape.m)
+            .filter(|&n| n <= i64::MAX as usize),
+        seq_heads * shape.d,
+    );
+    let s_need = s_need
+        .ok_or_else(|| Error::invalid(kernel, "states", "state size overflows 64-bit indexing"))?;
+    for (arg, st) in [
+        ("initial state", lens.initial),
+        ("final state", lens.final_state),
+    ] {
+        if let Some((s, z)) = st {
+            if s < s_need || z < z_need {
+                return Err(Error::invalid(kernel, arg, format!("expected S of {s_need} and z of {z_need} fp32 elements ({seq_heads} states of d = {}, m = {}), found {s} and {z}", shape.d, shape.m)));
+            }
+        }
+    }
+    Ok(problem)
+}
+
+fn scan_blocks_per_state(d: usize, m: usize) -> usize {
+    (d * m + d).div_ceil(THREADS as usize)
+}
+
+/// Device addresses of one forward call (0 = absent where optional).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RawForward {
+    /// q, `dtype` elements.
+    pub q: u64,
+    /// k.
+    pub k: u64,
+    /// v.
+    pub v: u64,
+    /// o (written).
+    pub o: u64,
+    /// Initial S and z (fp32), or 0 for zeros.
+    pub initial_s: u64,
+    /// See `initial_s`.
+    pub initial_z: u64,
+    /// Final S and z (fp32, written), or 0 when not wanted.
+    pub final_s: u64,
+    /// See `final_s`.
+    pub final_z: u64,
+    /// `int64` offsets (`num_seqs + 1`) for varlen calls, else 0.
+    pub cu_seqlens: u64,
+    /// fp32 workspace of [`workspace_len`] elements (0 if that is 0).
+    pub workspace: u64,
+}
+
+/// One launch of a forward plan.
+#[derive(Debug, Clone, Copy)]
+pub enum Launch {
+    /// The chunk walk (any mode).
+    Walk(LaunchPlan<LinattnForwardParams>),
+    /// The fixed-order state combine.
+    Scan(LaunchPlan<LinattnStateScanParams>),
+}
+
+/// The launches of one forward call, in order.
+#[derive(Debug, Clone)]
+pub struct ForwardPlan {
+    /// The walk/split decision.
+    pub schedule: Schedule,
+    /// The launches.
+    pub launches: Vec<Launch>,
+}
+
+/// Workspace (fp32 elements) a call needs: one state per (sequence-head,
+/// partition) for the split causal and every non-causal call, else 0.
+pub fn workspace_len(kind: Kind, problem: &Problem, opts: &AttentionOptions) -> usize {
+    let s = schedule(
+        opts.schedule,
+        problem.seq_heads(),
+        &problem.tiling,
+        problem.max_len,
+    );
+    if kind == Kind::Causal && s.parts == 1 {
+        return 0;
+    }
+    let d = problem.shape.d;
+    problem.seq_heads() * s.parts * (d * problem.shape.m + d)
+}
+
+/// Builds the launches for a validated problem and its addresses.
+pub fn plan(
+    kind: Kind,
+    dtype: DType,
+    problem: &Problem,
+    opts: &AttentionOptions,
+    ptrs: &RawForward,
+) -> ForwardPlan {
+    let sh = problem.seq_heads();
+    let t = problem.tiling;
+    let sched = schedule(opts.schedule, sh, &t, problem.max_len);
+    let sp = &problem.shape;
+    let (d, m) = (sp.d, sp.m);
+    let work_s = ptrs.workspace;
+    let work_z = if work_s == 0 {
+        0
+    } else {
+        work_s + (sh * sched.parts * d * m * 4) as u64
+    };
+    let has_initial = ptrs.initial_s != 0;
+    let has_final = ptrs.final_s != 0;
+    let base = LinattnForwardParams {
+        q: ptrs.q,
+        k: ptrs.k,
+        v: ptrs.v,
+        o: ptrs.o,
+        cu_seqlens: ptrs.cu_seqlens,
+        state_in_s: ptrs.initial_s,
+        state_in_z: ptrs.initial_z,
+        state_out_s: ptrs.final_s,
+        state_out_z: ptrs.final_z,
+        work_s,
+        work_z,
+        num_seqs: problem.num_seqs as i64,
+        heads: sp.heads as i64,
+        tokens: sp.tokens as i64,
+        d: d as i64,
+        m: m as i64,
+        q_batch_stride: sp.q.batch as i64,
+        q_token_stride: sp.q.token as i64,
+        q_head_stride: sp.q.head as i64,
+        k_batch_stride: sp.k.batch as i64,
+        k_token_stride: sp.k.token as i64,
+        k_head_stride: sp.k.head as i64,
+        v_batch_stride: sp.v.batch as i64,
+        v_token_stride: sp.v.token as i64,
+        v_head_stride: sp.v.head as i64,
+        o_batch_stride: sp.o.batch as i64,
+        o_token_stride: sp.o.token as i64,
+        o_head_stride: sp.o.head as i64,
+        part_len: sched.part_len as i64,
+        num_parts: sched.parts as i32,
+        chunk: t.chunk as i32,
+        m_tile: t.m_tile as i32,
+        m_tiles: t.m_tiles as i32,
+        feature_map: opts.feature_map.to_c(),
+        normalize: opts.normalize as i32,
+        causal: 1,
+        write_output: 1,
+        state_load: LinattnStateLoad::LINATTN_STATE_ZERO as i32,
+        state_store: LinattnStateStore::LINATTN_STORE_NONE as i32,
+        eps: opts.eps,
+        scale: opts.scale,
+    };
+    let walk = |params: LinattnForwardParams| {
+        Launch::Walk(LaunchPlan {
+            module: kind.module(),
+            kernel: kind.kernel_name(dtype),
+            grid: [(sh * t.m_tiles) as u32, sched.parts as u32, 1],
+            block: [THREADS, 1, 1],
+            shared_bytes: (walk_shared_floats(d, t.chunk, t.m_tile) * 4) as u32,
+            params,
+        })
+    };
+    let bps = scan_blocks_per_state(d, m);
+    let scan = Launch::Scan(LaunchPlan {
+        module: kind.module(),
+        kernel: kind.scan_name(),
+        grid: [(sh * bps) as u32, 1, 1],
+        block: [THREADS, 1, 1],
+        shared_bytes: 0,
+        params: LinattnStateScanParams {
+            cu_seqlens: ptrs.cu_seqlens,
+            state_in_s: ptrs.initial_s,
+            state_in_z: ptrs.initial_z,
+            state_out_s: ptrs.final_s,
+            state_out_z: ptrs.final_z,
+            work_s,
+            work_z,
+            num_seqs: problem.num_seqs as i64,
+            heads: sp.heads as i64,
+            tokens: sp.tokens as i64,
+            d: d as i64,
+            m: m as i64,
+            part_len: sched.part_len as i64,
+            num_parts: sched.parts as i32,
+            blocks_per_state: bps as i32,
+            causal: (kind == Kind::Causal) as i32,
+            _pad0: 0,
+        },
+    });
+    let partials = walk(LinattnForwardParams {
+        write_output: 0,
+        state_store: LinattnStateStore::LINATTN_STORE_WORK_PART as i32,
+        ..base
+    });
+    let launches = match (kind, sched.parts) {
+        (Kind::Causal, 1) => vec![walk(LinattnForwardParams {
+            state_load: if has_initial {
+                LinattnStateLoad::LINATTN_STATE_INITIAL
+            } else {
+                LinattnStateLoad::LINATTN_STATE_ZERO
+            } as i32,
+            state_store: if has_final {
+                LinattnStateStore::LINATTN_STORE_FINAL
+            } else {
+                LinattnStateStore::LINATTN_STORE_NONE
+            } as i32,
+            ..base
+        })],
+        (Kind::Causal, _) => vec![
+            partials,
+            scan,
+            walk(LinattnForwardParams {
+                state_load: LinattnStateLoad::LINATTN_STATE_WORK_PART as i32,
+                ..base
+            }),
+        ],
+        (Kind::NonCausal, parts) => {
+            let mut l = vec![partials];
+            // With one partition and nothing to add or report, slot 0 already
+            // holds the total.
+            if parts > 1 || has_initial || has_final {
+                l.push(scan);
+            }
+            l.push(walk(LinattnForwardParams {
+                causal: 0,
+                state_load: LinattnStateLoad::LINATTN_STATE_WORK_TOTAL as i32,
+                ..base
+            }));
+            l
+        }
+    };
+    ForwardPlan {
+        schedule: sched,
+        launches,
+    }
+}
+
+/// Runs every launch of a plan in order. `writes` names every region the
+/// launches may write (for the emulator's two-schedule check).
+///
+/// # Safety
+/// The plan's addresses must be valid for `exec` as [`plan`]'s inputs were validated.
+unsafe fn run_plan<E: Executor>(
+    exec: &E,
+    plan: &ForwardPlan,
+    writes: &[(u64, usize)],
+) -> Result<()> {
+    for l in &plan.launches {
+        // SAFETY: forwarded.
+        unsafe {
+            match l {
+                Launch::Walk(p) => exec.launch_writing(p, writes)?,
+                Launch::Scan(p) => exec.launch_writing(p, writes)?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The regions a forward call writes: o, the final state, the workspace.
+fn write_regions(
+    problem: &Problem,
+    dtype: DType,
+    p: &RawForward,
+    ws_floats: usize,
+) -> Vec<(u64, usize)> {
+    let sp = &problem.shape;
+    let o_elems = sp.span(&sp.o, sp.m).unwrap_or(0);
+    [
+        (p.o, o_elems * dtype.size()),
+        (p.final_s, problem.state_s_len() * 4),
+        (p.final_z, problem.state_z_len() * 4),
+        (p.workspace, ws_floats * 4),
+    ]
+    .into_iter()
+    .filter(|&(a, n)| a != 0 && n > 0)
+    .collect()
+}
+
+/// q, k and v of a call.
+#[derive(Debug, Clone, Copy)]
+pub struct Qkv<'a, B> {
+    /// Queries, `d` wide.
+    pub q: &'a B,
+    /// Keys, `d` wide.
+    pub k: &'a B,
+    /// Values, `m` wide.
+    pub v: &'a B,
+}
+
+/// A read-only state pair (fp32 S and z).
+#[derive(Debug)]
+pub struct StateRef<'a, B> {
+    /// S, `states * d * m`.
+    pub s: &'a B,
+    /// z, `states * d`.
+    pub z: &'a B,
+}
+
+/// A writable state pair (fp32 S and z).
+#[derive(Debug)]
+pub struct StateMut<'a, B> {
+    /// S, `states * d * m`.
+    pub s: &'a mut B,
+    /// z, `states * d`.
+    pub z: &'a mut B,
+}
+
+/// The optional initial state read and final state written by a call.
+#[derive(Debug)]
+pub struct StateIo<'a, I, F> {
+    /// Start from this state (zeros when `None`).
+    pub initial: Option<StateRef<'a, I>>,
+    /// Write the state after the last token here.
+    pub final_state: Option<StateMut<'a, F>>,
+}
+
+impl<I, F> StateIo<'_, I, F> {
+    /// No initial state, no final state.
+    pub fn none() -> Self {
+        StateIo {
+            initial: None,
+            final_state: None,
+        }
+    }
+}
+
+/// Device-side temporaries of one call (workspace and offsets), freed after
+/// the launches are enqueued (stream-ordered on the GPU).
+enum Temp {
+    Host(#[allow(dead_code)] Vec<i64>),
+    Cuda(#[allow(dead_code)] CudaSlice<i64>),
+}
+
+/// Allocates `len` zeroed 8-byte words on `dev` and returns their address.
+fn temp_words(dev: &Device, data: Vec<i64>, kernel: &'static str) -> Result<(Temp, u64)> {
+    if data.is_empty() {
+        return Ok((Temp::Host(data), 0));
+    }
+    match dev {
+        Device::Gpu(g) => temp_words_cuda(g, &data),
+        #[cfg(feature = "emulator")]
+        Device::Emulator(_) => {
+            let p = data.as_ptr() as u64;
+            Ok((Temp::Host(data), p))
+        }
+        #[allow(unreachable_patterns)]
+        _ => Err(Error::invalid(kernel, "dev", "unsupported device")),
+    }
+}
+
+fn temp_words_cuda(g: &Gpu, data: &[i64]) -> Result<(Temp, u64)> {
+    if data.is_empty() {
+        return Ok((Temp::Host(Vec::new()), 0));
+    }
+    let s = g
+        .stream()
+        .clone_htod(data)
+        .map_err(|e| Error::driver("cuMemcpyHtoD (linear attention temporaries)", e))?;
+    let (p, _g) = s.device_ptr(g.stream());
+    drop(_g);
+    Ok((Temp::Cuda(s), p))
+}
+
+/// Workspace words: fp32 pairs packed in i64 so one helper serves both.
+fn workspace_words(floats: usize) -> Vec<i64> {
+    vec![0i64; floats.div_ceil(2)]
+}
+
+fn ptr_pair<'a>(
+    st: &'a Option<StateRef<'a, Buffer<f32>>>,
+    dev: &'a Device,
+    kernel: &'static str,
+) -> Result<(u64, u64, Vec<PtrGuard<'a>>)> {
+    match st {
+        None => Ok((0, 0, Vec::new())),
+        Some(s) => {
+            let (ps, gs) = s.s.read_ptr(dev, kernel, "initial.s")?;
+            let (pz, gz) = s.z.read_ptr(dev, kernel, "initial.z")?;
+            Ok((ps, pz, vec![gs, gz]))
+        }
+    }
+}
+
+// Private dispatcher: the public entry points pin `kind`.
+#[allow(clippy::too_many_arguments)]
+fn forward_device<T: Element>(
+    kind: Kind,
+    dev: &Device,
+    x: Qkv<'_, Buffer<T>>,
+    o: &mut Buffer<T>,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+    states: StateIo<'_, Buffer<f32>, Buffer<f32>>,
+) -> Result<()> {
+    let kernel = kind.module();
+    let lens = Lens {
+        q: x.q.len(),
+        k: x.k.len(),
+        v: x.v.len(),
+        o: o.len(),
+        initial: states.initial.as_ref().map(|s| (s.s.len(), s.z.len())),
+        final_state: states.final_state.as_ref().map(|s| (s.s.len(), s.z.len())),
+    };
+    let problem = validate(kernel, shape, cu_seqlens, opts, &lens)?;
+    let (_tc, cu) = temp_words(dev, problem.cu_seqlens.clone(), kernel)?;
+    let ws_floats = workspace_len(kind, &problem, opts);
+    let (_tw, ws) = temp_words(dev, workspace_words(ws_floats), kernel)?;
+    let (qp, _gq) = x.q.read_ptr(dev, kernel, "q")?;
+    let (kp, _gk) = x.k.read_ptr(dev, kernel, "k")?;
+    let (vp, _gv) = x.v.read_ptr(dev, kernel, "v")?;
+    let (op, _go) = o.write_ptr(dev, kernel, "o")?;
+    let (is, iz, _gi) = ptr_pair(&states.initial, dev, kernel)?;
+    let mut fin = states.final_state;
+    let (fs, fz, _gf) = match fin.as_mut() {
+        None => (0, 0, Vec::new()),
+        Some(f) => {
+            let (ps, gs) = f.s.write_ptr(dev, kernel, "final.s")?;
+            let (pz, gz) = f.z.write_ptr(dev, kernel, "final.z")?;
+            (ps, pz, vec![gs, gz])
+        }
+    };
+    let ptrs = RawForward {
+        q: qp,
+        k: kp,
+        v: vp,
+        o: op,
+        initial_s: is,
+        initial_z: iz,
+        final_s: fs,
+        final_z: fz,
+        cu_seqlens: cu,
+        workspace: ws,
+    };
+    let plan = plan(kind, T::DTYPE, &problem, opts, &ptrs);
+    let writes = write_regions(&problem, T::DTYPE, &ptrs, ws_floats);
+    // SAFETY: every buffer belongs to `dev` and was validated against the shape.
+    unsafe { run_plan(dev, &plan, &writes) }
+}
+
+/// Causal linear attention on a [`Device`]:
+/// `o_i = s phi(q_i)^T S_i / (s phi(q_i)^T z_i + eps)`, prefix sums over
+/// `j <= i` starting from `states.initial`; the state after the last token
+/// goes to `states.final_state`. `cu_seqlens` (host offsets) makes it a
+/// packed varlen call (`shape.batch == 1`).
+pub fn causal_forward<T: Element>(
+    dev: &Device,
+    x: Qkv<'_, Buffer<T>>,
+    o: &mut Buffer<T>,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+    states: StateIo<'_, Buffer<f32>, Buffer<f32>>,
+) -> Result<()> {
+    forward_device(Kind::Causal, dev, x, o, shape, cu_seqlens, opts, states)
+}
+
+/// Non-causal linear attention on a [`Device`]: every query reads the state
+/// of its whole sequence (plus `states.initial`); `states.final_state`
+/// receives that state.
+pub fn noncausal_forward<T: Element>(
+    dev: &Device,
+    x: Qkv<'_, Buffer<T>>,
+    o: &mut Buffer<T>,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+    states: StateIo<'_, Buffer<f32>, Buffer<f32>>,
+) -> Result<()> {
+    forward_device(Kind::NonCausal, dev, x, o, shape, cu_seqlens, opts, states)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_cuda<T: Element, B: DevicePtr<T>, I: DevicePtr<f32>, F: DevicePtrMut<f32>>(
+    kind: Kind,
+    gpu: &Gpu,
+    x: Qkv<'_, B>,
+    o: &mut impl DevicePtrMut<T>,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+    states: StateIo<'_, I, F>,
+) -> Result<()> {
+    let kernel = kind.module();
+    let lens = Lens {
+        q: x.q.len(),
+        k: x.k.len(),
+        v: x.v.len(),
+        o: o.len(),
+        initial: states.initial.as_ref().map(|s| (s.s.len(), s.z.len())),
+        final_state: states.final_state.as_ref().map(|s| (s.s.len(), s.z.len())),
+    };
+    let problem = validate(kernel, shape, cu_seqlens, opts, &lens)?;
+    let st = gpu.stream();
+    let (_tc, cu) = temp_words_cuda(gpu, &problem.cu_seqlens)?;
+    let (_tw, ws) = temp_words_cuda(gpu, &workspace_words(workspace_len(kind, &problem, opts)))?;
+    let (qp, _gq) = x.q.device_ptr(st);
+    let (kp, _gk) = x.k.device_ptr(st);
+    let (vp, _gv) = x.v.device_ptr(st);
+    let (op, _go) = o.device_ptr_mut(st);
+    let (mut is, mut iz, mut gi) = (0, 0, Vec::new());
+    if let Some(s) = states.initial.as_ref() {
+        let (a, ga) = s.s.device_ptr(st);
+        let (b, gb) = s.z.device_ptr(st);
+        (is, iz) = (a, b);
+        gi.push(ga);
+        gi.push(gb);
+    }
+    let mut fin = states.final_state;
+    let (mut fs, mut fz, mut gf) = (0, 0, Vec::new());
+    if let Some(f) = fin.as_mut() {
+        let (a, ga) = f.s.device_ptr_mut(st);
+        let (b, gb) = f.z.device_ptr_mut(st);
+        (fs, fz) = (a, b);
+        gf.push(ga);
+        gf.push(gb);
+    }
+    let ptrs = RawForward {
+        q: qp,
+        k: kp,
+        v: vp,
+        o: op,
+        initial_s: is,
+        initial_z: iz,
+        final_s: fs,
+        final_z: fz,
+        cu_seqlens: cu,
+        workspace: ws,
+    };
+    let plan = plan(kind, T::DTYPE, &problem, opts, &ptrs);
+    // SAFETY: cudarc memory of this context, validated lengths.
+    unsafe { run_plan(gpu, &plan, &[]) }
+}
+
+/// [`causal_forward`] on cudarc memory (slices or views), on `gpu`'s stream.
+pub fn causal_forward_cuda<T: Element, B: DevicePtr<T>, I: DevicePtr<f32>, F: DevicePtrMut<f32>>(
+    gpu: &Gpu,
+    x: Qkv<'_, B>,
+    o: &mut impl DevicePtrMut<T>,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+    states: StateIo<'_, I, F>,
+) -> Result<()> {
+    forward_cuda(Kind::Causal, gpu, x, o, shape, cu_seqlens, opts, states)
+}
+
+/// [`noncausal_forward`] on cudarc memory (slices or views), on `gpu`'s stream.
+pub fn noncausal_forward_cuda<
+    T: Element,
+    B: DevicePtr<T>,
+    I: DevicePtr<f32>,
+    F: DevicePtrMut<f32>,
+>(
+    gpu: &Gpu,
+    x: Qkv<'_, B>,
+    o: &mut impl DevicePtrMut<T>,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+    states: StateIo<'_, I, F>,
+) -> Result<()> {
+    forward_cuda(Kind::NonCausal, gpu, x, o, shape, cu_seqlens, opts, states)
+}
+
+/// The bytes `[start, end)` a buffer covers; absent (null) buffers cover none.
+fn byte_range(p: u64, elems: usize, size: usize) -> (u64, u64) {
+    if p == 0 {
+        return (0, 0);
+    }
+    (
+        p,
+        p.saturating_add((elems as u64).saturating_mul(size as u64)),
+    )
+}
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.1 && b.0 < a.1 && a.0 != a.1 && b.0 != b.1
+}
+
+/// Validation of raw addresses: non-null where needed, outputs disjoint from
+/// inputs and from each other (by address range).
+fn check_raw(
+    kernel: &'static str,
+    dtype: DType,
+    p: &RawForward,
+    problem: &Problem,
+    need_ws: usize,
+) -> Result<()> {
+    let sp = &problem.shape;
+    for (arg, v) in [("q", p.q), ("k", p.k), ("v", p.v), ("o", p.o)] {
+        if v == 0 && sp.tokens > 0 {
+            return Err(Error::invalid(kernel, arg, "null pointer"));
+        }
+    }
+    if (p.initial_s == 0) != (p.initial_z == 0) || (p.final_s == 0) != (p.final_z == 0) {
+        return Err(Error::invalid(
+            kernel,
+            "states",
+            "S and z must be given together (both or neither)",
+        ));
+    }
+    if need_ws > 0 && p.workspace == 0 {
+        return Err(Error::invalid(
+            kernel,
+            "workspace",
+            format!("this call needs a workspace of {need_ws} fp32 elements"),
+        ));
+    }
+    if !problem.cu_seqlens.is_empty() && p.cu_seqlens == 0 {
+        return Err(Error::invalid(
+            kernel,
+            "cu_seqlens",
+            "varlen call without device offsets",
+        ));
+    }
+    let es = dtype.size();
+    let span = |s: &Strides, dim| sp.span(s, dim).unwrap_or(usize::MAX);
+    let o = byte_range(p.o, span(&sp.o, sp.m), es);
+    let inputs = [
+        ("q", byte_range(p.q, span(&sp.q, sp.d), es)),
+        ("k", byte_range(p.k, span(&sp.k, sp.d), es)),
+        ("v", byte_range(p.v, span(&sp.v, sp.m), es)),
+        (
+            "initial state",
+            byte_range(p.initial_s, problem.state_s_len(), 4),
+        ),
+        (
+            "initial state",
+            byte_range(p.initial_z, problem.state_z_len(), 4),
+        ),
+        ("workspace", byte_range(p.workspace, need_ws, 4)),
+    ];
+    let outputs = [
+        ("o", o),
+        (
+            "final state",
+            byte_range(p.final_s, problem.state_s_len(), 4),
+        ),
+        (
+            "final state",
+            byte_range(p.final_z, problem.state_z_len(), 4),
+        ),
+    ];
+    for (i, (oa, orng)) in outputs.iter().enumerate() {
+        for (ia, irng) in inputs.iter().chain(outputs[i + 1..].iter()) {
+            if overlaps(*orng, *irng) {
+                return Err(Error::invalid(
+                    kernel,
+                    oa,
+                    format!("output overlaps `{ia}`"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+unsafe fn forward_raw<E: Executor>(
+    kind: Kind,
+    exec: &E,
+    dtype: DType,
+    ptrs: &RawForward,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+) -> Result<()> {
+    let kernel = kind.module();
+    let lens = Lens {
+        q: usize::MAX,
+        k: usize::MAX,
+        v: usize::MAX,
+        o: usize::MAX,
+        initial: (ptrs.initial_s != 0).then_some((usize::MAX, usize::MAX)),
+        final_state: (ptrs.final_s != 0).then_some((usize::MAX, usize::MAX)),
+    };
+    let problem = validate(kernel, shape, cu_seqlens, opts, &lens)?;
+    let ws_floats = workspace_len(kind, &problem, opts);
+    check_raw(kernel, dtype, ptrs, &problem, ws_floats)?;
+    let plan = plan(kind, dtype, &problem, opts, ptrs);
+    let writes = write_regions(&problem, dtype, ptrs, ws_floats);
+    // SAFETY: forwarded to the caller.
+    unsafe { run_plan(exec, &plan, &writes) }
+}
+
+/// [`causal_forward`] on raw device addresses, for engines that manage
+/// their own memory. Get the workspace size from [`workspace_len`] (with the
+/// [`Problem`] from [`validate`]).
+///
+/// # Safety
+/// Every non-zero address must point to memory the executor can reach
+/// (device memory of the GPU's context, host memory for the emulator),
+/// valid until the launches complete: q, k, v (`dtype`) and o (written)
+/// covering `shape` with its strides; initial (read) and final (written) S
+/// and z of `num_seqs * heads` fp32 states; the workspace of
+/// `workspace_len` fp32 elements; for varlen, `cu_seqlens.len()` `int64`
+/// offsets on the device equal to the host `cu_seqlens`. Outputs must not
+/// overlap any input (checked by address range).
+pub unsafe fn causal_forward_raw<E: Executor>(
+    exec: &E,
+    dtype: DType,
+    ptrs: &RawForward,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+) -> Result<()> {
+    // SAFETY: forwarded.
+    unsafe { forward_raw(Kind::Causal, exec, dtype, ptrs, shape, cu_seqlens, opts) }
+}
+
+/// [`noncausal_forward`] on raw device addresses.
+///
+/// # Safety
+/// As for [`causal_forward_raw`].
+pub unsafe fn noncausal_forward_raw<E: Executor>(
+    exec: &E,
+    dtype: DType,
+    ptrs: &RawForward,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+) -> Result<()> {
+    // SAFETY: forwarded.
+    unsafe { forward_raw(Kind::NonCausal, exec, dtype, ptrs, shape, cu_seqlens, opts) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lens_for(shape: &AttentionShape) -> Lens {
+        Lens {
+            q: shape.span(&shape.q, shape.d).unwrap(),
+            k: shape.span(&shape.k, shape.d).unwrap(),
+            v: shape.span(&shape.v, shape.m).unwrap(),
+            o: shape.span(&shape.o, shape.m).unwrap(),
+            initial: None,
+            final_state: None,
+        }
+    }
+
+    #[test]
+    fn tiling_fits_shared_memory_for_every_size() {
+        for d in 1..=MAX_DIM {
+            for m in [1, 2, 17, 31, 64, 100, 128, 255, 256] {
+                let t = tiling(d, m);
+                let bytes = walk_shared_floats(d, t.chunk, t.m_tile) * 4;
+                assert!(
+                    bytes <= SHARED_BUDGET_BYTES,
+                    "d {d} m {m}: {t:?} needs {bytes}"
+                );
+                assert!(t.m_tile >= 1 && t.m_tile <= m);
+                assert_eq!(t.m_tiles, m.div_ceil(t.m_tile), "d {d} m {m}");
+                // Tiles are balanced: the last one is not nearly empty.
+                assert!(m - (t.m_tiles - 1) * t.m_tile >= 1);
+                assert!((t.m_tiles - 1) * t.m_tile < m);
+            }
+        }
+        assert_eq!(tiling(16, 16).chunk, 64);
+        assert_eq!(tiling(64, 64).m_tiles, 1);
+    }
+
+    #[test]
+    fn policy_walks_when_the_gpu_is_full_and_splits_when_not() {
+        let t = tiling(128, 128);
+        // Many seq-heads: walk.
+        let s = schedule(ScheduleChoice::Auto, 1024, &t, 8192);
+        assert_eq!(s.parts, 1);
+        assert!(s.part_len >= 8192);
+        // One seq-head, long sequence: split to fill the GPU.
+        let s = schedule(ScheduleChoice::Auto, 1, &t, 8192);
+        assert!(s.parts > 1);
+        assert!(s.parts * s.part_len >= 8192 && (s.parts - 1) * s.part_len < 8192);
+        assert_eq!(s.part_len % t.chunk, 0);
+        assert!(s.part_len >= 2 * t.chunk);
+        // Short sequences never split.
+        assert_eq!(schedule(ScheduleChoice::Auto, 1, &t, 2 * t.chunk).parts, 1);
+        assert_eq!(schedule(ScheduleChoice::Auto, 1, &t, 0).parts, 1);
+        // Forced choices; partitions are capped by the chunks there are.
+        assert_eq!(schedule(ScheduleChoice::Walk, 1, &t, 8192).parts, 1);
+        let s = schedule(ScheduleChoice::Split { parts: 3 }, 1, &t, 5 * t.chunk);
+        assert_eq!((s.parts, s.part_len), (3, 2 * t.chunk));
+        let s = schedule(ScheduleChoice::Split { parts: 100 }, 4, &t, 3);
+        assert_eq!((s.parts, s.part_len), (1, t.chunk));
+        // Partitions exactly cover every length.
+        for n in 1..300 {
+            for parts in 1..6 {
+                let s = schedule(ScheduleChoice::Split { parts }, 1, &t, n);
+                assert!(s.parts * s.part_len >= n && (s.parts - 1) * s.part_len < n);
+                assert!(s.parts <= parts);
+            }
+        }
+    }
+
+    #[test]
+    fn plans_have_the_expected_launches() {
+        let shape = AttentionShape::bhnd(1, 2, 300, 32, 48);
+        let mut opts = AttentionOptions::default();
+        let p = validate("t", &shape, None, &opts, &lens_for(&shape)).unwrap();
+        let ptrs = RawForward {
+            q: 16,
+            k: 32,
+            v: 48,
+            o: 64,
+            final_s: 128,
+            final_z: 256,
+            workspace: 4096,
+            ..Default::default()
+        };
+        opts.schedule = ScheduleChoice::Walk;
+        let w = plan(Kind::Causal, DType::F16, &p, &opts, &ptrs);
+        assert_eq!(w.launches.len(), 1);
+        assert_eq!(workspace_len(Kind::Causal, &p, &opts), 0);
+        let Launch::Walk(l) = w.launches[0] else {
+            panic!()
+        };
+        assert_eq!(l.kernel, "causal_forward_f16");
+        assert_eq!(l.grid, [2 * p.tiling.m_tiles as u32, 1, 1]);
+        assert_eq!(
+            l.params.state_store,
+            LinattnStateStore::LINATTN_STORE_FINAL as i32
+        );
+        assert!(l.shared_bytes as usize <= SHARED_BUDGET_BYTES);
+        opts.schedule = ScheduleChoice::Split { parts: 3 };
+        let s = plan(Kind::Causal, DType::F16, &p, &opts, &ptrs);
+        assert_eq!(s.launches.len(), 3);
+        let ws = workspace_len(Kind::Causal, &p, &opts);
+        assert_eq!(ws, 2 * 3 * (32 * 48 + 32));
+        let Launch::Walk(l) = s.launches[2] else {
+            panic!()
+        };
+        assert_eq!(l.grid[1], 3);
+        assert_eq!(l.params.work_z, 4096 + 2 * 3 * 32 * 48 * 4);
+        let n = plan(Kind::NonCausal, DType::F32, &p, &opts, &ptrs);
+        assert_eq!(n.launches.len(), 3);
+        let Launch::Walk(l) = n.launches[2] else {
+            panic!()
+        };
+        assert_eq!((l.params.causal, l.kernel), (0, "noncausal_forward_f32"));
+        // One partition, no states: the combine is skipped.
+        opts.schedule = ScheduleChoice::Walk;
+        let bare = RawForward {
+            final_s: 0,
+            final_z: 0,
+            ..ptrs
+        };
+        assert_eq!(
+            plan(Kind::NonCausal, DType::F32, &p, &opts, &bare)
+                .launches
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn validation_rejects_bad_calls() {
+        let shape = AttentionShape::bnhd(2, 3, 10, 17, 5);
+        let opts = AttentionOptions::default();
+        let lens = lens_for(&shape);
+        assert!(validate("t", &shape, None, &opts, &lens).is_ok());
+        let err = |s: &AttentionShape, cu: Option<&[usize]>, o: &AttentionOptions, l: &Lens| {
+            validate("t", s, cu, o, l).unwrap_err().to_string()
+        };
+        let e = err(
+            &shape,
+            None,
+            &opts,
+            &Lens {
+                q: lens.q - 1,
+                ..lens
+            },
+        );
+        assert!(e.contains("`q`") && e.contains("need"), "{e}");
+        let e = err(&AttentionShape { d: 257, ..shape }, None, &opts, &lens);
+        assert!(e.contains("1..=256"), "{e}");
+        let e = err(&AttentionShape { m: 0, ..shape }, None, &opts, &lens);
+        assert!(e.contains("`m`"), "{e}");
+        let mut bad_o = shape;
+        bad_o.o.token = 2;
+        let e = err(&bad_o, None, &opts, &lens);
+        assert!(e.contains("overlap"), "{e}");
+        let e = err(&shape, None, &AttentionOptions { eps: -1.0, ..opts }, &lens);
+        assert!(e.contains("eps"), "{e}");
+        let e = err(
+            &shape,
+            None,
+            &opts,
+            &Lens {
+                initial: Some((2 * 3 * 17 * 5, 2 * 3 * 17 - 1)),
+                ..lens
+            },
+        );
+        assert!(e.contains("initial state"), "{e}");
+        // Varlen: batch 1, offsets 0..=tokens, never decreasing.
+        let packed = AttentionShape::packed(10, 3, 17, 5);
+        let pl = lens_for(&packed);
+        let p = validate("t", &packed, Some(&[0, 4, 4, 10]), &opts, &pl).unwrap();
+        assert_eq!((p.num_seqs, p.max_len, p.seq_heads()), (3, 6, 9));
+        assert!(err(&packed, Some(&[0, 4, 3, 10]), &opts, &pl).contains("decrease"));
+        assert!(err(&packed, Some(&[0, 4, 9]), &opts, &pl).contains("offsets"));
+        assert!(err(&shape, Some(&[0, 10]), &opts, &lens).contains("batch must be 1"));
+        // Index limits.
+        let huge = AttentionShape {
+            tokens: usize::MAX / 4,
+            ..shape
+        };
+        let hl = Lens {
+            q: usize::MAX,
+            k: usize::MAX,
+            v: usize::MAX,
+            o: usize::MAX,
+            initial: None,
+            final_state: None,
+        };
+        assert!(err(&huge, None, &opts, &hl).contains("overflows"));
+    }
+
+    #[test]
+    fn raw_checks_catch_overlaps_and_nulls() {
+        let shape = AttentionShape::bhnd(1, 1, 4, 2, 2);
+        let opts = AttentionOptions {
+            schedule: ScheduleChoice::Walk,
+            ..Default::default()
+        };
+        let p = validate("t", &shape, None, &opts, &lens_for(&shape)).unwrap();
+        let ok = RawForward {
+            q: 1000,
+            k: 2000,
+            v: 3000,
+            o: 4000,
+            ..Default::default()
+        };
+        assert!(check_raw("t", DType::F32, &ok, &p, 0).is_ok());
+        let e = check_raw("t", DType::F32, &RawForward { o: 1004, ..ok }, &p, 0).unwrap_err();
+        assert!(e.to_string().contains("overlaps `q`"), "{e}");
+        let e = check_raw("t", DType::F32, &RawForward { k: 0, ..ok }, &p, 0).unwrap_err();
+        assert!(e.to_string().contains("null"), "{e}");
+        let e = check_raw(
+            "t",
+            DType::F32,
+            &RawForward {
+                final_s: 5000,
+                ..ok
+            },
+            &p,
+            0,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("together"), "{e}");
+        let e = check_raw("t", DType::F32, &ok, &p, 10).unwrap_err();
+        assert!(e.to_string().contains("workspace"), "{e}");
+    }
+}

@@ -1,0 +1,33 @@
+// causal_forward.cu: causal linear attention, chunked, feature map and
+// normaliser fused, initial state in and final state out.
+//
+// Two launch strategies over one kernel body (linattn/chunk_walk.cuh), chosen
+// by the plain-Rust policy in crates/kernels/src/ops/forward.rs:
+//   walk:  one launch; grid (seq-heads x value tiles, 1); each block keeps its
+//          fp32 state slice in shared memory and walks every chunk in order.
+//   split: for small seq-heads x value tiles. (1) causal_forward_<t> with
+//          write_output = 0 writes each partition's own state into a
+//          workspace, (2) causal_state_scan turns those into exclusive prefix
+//          states (initial state included, fixed order) and writes the final
+//          state, (3) causal_forward_<t> walks every partition in parallel from
+//          its prefix state and writes the outputs.
+// Block: 256 threads; dynamic shared memory as sized by the plan.
+#include <cstdint>
+#include "linattn/params.h"
+#include "linattn/chunk_walk.cuh"
+
+extern "C" __global__ void __launch_bounds__(256, 2) causal_forward_f32(const LinattnForwardParams p) {
+    extern __shared__ float smem[];
+    linattn::chunk_walk<float>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) causal_forward_f16(const LinattnForwardParams p) {
+    extern __shared__ float smem[];
+    linattn::chunk_walk<__half>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) causal_forward_bf16(const LinattnForwardParams p) {
+    extern __shared__ float smem[];
+    linattn::chunk_walk<__nv_bfloat16>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) causal_state_scan(const LinattnStateScanParams p) {
+    linattn::state_scan(p);
+}
