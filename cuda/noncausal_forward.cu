@@ -17,15 +17,15 @@
 #include "linattn/chunk_walk.cuh"
 
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_forward_f32(const LinattnForwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::chunk_walk<float>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_forward_f16(const LinattnForwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::chunk_walk<__half>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_forward_bf16(const LinattnForwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::chunk_walk<__nv_bfloat16>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_state_scan(const LinattnStateScanParams p) {

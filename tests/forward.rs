@@ -13,7 +13,7 @@ use linattn_kernels::ops::forward::{
     causal_forward, noncausal_forward, tiling, AttentionOptions, AttentionShape, Kind, Qkv,
     ScheduleChoice, StateIo, StateMut, StateRef, Strides,
 };
-use linattn_kernels::{Device, Element, FeatureMap};
+use linattn_kernels::{DType, Device, Element, FeatureMap};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
 use linattn_reference::{Layout, LinearAttentionOptions, State, View};
 
@@ -313,7 +313,7 @@ fn check_case<T: Element>(dev: &Device, c: &Case, rng: &mut Rng) -> Outputs {
 }
 
 fn chunk_of(d: usize, m: usize) -> usize {
-    tiling(d, m).chunk
+    tiling(DType::F32, d, m).chunk
 }
 
 /// The dense shape matrix: N = 1, chunk - 1, chunk, chunk + 1 and beyond; D =

@@ -24,6 +24,7 @@
 #include "linattn/params.h"
 #include "linattn/dtype.cuh"
 #include "linattn/feature_map.cuh"
+#include "linattn/walk_mma.cuh"
 
 namespace linattn {
 
@@ -94,7 +95,12 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
     const int mt = M - m0 < MT ? M - m0 : MT;  // valid columns of this tile
     const int64_t DM = (int64_t)D * M;
 
-    float* Ss = smem;            // D x MT
+    // Tensor-core state update (16-bit inputs, D, C, MT multiples of 16):
+    // rounded phi(k) and v tiles come first, 32-byte aligned for wmma.
+    const bool mma = use_walk_mma<T>(D, C, MT);
+    T* K16 = reinterpret_cast<T*>(smem);                 // C x D
+    T* V16 = K16 + (mma ? C * D : 0);                    // C x MT
+    float* Ss = reinterpret_cast<float*>(V16 + (mma ? C * MT : 0));  // D x MT
     float* zs = Ss + D * MT;     // D
     float* Qs = zs + D;          // C x DP: s * phi(q)
     float* Ks = Qs + C * DP;     // C x DP: phi(k)
@@ -142,11 +148,15 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
         if (causal) {
             for (int i = tid; i < C * D; i += nthreads) {
                 const int row = i / D, x = i % D;
-                Ks[row * DP + x] = row < rows ? phi(to_float(kb[(t0 + row) * p.k_token_stride + x]), fm) : 0.0f;
+                const float kx = row < rows ? phi(to_float(kb[(t0 + row) * p.k_token_stride + x]), fm) : 0.0f;
+                Ks[row * DP + x] = kx;
+                if (mma) K16[i] = from_float<T>(kx);
             }
             for (int i = tid; i < C * MT; i += nthreads) {
                 const int row = i / MT, e = i % MT;
-                Vs[i] = (row < rows && e < mt) ? to_float(vb[(t0 + row) * p.v_token_stride + e]) : 0.0f;
+                const float vx = (row < rows && e < mt) ? to_float(vb[(t0 + row) * p.v_token_stride + e]) : 0.0f;
+                Vs[i] = vx;
+                if (mma) V16[i] = from_float<T>(vx);  // exact: v is already T
             }
         }
         __syncthreads();
@@ -187,7 +197,11 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
         }
 
         // ---- carry the chunk into the state ----
-        if (causal) {
+        if (causal && mma) {
+            // Rows past the sequence end are zero in K16 and V16, so full
+            // 16-row steps add nothing for them.
+            state_update_mma<T>(Ss, K16, V16, D, C, MT);
+        } else if (causal) {
             for (int i = tid; i < D * MT; i += nthreads) {
                 const int d = i / MT, e = i % MT;
                 float acc = Ss[i];
@@ -195,6 +209,8 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
                 for (int j = 0; j < rows; ++j) acc = fmaf(Ks[j * DP + d], Vs[j * MT + e], acc);
                 Ss[i] = acc;
             }
+        }
+        if (causal) {
             for (int d = tid; d < D; d += nthreads) {
                 float acc = zs[d];
                 for (int j = 0; j < rows; ++j) acc += Ks[j * DP + d];

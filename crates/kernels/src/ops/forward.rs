@@ -271,36 +271,76 @@ pub struct Tiling {
     pub m_tiles: usize,
 }
 
-/// Shared memory of one walk block in floats, in the order the kernel carves
-/// it: S slice, z, phi(q) and phi(k) tiles (odd row stride), v tile, scores,
-/// normaliser.
-pub fn walk_shared_floats(d: usize, chunk: usize, m_tile: usize) -> usize {
+/// Whether the walk runs its state update on tensor cores: 16-bit inputs
+/// and D, chunk and value tile all multiples of 16 (mirrors `use_walk_mma`
+/// in `cuda/include/linattn/walk_mma.cuh`).
+pub fn uses_mma(dtype: DType, d: usize, chunk: usize, m_tile: usize) -> bool {
+    dtype != DType::F32 && d % 16 == 0 && chunk % 16 == 0 && m_tile % 16 == 0
+}
+
+/// Dynamic shared memory of one walk block in bytes, in the order the
+/// kernel carves it: on the tensor-core path 16-bit phi(k) and v tiles, then
+/// the fp32 S slice, z, phi(q) and phi(k) tiles (odd row stride), v tile,
+/// scores and normaliser.
+pub fn walk_shared_bytes(dtype: DType, d: usize, chunk: usize, m_tile: usize) -> usize {
     let dp = d | 1;
-    d * m_tile + d + 2 * chunk * dp + chunk * m_tile + chunk * chunk + chunk
+    let floats = d * m_tile + d + 2 * chunk * dp + chunk * m_tile + chunk * chunk + chunk;
+    let halves = if uses_mma(dtype, d, chunk, m_tile) {
+        chunk * d + chunk * m_tile
+    } else {
+        0
+    };
+    floats * 4 + halves * 2
 }
 
 /// The tiling for key size `d` and value size `m` (both in 1..=256).
 ///
 /// Largest chunk first (fewer, larger products; less redundant score work per
 /// value tile), as long as a value tile of at least `min(m, 32)` columns still
-/// fits; value tiles are then balanced so none is nearly empty.
-pub fn tiling(d: usize, m: usize) -> Tiling {
-    let budget = SHARED_BUDGET_BYTES / 4;
+/// fits; value tiles are then balanced so none is nearly empty. For 16-bit
+/// inputs with `d` a multiple of 16, value tiles are multiples of 16 so the
+/// state update runs on tensor cores.
+pub fn tiling(dtype: DType, d: usize, m: usize) -> Tiling {
+    let fits = |chunk, mt| walk_shared_bytes(dtype, d, chunk, mt) <= SHARED_BUDGET_BYTES;
+    if dtype != DType::F32 && d % 16 == 0 {
+        // Tensor-core tiling: the largest chunk whose 16-multiple value tile
+        // of at least min(m, 32) (rounded up to 16) columns fits.
+        let want = m.min(32).next_multiple_of(16);
+        for chunk in [64usize, 32, 16] {
+            let mt16 = (1..=m.div_ceil(16))
+                .rev()
+                .map(|k| 16 * k)
+                .find(|&mt| fits(chunk, mt));
+            if let Some(mt16) = mt16.filter(|&mt| mt >= want || chunk == 16) {
+                let m_tiles = m.div_ceil(mt16);
+                let m_tile = m.div_ceil(m_tiles).next_multiple_of(16);
+                return Tiling {
+                    chunk,
+                    m_tile,
+                    m_tiles,
+                };
+            }
+        }
+    }
     for chunk in [64usize, 32, 16, 8] {
-        let fixed = walk_shared_floats(d, chunk, 0);
-        if fixed >= budget {
+        if !fits(chunk, 1) {
             continue;
         }
-        let mt_max = (budget - fixed) / (d + chunk);
-        if mt_max >= m.min(32) || chunk == 8 {
-            let m_tiles = m.div_ceil(mt_max.max(1));
-            let m_tile = m.div_ceil(m_tiles);
-            return Tiling {
-                chunk,
-                m_tile,
-                m_tiles,
-            };
+        let mt_max = (1..=m).rev().find(|&mt| fits(chunk, mt)).unwrap_or(1);
+        if mt_max < m.min(32) && chunk != 8 {
+            continue;
         }
+        let m_tiles = m.div_ceil(mt_max);
+        let mut m_tile = m.div_ceil(m_tiles);
+        // Not a tensor-core tiling: keep the kernel's predicate false too.
+        if uses_mma(dtype, d, chunk, m_tile) {
+            m_tile -= 1;
+        }
+        return Tiling {
+            chunk,
+            m_tile,
+            m_tiles: m.div_ceil(m_tile),
+        };
     }
     unreachable!("chunk 8 fits for every d <= 256")
 }
@@ -433,6 +473,7 @@ pub struct Lens {
 /// Validates a forward call; `cu_seqlens` makes it a varlen call.
 pub fn validate(
     kernel: &'static str,
+    dtype: DType,
     shape: &AttentionShape,
     cu_seqlens: Option<&[usize]>,
     opts: &AttentionOptions,
@@ -518,7 +559,7 @@ pub fn validate(
             ),
         ));
     }
-    let tiling = tiling(shape.d, shape.m);
+    let tiling = tiling(dtype, shape.d, shape.m);
     let seq_heads = num_seqs.checked_mul(shape.heads);
     let grid_ok = seq_heads
         .and_then(|sh| sh.checked_mul(tiling.m_tiles))
@@ -697,7 +738,7 @@ pub fn plan(
             kernel: kind.kernel_name(dtype),
             grid: [(sh * t.m_tiles) as u32, sched.parts as u32, 1],
             block: [THREADS, 1, 1],
-            shared_bytes: (walk_shared_floats(d, t.chunk, t.m_tile) * 4) as u32,
+            shared_bytes: walk_shared_bytes(dtype, d, t.chunk, t.m_tile) as u32,
             params,
         })
     };
@@ -944,7 +985,7 @@ fn forward_device<T: Element>(
         initial: states.initial.as_ref().map(|s| (s.s.len(), s.z.len())),
         final_state: states.final_state.as_ref().map(|s| (s.s.len(), s.z.len())),
     };
-    let problem = validate(kernel, shape, cu_seqlens, opts, &lens)?;
+    let problem = validate(kernel, T::DTYPE, shape, cu_seqlens, opts, &lens)?;
     let (_tc, cu) = temp_words(dev, problem.cu_seqlens.clone(), kernel)?;
     let ws_floats = workspace_len(kind, &problem, opts);
     let (_tw, ws) = temp_words(dev, workspace_words(ws_floats), kernel)?;
@@ -1032,7 +1073,7 @@ fn forward_cuda<T: Element, B: DevicePtr<T>, I: DevicePtr<f32>, F: DevicePtrMut<
         initial: states.initial.as_ref().map(|s| (s.s.len(), s.z.len())),
         final_state: states.final_state.as_ref().map(|s| (s.s.len(), s.z.len())),
     };
-    let problem = validate(kernel, shape, cu_seqlens, opts, &lens)?;
+    let problem = validate(kernel, T::DTYPE, shape, cu_seqlens, opts, &lens)?;
     let st = gpu.stream();
     let (_tc, cu) = temp_words_cuda(gpu, &problem.cu_seqlens)?;
     let (_tw, ws) = temp_words_cuda(gpu, &workspace_words(workspace_len(kind, &problem, opts)))?;
@@ -1216,7 +1257,7 @@ unsafe fn forward_raw<E: Executor>(
         initial: (ptrs.initial_s != 0).then_some((usize::MAX, usize::MAX)),
         final_state: (ptrs.final_s != 0).then_some((usize::MAX, usize::MAX)),
     };
-    let problem = validate(kernel, shape, cu_seqlens, opts, &lens)?;
+    let problem = validate(kernel, dtype, shape, cu_seqlens, opts, &lens)?;
     let ws_floats = workspace_len(kind, &problem, opts);
     check_raw(kernel, dtype, ptrs, &problem, ws_floats)?;
     let plan = plan(kind, dtype, &problem, opts, ptrs);
@@ -1285,8 +1326,20 @@ mod tests {
     fn tiling_fits_shared_memory_for_every_size() {
         for d in 1..=MAX_DIM {
             for m in [1, 2, 17, 31, 64, 100, 128, 255, 256] {
-                let t = tiling(d, m);
-                let bytes = walk_shared_floats(d, t.chunk, t.m_tile) * 4;
+                for dtype in [DType::F16, DType::Bf16] {
+                    let t = tiling(dtype, d, m);
+                    let bytes = walk_shared_bytes(dtype, d, t.chunk, t.m_tile);
+                    assert!(bytes <= SHARED_BUDGET_BYTES, "d {d} m {m}: {t:?}");
+                    assert!(t.m_tile >= 1 && t.m_tile <= m.next_multiple_of(16));
+                    assert_eq!(t.m_tiles, m.div_ceil(t.m_tile), "d {d} m {m}");
+                    assert!((t.m_tiles - 1) * t.m_tile < m);
+                    // Tensor cores wherever D allows 16-row tiles (and they fit).
+                    if d % 16 == 0 && d <= 128 {
+                        assert!(uses_mma(dtype, d, t.chunk, t.m_tile), "d {d} m {m}: {t:?}");
+                    }
+                }
+                let t = tiling(DType::F32, d, m);
+                let bytes = walk_shared_bytes(DType::F32, d, t.chunk, t.m_tile);
                 assert!(
                     bytes <= SHARED_BUDGET_BYTES,
                     "d {d} m {m}: {t:?} needs {bytes}"
@@ -1298,13 +1351,14 @@ mod tests {
                 assert!((t.m_tiles - 1) * t.m_tile < m);
             }
         }
-        assert_eq!(tiling(16, 16).chunk, 64);
-        assert_eq!(tiling(64, 64).m_tiles, 1);
+        assert_eq!(tiling(DType::F32, 16, 16).chunk, 64);
+        assert_eq!(tiling(DType::F32, 64, 64).m_tiles, 1);
+        assert!(!uses_mma(DType::F32, 64, 64, 64));
     }
 
     #[test]
     fn policy_walks_when_the_gpu_is_full_and_splits_when_not() {
-        let t = tiling(128, 128);
+        let t = tiling(DType::F32, 128, 128);
         // Many seq-heads: walk.
         let s = schedule(ScheduleChoice::Auto, 1024, &t, 8192);
         assert_eq!(s.parts, 1);
@@ -1338,7 +1392,7 @@ mod tests {
     fn plans_have_the_expected_launches() {
         let shape = AttentionShape::bhnd(1, 2, 300, 32, 48);
         let mut opts = AttentionOptions::default();
-        let p = validate("t", &shape, None, &opts, &lens_for(&shape)).unwrap();
+        let p = validate("t", DType::F32, &shape, None, &opts, &lens_for(&shape)).unwrap();
         let ptrs = RawForward {
             q: 16,
             k: 32,
@@ -1399,9 +1453,11 @@ mod tests {
         let shape = AttentionShape::bnhd(2, 3, 10, 17, 5);
         let opts = AttentionOptions::default();
         let lens = lens_for(&shape);
-        assert!(validate("t", &shape, None, &opts, &lens).is_ok());
+        assert!(validate("t", DType::F32, &shape, None, &opts, &lens).is_ok());
         let err = |s: &AttentionShape, cu: Option<&[usize]>, o: &AttentionOptions, l: &Lens| {
-            validate("t", s, cu, o, l).unwrap_err().to_string()
+            validate("t", DType::F32, s, cu, o, l)
+                .unwrap_err()
+                .to_string()
         };
         let e = err(
             &shape,
@@ -1436,7 +1492,7 @@ mod tests {
         // Varlen: batch 1, offsets 0..=tokens, never decreasing.
         let packed = AttentionShape::packed(10, 3, 17, 5);
         let pl = lens_for(&packed);
-        let p = validate("t", &packed, Some(&[0, 4, 4, 10]), &opts, &pl).unwrap();
+        let p = validate("t", DType::F32, &packed, Some(&[0, 4, 4, 10]), &opts, &pl).unwrap();
         assert_eq!((p.num_seqs, p.max_len, p.seq_heads()), (3, 6, 9));
         assert!(err(&packed, Some(&[0, 4, 3, 10]), &opts, &pl).contains("decrease"));
         assert!(err(&packed, Some(&[0, 4, 9]), &opts, &pl).contains("offsets"));
@@ -1464,7 +1520,7 @@ mod tests {
             schedule: ScheduleChoice::Walk,
             ..Default::default()
         };
-        let p = validate("t", &shape, None, &opts, &lens_for(&shape)).unwrap();
+        let p = validate("t", DType::F32, &shape, None, &opts, &lens_for(&shape)).unwrap();
         let ok = RawForward {
             q: 1000,
             k: 2000,
