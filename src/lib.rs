@@ -4,7 +4,7 @@
 //! This facade re-exports the three crates:
 //! - [`kernels`] (`linattn-kernels`): the CUDA kernels, their launch plans, and
 //!   the GPU and CPU-emulator executors;
-//! - [`reference`] (`linattn-reference`): the plain CPU implementation;
+//! - [`mod@reference`] (`linattn-reference`): the plain CPU implementation;
 //! - [`model`] (`linattn-model`): a small decoder-only transformer.
 //!
 //! ```

@@ -5,7 +5,7 @@
 //! The data path reads in one direction: a call's shapes are validated, a
 //! [`LaunchPlan`] is built (grid, block, shared memory, a params struct from
 //! `cuda/include/linattn/params.h`), and an [`Executor`] runs it: a [`Gpu`]
-//! (a CUDA stream) or, with the `emulator` feature, the CPU [`Emulator`].
+//! (a CUDA stream) or, with the `emulator` feature, the CPU `Emulator`.
 //!
 //! Nothing here panics or aborts on a machine without a GPU: a missing driver
 //! is [`Error::NoDriver`], a build without nvcc is [`Error::KernelsNotBuilt`].

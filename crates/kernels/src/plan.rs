@@ -35,7 +35,7 @@ impl<P: KernelParams> LaunchPlan<P> {
 }
 
 /// Runs launch plans. Implemented by [`crate::Gpu`] (a CUDA stream) and, with
-/// the `emulator` feature, by [`crate::Emulator`] (the CPU).
+/// the `emulator` feature, by `Emulator` (the CPU).
 pub trait Executor {
     /// Enqueue (GPU) or run to completion (emulator) one launch.
     ///
