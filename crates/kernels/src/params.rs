@@ -30,6 +30,7 @@ kernel_params!(
     LinattnForwardParams,
     LinattnStateScanParams,
     LinattnDecodeParams,
+    LinattnBackwardParams,
 );
 
 /// The params layout version this crate was generated against; checked

@@ -330,3 +330,142 @@ const _: () = {
     ["Offset of field: LinattnDecodeParams::scale"]
         [::core::mem::offset_of!(LinattnDecodeParams, scale) - 156usize];
 };
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LinattnBackwardParams {
+    pub q: linattn_ptr,
+    pub k: linattn_ptr,
+    pub v: linattn_ptr,
+    pub d_o: linattn_ptr,
+    pub dq: linattn_ptr,
+    pub dk: linattn_ptr,
+    pub dv: linattn_ptr,
+    pub cu_seqlens: linattn_ptr,
+    pub state_in_s: linattn_ptr,
+    pub state_in_z: linattn_ptr,
+    pub d_final_s: linattn_ptr,
+    pub d_final_z: linattn_ptr,
+    pub d_initial_s: linattn_ptr,
+    pub d_initial_z: linattn_ptr,
+    pub work_den: linattn_ptr,
+    pub work_dden: linattn_ptr,
+    pub num_seqs: i64,
+    pub heads: i64,
+    pub tokens: i64,
+    pub d: i64,
+    pub m: i64,
+    pub q_batch_stride: i64,
+    pub q_token_stride: i64,
+    pub q_head_stride: i64,
+    pub k_batch_stride: i64,
+    pub k_token_stride: i64,
+    pub k_head_stride: i64,
+    pub v_batch_stride: i64,
+    pub v_token_stride: i64,
+    pub v_head_stride: i64,
+    pub o_batch_stride: i64,
+    pub o_token_stride: i64,
+    pub o_head_stride: i64,
+    pub chunk: i32,
+    pub tile: i32,
+    pub tiles: i32,
+    pub feature_map: i32,
+    pub normalize: i32,
+    pub causal: i32,
+    pub prep_tiles: i32,
+    pub _pad0: i32,
+    pub eps: f32,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LinattnBackwardParams"][::core::mem::size_of::<LinattnBackwardParams>() - 304usize];
+    ["Alignment of LinattnBackwardParams"]
+        [::core::mem::align_of::<LinattnBackwardParams>() - 8usize];
+    ["Offset of field: LinattnBackwardParams::q"]
+        [::core::mem::offset_of!(LinattnBackwardParams, q) - 0usize];
+    ["Offset of field: LinattnBackwardParams::k"]
+        [::core::mem::offset_of!(LinattnBackwardParams, k) - 8usize];
+    ["Offset of field: LinattnBackwardParams::v"]
+        [::core::mem::offset_of!(LinattnBackwardParams, v) - 16usize];
+    ["Offset of field: LinattnBackwardParams::d_o"]
+        [::core::mem::offset_of!(LinattnBackwardParams, d_o) - 24usize];
+    ["Offset of field: LinattnBackwardParams::dq"]
+        [::core::mem::offset_of!(LinattnBackwardParams, dq) - 32usize];
+    ["Offset of field: LinattnBackwardParams::dk"]
+        [::core::mem::offset_of!(LinattnBackwardParams, dk) - 40usize];
+    ["Offset of field: LinattnBackwardParams::dv"]
+        [::core::mem::offset_of!(LinattnBackwardParams, dv) - 48usize];
+    ["Offset of field: LinattnBackwardParams::cu_seqlens"]
+        [::core::mem::offset_of!(LinattnBackwardParams, cu_seqlens) - 56usize];
+    ["Offset of field: LinattnBackwardParams::state_in_s"]
+        [::core::mem::offset_of!(LinattnBackwardParams, state_in_s) - 64usize];
+    ["Offset of field: LinattnBackwardParams::state_in_z"]
+        [::core::mem::offset_of!(LinattnBackwardParams, state_in_z) - 72usize];
+    ["Offset of field: LinattnBackwardParams::d_final_s"]
+        [::core::mem::offset_of!(LinattnBackwardParams, d_final_s) - 80usize];
+    ["Offset of field: LinattnBackwardParams::d_final_z"]
+        [::core::mem::offset_of!(LinattnBackwardParams, d_final_z) - 88usize];
+    ["Offset of field: LinattnBackwardParams::d_initial_s"]
+        [::core::mem::offset_of!(LinattnBackwardParams, d_initial_s) - 96usize];
+    ["Offset of field: LinattnBackwardParams::d_initial_z"]
+        [::core::mem::offset_of!(LinattnBackwardParams, d_initial_z) - 104usize];
+    ["Offset of field: LinattnBackwardParams::work_den"]
+        [::core::mem::offset_of!(LinattnBackwardParams, work_den) - 112usize];
+    ["Offset of field: LinattnBackwardParams::work_dden"]
+        [::core::mem::offset_of!(LinattnBackwardParams, work_dden) - 120usize];
+    ["Offset of field: LinattnBackwardParams::num_seqs"]
+        [::core::mem::offset_of!(LinattnBackwardParams, num_seqs) - 128usize];
+    ["Offset of field: LinattnBackwardParams::heads"]
+        [::core::mem::offset_of!(LinattnBackwardParams, heads) - 136usize];
+    ["Offset of field: LinattnBackwardParams::tokens"]
+        [::core::mem::offset_of!(LinattnBackwardParams, tokens) - 144usize];
+    ["Offset of field: LinattnBackwardParams::d"]
+        [::core::mem::offset_of!(LinattnBackwardParams, d) - 152usize];
+    ["Offset of field: LinattnBackwardParams::m"]
+        [::core::mem::offset_of!(LinattnBackwardParams, m) - 160usize];
+    ["Offset of field: LinattnBackwardParams::q_batch_stride"]
+        [::core::mem::offset_of!(LinattnBackwardParams, q_batch_stride) - 168usize];
+    ["Offset of field: LinattnBackwardParams::q_token_stride"]
+        [::core::mem::offset_of!(LinattnBackwardParams, q_token_stride) - 176usize];
+    ["Offset of field: LinattnBackwardParams::q_head_stride"]
+        [::core::mem::offset_of!(LinattnBackwardParams, q_head_stride) - 184usize];
+    ["Offset of field: LinattnBackwardParams::k_batch_stride"]
+        [::core::mem::offset_of!(LinattnBackwardParams, k_batch_stride) - 192usize];
+    ["Offset of field: LinattnBackwardParams::k_token_stride"]
+        [::core::mem::offset_of!(LinattnBackwardParams, k_token_stride) - 200usize];
+    ["Offset of field: LinattnBackwardParams::k_head_stride"]
+        [::core::mem::offset_of!(LinattnBackwardParams, k_head_stride) - 208usize];
+    ["Offset of field: LinattnBackwardParams::v_batch_stride"]
+        [::core::mem::offset_of!(LinattnBackwardParams, v_batch_stride) - 216usize];
+    ["Offset of field: LinattnBackwardParams::v_token_stride"]
+        [::core::mem::offset_of!(LinattnBackwardParams, v_token_stride) - 224usize];
+    ["Offset of field: LinattnBackwardParams::v_head_stride"]
+        [::core::mem::offset_of!(LinattnBackwardParams, v_head_stride) - 232usize];
+    ["Offset of field: LinattnBackwardParams::o_batch_stride"]
+        [::core::mem::offset_of!(LinattnBackwardParams, o_batch_stride) - 240usize];
+    ["Offset of field: LinattnBackwardParams::o_token_stride"]
+        [::core::mem::offset_of!(LinattnBackwardParams, o_token_stride) - 248usize];
+    ["Offset of field: LinattnBackwardParams::o_head_stride"]
+        [::core::mem::offset_of!(LinattnBackwardParams, o_head_stride) - 256usize];
+    ["Offset of field: LinattnBackwardParams::chunk"]
+        [::core::mem::offset_of!(LinattnBackwardParams, chunk) - 264usize];
+    ["Offset of field: LinattnBackwardParams::tile"]
+        [::core::mem::offset_of!(LinattnBackwardParams, tile) - 268usize];
+    ["Offset of field: LinattnBackwardParams::tiles"]
+        [::core::mem::offset_of!(LinattnBackwardParams, tiles) - 272usize];
+    ["Offset of field: LinattnBackwardParams::feature_map"]
+        [::core::mem::offset_of!(LinattnBackwardParams, feature_map) - 276usize];
+    ["Offset of field: LinattnBackwardParams::normalize"]
+        [::core::mem::offset_of!(LinattnBackwardParams, normalize) - 280usize];
+    ["Offset of field: LinattnBackwardParams::causal"]
+        [::core::mem::offset_of!(LinattnBackwardParams, causal) - 284usize];
+    ["Offset of field: LinattnBackwardParams::prep_tiles"]
+        [::core::mem::offset_of!(LinattnBackwardParams, prep_tiles) - 288usize];
+    ["Offset of field: LinattnBackwardParams::_pad0"]
+        [::core::mem::offset_of!(LinattnBackwardParams, _pad0) - 292usize];
+    ["Offset of field: LinattnBackwardParams::eps"]
+        [::core::mem::offset_of!(LinattnBackwardParams, eps) - 296usize];
+    ["Offset of field: LinattnBackwardParams::scale"]
+        [::core::mem::offset_of!(LinattnBackwardParams, scale) - 300usize];
+};

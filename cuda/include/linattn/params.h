@@ -163,6 +163,54 @@ typedef struct LinattnDecodeParams {
     float scale;
 } LinattnDecodeParams;
 
+/*
+ * causal_backward.cu / noncausal_backward.cu: gradients of linear attention
+ * (see linattn/backward_walk.cuh). Batches, varlen offsets and states as in
+ * LinattnForwardParams. Every gradient uses the strides of its primal: dq
+ * those of q, dk of k, dv of v, d_o (dL/do) of o. Grid x: seq-heads x tiles,
+ * blockIdx.x = sh*tiles + tile, where a tile is `tile` rows of D (dq, dk
+ * kernels) or columns of M (prep, dv kernels). The workspaces (normalised
+ * calls only, written by prep) hold one fp32 value per token at row
+ * (batch*tokens + t)*heads + head, batch = 0 for varlen.
+ */
+typedef struct LinattnBackwardParams {
+    linattn_ptr q;
+    linattn_ptr k;
+    linattn_ptr v;
+    linattn_ptr d_o;            /* dL/do */
+    linattn_ptr dq;             /* written */
+    linattn_ptr dk;             /* written */
+    linattn_ptr dv;             /* written */
+    linattn_ptr cu_seqlens;     /* int64_t[num_seqs + 1], or 0 for dense */
+    linattn_ptr state_in_s;     /* the forward's initial state (fp32), or 0 */
+    linattn_ptr state_in_z;
+    linattn_ptr d_final_s;      /* gradient flowing into the final state, or 0 */
+    linattn_ptr d_final_z;
+    linattn_ptr d_initial_s;    /* written by the dk kernel: dL/dS0, dL/dz0, or 0 */
+    linattn_ptr d_initial_z;
+    linattn_ptr work_den;       /* fp32 den_i, one per workspace row */
+    linattn_ptr work_dden;      /* fp32 partial G_i . num_i, prep_tiles x rows */
+    int64_t num_seqs;
+    int64_t heads;
+    int64_t tokens;             /* dense: tokens per sequence; varlen: total */
+    int64_t d;
+    int64_t m;
+    int64_t q_batch_stride, q_token_stride, q_head_stride;
+    int64_t k_batch_stride, k_token_stride, k_head_stride;
+    int64_t v_batch_stride, v_token_stride, v_head_stride;
+    int64_t o_batch_stride, o_token_stride, o_head_stride;
+    int32_t chunk;              /* rows per chunk */
+    int32_t tile;               /* rows of D (dq, dk) or columns of M (dv) per block */
+    int32_t tiles;              /* blocks per sequence-head */
+    int32_t feature_map;        /* LinattnFeatureMap */
+    int32_t normalize;
+    int32_t causal;
+    int32_t prep_tiles;         /* M tiles of the prep kernel (partials in work_dden) */
+    int32_t _pad0;
+    float eps;
+    float scale;
+} LinattnBackwardParams;
+
 #ifdef __cplusplus
 } /* extern "C" */
 
@@ -170,6 +218,7 @@ static_assert(sizeof(LinattnFeatureMapParams) == 56, "LinattnFeatureMapParams la
 static_assert(sizeof(LinattnForwardParams) == 280, "LinattnForwardParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
 static_assert(sizeof(LinattnStateScanParams) == 120, "LinattnStateScanParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
 static_assert(sizeof(LinattnDecodeParams) == 160, "LinattnDecodeParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
+static_assert(sizeof(LinattnBackwardParams) == 304, "LinattnBackwardParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
 #endif
 
 #endif /* LINATTN_PARAMS_H */

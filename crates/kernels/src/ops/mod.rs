@@ -5,3 +5,4 @@
 pub mod decode;
 pub mod feature_map;
 pub mod forward;
+pub mod backward;

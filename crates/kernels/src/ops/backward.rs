@@ -1,0 +1,1288 @@
+//! `causal_backward.cu` and `noncausal_backward.cu`: gradients of linear
+//! attention with respect to q, k, v and the initial state, feature map and
+//! normaliser differentiated inside the kernels.
+//!
+//! Same conventions as [`crate::ops::forward`]: the shape is an
+//! [`AttentionShape`] (+ optional host `cu_seqlens` for packed varlen
+//! batches), the options are the forward's [`AttentionOptions`] (its
+//! `schedule` is ignored here), states are fp32, one per (sequence, head).
+//! Every gradient uses the strides of its primal: `dq` those of q, `dk` of
+//! k, `dv` of v, and the incoming `d_o` (dL/do) those of o.
+//!
+//! What the forward must keep for the backward: only its inputs (q, k, v
+//! and the initial state if any). No output, no N x N matrix, no per-token
+//! or per-chunk state: the kernels recompute the prefix (dq) and suffix
+//! (dk, dv) states chunk by chunk, and the normaliser's pieces.
+//!
+//! Launches (see `cuda/include/linattn/backward_walk.cuh`): `prep` (den and
+//! the partial `dL/do . num` per token and M tile into an fp32 workspace,
+//! normalised calls only), then `dq` and `dk` with blocks tiling D, and `dv`
+//! with blocks tiling M, so each gradient element has exactly one writer;
+//! the only cross-block sum (the prep partials) is added in tile order.
+//!
+//! Layers, as in every op module: validation ([`validate`]), a plain-Rust
+//! [`plan`] (unit-tested), and entry points for [`Device`] buffers
+//! ([`causal_backward`], [`noncausal_backward`]), cudarc memory
+//! ([`causal_backward_cuda`], [`noncausal_backward_cuda`]) and raw device
+//! addresses ([`causal_backward_raw`], [`noncausal_backward_raw`]).
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+
+use crate::device::PtrGuard;
+use crate::dtype::{DType, Element};
+use crate::ops::forward::{
+    self, AttentionOptions, AttentionShape, Kind, Lens, Problem, StateMut, StateRef, Strides,
+    SHARED_BUDGET_BYTES, THREADS,
+};
+use crate::params::LinattnBackwardParams;
+use crate::plan::{Executor, LaunchPlan};
+use crate::{Buffer, Device, Error, Gpu, Result};
+
+const MAX_GRID_X: usize = i32::MAX as usize;
+const CHUNKS: [usize; 4] = [64, 32, 16, 8];
+
+/// One of the four backward kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Pass {
+    /// den and the partial `dL/do . num` per token (normalised calls only); blocks tile M.
+    Prep,
+    /// dq; blocks tile D.
+    Dq,
+    /// dk and the initial state's gradient; blocks tile D.
+    Dk,
+    /// dv; blocks tile M.
+    Dv,
+}
+
+fn module(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Causal => "causal_backward",
+        Kind::NonCausal => "noncausal_backward",
+    }
+}
+
+/// The kernel symbol of a pass for a dtype.
+pub fn kernel_name(kind: Kind, pass: Pass, dtype: DType) -> &'static str {
+    use DType::*;
+    use Pass::*;
+    macro_rules! names {
+        ($($k:ident $p:ident $t:ident => $n:literal),* $(,)?) => {
+            match (kind, pass, dtype) { $((Kind::$k, $p, $t) => $n,)* }
+        };
+    }
+    names!(
+        Causal Prep F32 => "causal_backward_prep_f32",
+        Causal Prep F16 => "causal_backward_prep_f16",
+        Causal Prep Bf16 => "causal_backward_prep_bf16",
+        Causal Dq F32 => "causal_backward_dq_f32",
+        Causal Dq F16 => "causal_backward_dq_f16",
+        Causal Dq Bf16 => "causal_backward_dq_bf16",
+        Causal Dk F32 => "causal_backward_dk_f32",
+        Causal Dk F16 => "causal_backward_dk_f16",
+        Causal Dk Bf16 => "causal_backward_dk_bf16",
+        Causal Dv F32 => "causal_backward_dv_f32",
+        Causal Dv F16 => "causal_backward_dv_f16",
+        Causal Dv Bf16 => "causal_backward_dv_bf16",
+        NonCausal Prep F32 => "noncausal_backward_prep_f32",
+        NonCausal Prep F16 => "noncausal_backward_prep_f16",
+        NonCausal Prep Bf16 => "noncausal_backward_prep_bf16",
+        NonCausal Dq F32 => "noncausal_backward_dq_f32",
+        NonCausal Dq F16 => "noncausal_backward_dq_f16",
+        NonCausal Dq Bf16 => "noncausal_backward_dq_bf16",
+        NonCausal Dk F32 => "noncausal_backward_dk_f32",
+        NonCausal Dk F16 => "noncausal_backward_dk_f16",
+        NonCausal Dk Bf16 => "noncausal_backward_dk_bf16",
+        NonCausal Dv F32 => "noncausal_backward_dv_f32",
+        NonCausal Dv F16 => "noncausal_backward_dv_f16",
+        NonCausal Dv Bf16 => "noncausal_backward_dv_bf16",
+    )
+}
+
+/// Rows per chunk and the state tile of one pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PassTiling {
+    /// Rows per chunk C.
+    pub chunk: usize,
+    /// Rows of D (dq, dk) or columns of M (dv) per block.
+    pub tile: usize,
+    /// Blocks per sequence-head: `ceil(dim / tile)`.
+    pub tiles: usize,
+}
+
+/// The tiling of every pass for one (d, m).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BackwardTiling {
+    /// The prep kernel (tiles along M).
+    pub prep: PassTiling,
+    /// The dq and dk kernels (tiles along D).
+    pub dqk: PassTiling,
+    /// The dv kernel (tiles along M).
+    pub dv: PassTiling,
+}
+
+/// Shared memory of the prep kernel in floats: the state columns
+/// (`d x odd(tile)`), z, phi(q) and phi(k) (`chunk x odd(d)` each), v
+/// (`chunk x odd(tile)`), A (`chunk x chunk`) and `phi(q) . z`.
+pub fn prep_shared_floats(d: usize, chunk: usize, tile: usize) -> usize {
+    let (dp, tp) = (d | 1, tile | 1);
+    d * tp + d + 2 * chunk * dp + chunk * tp + chunk * chunk + chunk
+}
+
+/// Shared memory of the dq and dk kernels in floats: the state rows
+/// (`tile x odd(m)`), z rows, the phi tile of the chunk (`chunk x tile`),
+/// v and dnum (`chunk x odd(m)` each), B (`chunk x chunk`) and d den.
+pub fn dqk_shared_floats(m: usize, chunk: usize, tile: usize) -> usize {
+    let mp = m | 1;
+    tile * mp + tile + chunk * tile + 2 * chunk * mp + chunk * chunk + chunk
+}
+
+/// Shared memory of the dv kernel in floats: the state columns
+/// (`d x odd(tile)`), phi(q) and phi(k) (`chunk x odd(d)` each), dnum
+/// (`chunk x odd(tile)`) and A (`chunk x chunk`).
+pub fn dv_shared_floats(d: usize, chunk: usize, tile: usize) -> usize {
+    let (dp, tp) = (d | 1, tile | 1);
+    d * tp + 2 * chunk * dp + chunk * tp + chunk * chunk
+}
+
+/// Largest chunk for which a tile of at least `min(dim, 32)` fits the
+/// budget (chunk 8 takes whatever fits), tiles balanced over `dim`.
+fn pick(dim: usize, floats: impl Fn(usize, usize) -> usize) -> PassTiling {
+    let budget = SHARED_BUDGET_BYTES / 4;
+    for chunk in CHUNKS {
+        let Some(max_tile) = (1..=dim).rev().find(|&t| floats(chunk, t) <= budget) else {
+            continue;
+        };
+        if max_tile >= dim.min(32) || chunk == 8 {
+            let tiles = dim.div_ceil(max_tile);
+            return PassTiling {
+                chunk,
+                tile: dim.div_ceil(tiles),
+                tiles,
+            };
+        }
+    }
+    // Unreachable for d, m <= 256 (chunk 8 with a tile of 1 fits).
+    PassTiling {
+        chunk: 8,
+        tile: 1,
+        tiles: dim,
+    }
+}
+
+/// The tiling for key size `d` and value size `m` (both in 1..=256), every
+/// pass within [`SHARED_BUDGET_BYTES`].
+pub fn tiling(d: usize, m: usize) -> BackwardTiling {
+    BackwardTiling {
+        prep: pick(m, |c, t| prep_shared_floats(d, c, t)),
+        dqk: pick(d, |c, t| dqk_shared_floats(m, c, t)),
+        dv: pick(m, |c, t| dv_shared_floats(d, c, t)),
+    }
+}
+
+/// A validated backward call.
+#[derive(Debug, Clone)]
+pub struct BackwardProblem {
+    /// The forward's view of the call (shape, sequences, offsets).
+    pub problem: Problem,
+    /// The backward tiling.
+    pub tiling: BackwardTiling,
+    /// Whether the call normalises (needs the prep workspace).
+    pub normalize: bool,
+}
+
+impl BackwardProblem {
+    /// Rows of the per-token workspaces: `batch * tokens * heads`.
+    pub fn work_rows(&self) -> usize {
+        let s = &self.problem.shape;
+        s.batch * s.tokens * s.heads
+    }
+}
+
+/// Buffer lengths of the backward's extra tensors (`usize::MAX` when unknown).
+#[derive(Debug, Clone, Copy)]
+pub struct GradLens {
+    /// dL/do (strides of o).
+    pub d_o: usize,
+    /// dq (strides of q).
+    pub dq: usize,
+    /// dk (strides of k).
+    pub dk: usize,
+    /// dv (strides of v).
+    pub dv: usize,
+    /// Gradient into the final state (S, z), if given.
+    pub d_final: Option<(usize, usize)>,
+    /// Gradient of the initial state (S, z), if wanted.
+    pub d_initial: Option<(usize, usize)>,
+}
+
+/// Elements a buffer needs for `s` over `dim` (None on overflow).
+fn span(shape: &AttentionShape, s: &Strides, dim: usize) -> Option<usize> {
+    if shape.tokens == 0 || shape.batch == 0 || shape.heads == 0 {
+        return Some(0);
+    }
+    (shape.batch - 1)
+        .checked_mul(s.batch)?
+        .checked_add((shape.heads - 1).checked_mul(s.head)?)?
+        .checked_add((shape.tokens - 1).checked_mul(s.token)?)?
+        .checked_add(dim)
+        .filter(|&n| n <= i64::MAX as usize)
+}
+
+/// Whether rows of `dim` elements at these strides never share an element
+/// (sorted by stride, each stride clears the extent of the smaller axes).
+fn rows_disjoint(shape: &AttentionShape, s: &Strides, dim: usize) -> bool {
+    let mut axes: Vec<(usize, usize)> = [
+        (shape.batch, s.batch),
+        (shape.heads, s.head),
+        (shape.tokens, s.token),
+    ]
+    .into_iter()
+    .filter(|&(n, _)| n > 1)
+    .collect();
+    axes.sort_by_key(|&(_, st)| st);
+    let mut reach = dim;
+    for (n, st) in axes {
+        if st < reach {
+            return false;
+        }
+        reach = reach.saturating_add((n - 1).saturating_mul(st));
+    }
+    true
+}
+
+/// Validates a backward call: everything [`forward::validate`] checks for
+/// q, k, v, o and the initial state, plus dL/do, the gradient buffers
+/// (lengths, rows that never overlap) and the state gradients.
+pub fn validate(
+    kernel: &'static str,
+    dtype: DType,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+    lens: &Lens,
+    grads: &GradLens,
+) -> Result<BackwardProblem> {
+    let fwd_lens = Lens {
+        o: usize::MAX,
+        final_state: None,
+        ..*lens
+    };
+    let problem = forward::validate(kernel, dtype, shape, cu_seqlens, opts, &fwd_lens)?;
+    for (arg, s, dim, len) in [
+        ("d_o", &shape.o, shape.m, grads.d_o),
+        ("dq", &shape.q, shape.d, grads.dq),
+        ("dk", &shape.k, shape.d, grads.dk),
+        ("dv", &shape.v, shape.m, grads.dv),
+    ] {
+        // forward::validate has checked that the spans fit 64-bit indexing.
+        let need = span(shape, s, dim).unwrap_or(usize::MAX);
+        if len < need {
+            return Err(Error::invalid(
+                kernel,
+                arg,
+                format!("buffer holds {len} elements, the shape and strides need {need}"),
+            ));
+        }
+    }
+    for (arg, s, dim) in [
+        ("dq", &shape.q, shape.d),
+        ("dk", &shape.k, shape.d),
+        ("dv", &shape.v, shape.m),
+    ] {
+        if !rows_disjoint(shape, s, dim) {
+            return Err(Error::invalid(
+                kernel,
+                arg,
+                format!("gradient strides {s:?} make rows of {dim} elements overlap"),
+            ));
+        }
+    }
+    let (s_need, z_need) = (problem.state_s_len(), problem.state_z_len());
+    for (arg, st) in [("d_final", grads.d_final), ("d_initial", grads.d_initial)] {
+        if let Some((s, z)) = st {
+            if s < s_need || z < z_need {
+                return Err(Error::invalid(
+                    kernel,
+                    arg,
+                    format!(
+                        "expected S of {s_need} and z of {z_need} fp32 elements ({} states of d = {}, m = {}), found {s} and {z}",
+                        problem.seq_heads(),
+                        shape.d,
+                        shape.m
+                    ),
+                ));
+            }
+        }
+    }
+    let tiling = tiling(shape.d, shape.m);
+    let sh = problem.seq_heads();
+    let grid_ok = [tiling.prep.tiles, tiling.dqk.tiles, tiling.dv.tiles]
+        .iter()
+        .all(|&t| sh.checked_mul(t).is_some_and(|b| b <= MAX_GRID_X));
+    let rows_ok = shape
+        .batch
+        .checked_mul(shape.tokens)
+        .and_then(|x| x.checked_mul(shape.heads))
+        .and_then(|x| x.checked_mul(1 + tiling.prep.tiles))
+        .is_some_and(|x| x <= i64::MAX as usize);
+    if !grid_ok || !rows_ok {
+        return Err(Error::invalid(
+            kernel,
+            "shape",
+            format!(
+                "{} sequences x {} heads exceed the grid or indexing limits",
+                problem.num_seqs, shape.heads
+            ),
+        ));
+    }
+    Ok(BackwardProblem {
+        problem,
+        tiling,
+        normalize: opts.normalize,
+    })
+}
+
+/// fp32 workspace elements a call needs: when normalising, den per token
+/// and one partial per token and prep tile
+/// (`(1 + prep tiles) * batch * tokens * heads`), else 0.
+pub fn workspace_len(problem: &BackwardProblem) -> usize {
+    if problem.normalize {
+        (1 + problem.tiling.prep.tiles) * problem.work_rows()
+    } else {
+        0
+    }
+}
+
+/// Device addresses of one backward call (0 = absent where optional).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RawBackward {
+    /// q, `dtype` elements.
+    pub q: u64,
+    /// k.
+    pub k: u64,
+    /// v.
+    pub v: u64,
+    /// dL/do, strides of o.
+    pub d_o: u64,
+    /// dq (written), strides of q.
+    pub dq: u64,
+    /// dk (written), strides of k.
+    pub dk: u64,
+    /// dv (written), strides of v.
+    pub dv: u64,
+    /// The forward's initial S and z (fp32), or 0 for zeros.
+    pub initial_s: u64,
+    /// See `initial_s`.
+    pub initial_z: u64,
+    /// Gradient flowing into the final S and z (fp32), or 0.
+    pub d_final_s: u64,
+    /// See `d_final_s`.
+    pub d_final_z: u64,
+    /// Gradient of the initial S and z (fp32, written), or 0 when not wanted.
+    pub d_initial_s: u64,
+    /// See `d_initial_s`.
+    pub d_initial_z: u64,
+    /// `int64` offsets (`num_seqs + 1`) for varlen calls, else 0.
+    pub cu_seqlens: u64,
+    /// fp32 workspace of [`workspace_len`] elements (0 if that is 0).
+    pub workspace: u64,
+}
+
+/// One launch and the memory it writes (`(address, bytes)`), for
+/// [`Executor::launch_writing`].
+#[derive(Debug, Clone)]
+pub struct BackwardLaunch {
+    /// Which kernel.
+    pub pass: Pass,
+    /// The launch.
+    pub plan: LaunchPlan<LinattnBackwardParams>,
+    /// Every region the kernel writes.
+    pub writes: Vec<(u64, usize)>,
+}
+
+/// Builds the launches (prep when normalising, then dq, dk, dv).
+pub fn plan(
+    kind: Kind,
+    dtype: DType,
+    bp: &BackwardProblem,
+    opts: &AttentionOptions,
+    ptrs: &RawBackward,
+) -> Vec<BackwardLaunch> {
+    let problem = &bp.problem;
+    let sp = &problem.shape;
+    let (d, m) = (sp.d, sp.m);
+    let sh = problem.seq_heads();
+    let rows = bp.work_rows();
+    let es = dtype.size();
+    let (work_den, work_dden) = if bp.normalize && ptrs.workspace != 0 {
+        (ptrs.workspace, ptrs.workspace + (rows * 4) as u64)
+    } else {
+        (0, 0)
+    };
+    let base = LinattnBackwardParams {
+        q: ptrs.q,
+        k: ptrs.k,
+        v: ptrs.v,
+        d_o: ptrs.d_o,
+        dq: ptrs.dq,
+        dk: ptrs.dk,
+        dv: ptrs.dv,
+        cu_seqlens: ptrs.cu_seqlens,
+        state_in_s: ptrs.initial_s,
+        state_in_z: ptrs.initial_z,
+        d_final_s: ptrs.d_final_s,
+        d_final_z: ptrs.d_final_z,
+        d_initial_s: ptrs.d_initial_s,
+        d_initial_z: ptrs.d_initial_z,
+        work_den,
+        work_dden,
+        num_seqs: problem.num_seqs as i64,
+        heads: sp.heads as i64,
+        tokens: sp.tokens as i64,
+        d: d as i64,
+        m: m as i64,
+        q_batch_stride: sp.q.batch as i64,
+        q_token_stride: sp.q.token as i64,
+        q_head_stride: sp.q.head as i64,
+        k_batch_stride: sp.k.batch as i64,
+        k_token_stride: sp.k.token as i64,
+        k_head_stride: sp.k.head as i64,
+        v_batch_stride: sp.v.batch as i64,
+        v_token_stride: sp.v.token as i64,
+        v_head_stride: sp.v.head as i64,
+        o_batch_stride: sp.o.batch as i64,
+        o_token_stride: sp.o.token as i64,
+        o_head_stride: sp.o.head as i64,
+        chunk: 0,
+        tile: 0,
+        tiles: 0,
+        feature_map: opts.feature_map.to_c(),
+        normalize: bp.normalize as i32,
+        causal: (kind == Kind::Causal) as i32,
+        prep_tiles: bp.tiling.prep.tiles as i32,
+        _pad0: 0,
+        eps: opts.eps,
+        scale: opts.scale,
+    };
+    let bytes =
+        |p: u64, s: &Strides, dim: usize| (p, span(sp, s, dim).unwrap_or(0).saturating_mul(es));
+    let t = bp.tiling;
+    let launch =
+        |pass: Pass, pt: PassTiling, floats: usize, writes: Vec<(u64, usize)>| BackwardLaunch {
+            pass,
+            plan: LaunchPlan {
+                module: module(kind),
+                kernel: kernel_name(kind, pass, dtype),
+                grid: [(sh * pt.tiles) as u32, 1, 1],
+                block: [THREADS, 1, 1],
+                shared_bytes: (floats * 4) as u32,
+                params: LinattnBackwardParams {
+                    chunk: pt.chunk as i32,
+                    tile: pt.tile as i32,
+                    tiles: pt.tiles as i32,
+                    ..base
+                },
+            },
+            writes: writes
+                .into_iter()
+                .filter(|w| w.0 != 0 && w.1 != 0)
+                .collect(),
+        };
+    let mut out = Vec::with_capacity(4);
+    if bp.normalize {
+        out.push(launch(
+            Pass::Prep,
+            t.prep,
+            prep_shared_floats(d, t.prep.chunk, t.prep.tile),
+            vec![(work_den, rows * 4), (work_dden, t.prep.tiles * rows * 4)],
+        ));
+    }
+    out.push(launch(
+        Pass::Dq,
+        t.dqk,
+        dqk_shared_floats(m, t.dqk.chunk, t.dqk.tile),
+        vec![bytes(ptrs.dq, &sp.q, d)],
+    ));
+    let (sn, zn) = (problem.state_s_len() * 4, problem.state_z_len() * 4);
+    out.push(launch(
+        Pass::Dk,
+        t.dqk,
+        dqk_shared_floats(m, t.dqk.chunk, t.dqk.tile),
+        vec![
+            bytes(ptrs.dk, &sp.k, d),
+            (ptrs.d_initial_s, sn),
+            (ptrs.d_initial_z, zn),
+        ],
+    ));
+    out.push(launch(
+        Pass::Dv,
+        t.dv,
+        dv_shared_floats(d, t.dv.chunk, t.dv.tile),
+        vec![bytes(ptrs.dv, &sp.v, m)],
+    ));
+    out
+}
+
+/// Runs the launches in order, naming what each writes.
+///
+/// # Safety
+/// The plan's addresses must be valid for `exec` (as validated).
+unsafe fn run_plan<E: Executor>(exec: &E, launches: &[BackwardLaunch]) -> Result<()> {
+    for l in launches {
+        // SAFETY: forwarded; the write regions lie inside validated buffers.
+        unsafe { exec.launch_writing(&l.plan, &l.writes)? };
+    }
+    Ok(())
+}
+
+/// The tensors a backward call reads: the forward's inputs and dL/do.
+#[derive(Debug, Clone, Copy)]
+pub struct BackwardInputs<'a, B> {
+    /// Queries, `d` wide.
+    pub q: &'a B,
+    /// Keys, `d` wide.
+    pub k: &'a B,
+    /// Values, `m` wide.
+    pub v: &'a B,
+    /// dL/do (strides of o).
+    pub d_o: &'a B,
+}
+
+/// The gradient buffers a call writes (each with its primal's strides).
+#[derive(Debug)]
+pub struct Grads<'a, B> {
+    /// dL/dq.
+    pub dq: &'a mut B,
+    /// dL/dk.
+    pub dk: &'a mut B,
+    /// dL/dv.
+    pub dv: &'a mut B,
+}
+
+/// The states of a backward call (all fp32, one per sequence-head).
+#[derive(Debug)]
+pub struct BackwardStates<'a, I, F> {
+    /// The initial state the forward started from (zeros when `None`).
+    pub initial: Option<StateRef<'a, I>>,
+    /// A gradient flowing into the forward's final state, if any.
+    pub d_final: Option<StateRef<'a, I>>,
+    /// Receives dL/dS0 and dL/dz0 (the gradient at the initial state, also
+    /// when that was zeros).
+    pub d_initial: Option<StateMut<'a, F>>,
+}
+
+impl<I, F> BackwardStates<'_, I, F> {
+    /// No states at all.
+    pub fn none() -> Self {
+        BackwardStates {
+            initial: None,
+            d_final: None,
+            d_initial: None,
+        }
+    }
+}
+
+/// Device memory a call allocates for itself (offsets and workspace).
+enum Temp {
+    Host(#[allow(dead_code)] Vec<i64>),
+    Cuda(#[allow(dead_code)] CudaSlice<i64>),
+}
+
+fn temp_cuda(g: &Gpu, data: &[i64]) -> Result<(Temp, u64)> {
+    if data.is_empty() {
+        return Ok((Temp::Host(Vec::new()), 0));
+    }
+    let s = g
+        .stream()
+        .clone_htod(data)
+        .map_err(|e| Error::driver("cuMemcpyHtoD (backward temporaries)", e))?;
+    let (p, guard) = s.device_ptr(g.stream());
+    drop(guard);
+    Ok((Temp::Cuda(s), p))
+}
+
+fn temp(dev: &Device, data: Vec<i64>) -> Result<(Temp, u64)> {
+    if data.is_empty() {
+        return Ok((Temp::Host(data), 0));
+    }
+    match dev {
+        Device::Gpu(g) => temp_cuda(g, &data),
+        #[cfg(feature = "emulator")]
+        Device::Emulator(_) => {
+            let p = data.as_ptr() as u64;
+            Ok((Temp::Host(data), p))
+        }
+    }
+}
+
+/// fp32 workspace as 8-byte words (zeroed).
+fn workspace_words(floats: usize) -> Vec<i64> {
+    vec![0i64; floats.div_ceil(2)]
+}
+
+fn lens_of<B>(x: &BackwardInputs<'_, B>, len: impl Fn(&B) -> usize) -> (Lens, usize) {
+    (
+        Lens {
+            q: len(x.q),
+            k: len(x.k),
+            v: len(x.v),
+            o: usize::MAX,
+            initial: None,
+            final_state: None,
+        },
+        len(x.d_o),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_device<T: Element>(
+    kind: Kind,
+    dev: &Device,
+    x: BackwardInputs<'_, Buffer<T>>,
+    grads: Grads<'_, Buffer<T>>,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+    states: BackwardStates<'_, Buffer<f32>, Buffer<f32>>,
+) -> Result<()> {
+    let kernel = module(kind);
+    let (mut lens, d_o_len) = lens_of(&x, |b| b.len());
+    lens.initial = states.initial.as_ref().map(|s| (s.s.len(), s.z.len()));
+    let glens = GradLens {
+        d_o: d_o_len,
+        dq: grads.dq.len(),
+        dk: grads.dk.len(),
+        dv: grads.dv.len(),
+        d_final: states.d_final.as_ref().map(|s| (s.s.len(), s.z.len())),
+        d_initial: states.d_initial.as_ref().map(|s| (s.s.len(), s.z.len())),
+    };
+    let bp = validate(kernel, T::DTYPE, shape, cu_seqlens, opts, &lens, &glens)?;
+    let (_tc, cu) = temp(dev, bp.problem.cu_seqlens.clone())?;
+    let (_tw, ws) = temp(dev, workspace_words(workspace_len(&bp)))?;
+    let mut guards: Vec<PtrGuard<'_>> = Vec::new();
+    let (q, g) = x.q.read_ptr(dev, kernel, "q")?;
+    guards.push(g);
+    let (k, g) = x.k.read_ptr(dev, kernel, "k")?;
+    guards.push(g);
+    let (v, g) = x.v.read_ptr(dev, kernel, "v")?;
+    guards.push(g);
+    let (d_o, g) = x.d_o.read_ptr(dev, kernel, "d_o")?;
+    guards.push(g);
+    let (mut initial_s, mut initial_z, mut d_final_s, mut d_final_z) = (0, 0, 0, 0);
+    if let Some(s) = &states.initial {
+        let (ps, gs) = s.s.read_ptr(dev, kernel, "initial.s")?;
+        let (pz, gz) = s.z.read_ptr(dev, kernel, "initial.z")?;
+        (initial_s, initial_z) = (ps, pz);
+        guards.push(gs);
+        guards.push(gz);
+    }
+    if let Some(s) = &states.d_final {
+        let (ps, gs) = s.s.read_ptr(dev, kernel, "d_final.s")?;
+        let (pz, gz) = s.z.read_ptr(dev, kernel, "d_final.z")?;
+        (d_final_s, d_final_z) = (ps, pz);
+        guards.push(gs);
+        guards.push(gz);
+    }
+    let Grads { dq, dk, dv } = grads;
+    let (dq, _g1) = dq.write_ptr(dev, kernel, "dq")?;
+    let (dk, _g2) = dk.write_ptr(dev, kernel, "dk")?;
+    let (dv, _g3) = dv.write_ptr(dev, kernel, "dv")?;
+    let mut di = states.d_initial;
+    let (d_initial_s, d_initial_z, _g4) = match di.as_mut() {
+        Some(s) => {
+            let (ps, gs) = s.s.write_ptr(dev, kernel, "d_initial.s")?;
+            let (pz, gz) = s.z.write_ptr(dev, kernel, "d_initial.z")?;
+            (ps, pz, vec![gs, gz])
+        }
+        None => (0, 0, Vec::new()),
+    };
+    let ptrs = RawBackward {
+        q,
+        k,
+        v,
+        d_o,
+        dq,
+        dk,
+        dv,
+        initial_s,
+        initial_z,
+        d_final_s,
+        d_final_z,
+        d_initial_s,
+        d_initial_z,
+        cu_seqlens: cu,
+        workspace: ws,
+    };
+    let launches = plan(kind, T::DTYPE, &bp, opts, &ptrs);
+    // SAFETY: every buffer belongs to `dev` and was validated against the shape.
+    unsafe { run_plan(dev, &launches) }
+}
+
+/// Gradients of [`causal_forward`](crate::ops::forward::causal_forward) on a
+/// [`Device`]: writes dq, dk, dv (strides of q, k, v) and, when
+/// `states.d_initial` is given, dL/dS0 and dL/dz0. `x.d_o` is dL/do; `x.o`
+/// is the forward's output (required when `opts.normalize`); `states.initial`
+/// must be the initial state the forward started from, and `states.d_final`
+/// an optional gradient flowing into its final state. `cu_seqlens` (host
+/// offsets) makes it a packed varlen call (`shape.batch == 1`).
+pub fn causal_backward<T: Element>(
+    dev: &Device,
+    x: BackwardInputs<'_, Buffer<T>>,
+    grads: Grads<'_, Buffer<T>>,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+    states: BackwardStates<'_, Buffer<f32>, Buffer<f32>>,
+) -> Result<()> {
+    backward_device(Kind::Causal, dev, x, grads, shape, cu_seqlens, opts, states)
+}
+
+/// Gradients of [`noncausal_forward`](crate::ops::forward::noncausal_forward)
+/// on a [`Device`]; conventions as [`causal_backward`].
+pub fn noncausal_backward<T: Element>(
+    dev: &Device,
+    x: BackwardInputs<'_, Buffer<T>>,
+    grads: Grads<'_, Buffer<T>>,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+    states: BackwardStates<'_, Buffer<f32>, Buffer<f32>>,
+) -> Result<()> {
+    backward_device(
+        Kind::NonCausal,
+        dev,
+        x,
+        grads,
+        shape,
+        cu_seqlens,
+        opts,
+        states,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_cuda<
+    T: Element,
+    B: DevicePtr<T>,
+    G: DevicePtrMut<T>,
+    I: DevicePtr<f32>,
+    F: DevicePtrMut<f32>,
+>(
+    kind: Kind,
+    gpu: &Gpu,
+    x: BackwardInputs<'_, B>,
+    grads: Grads<'_, G>,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+    states: BackwardStates<'_, I, F>,
+) -> Result<()> {
+    let kernel = module(kind);
+    let (mut lens, d_o_len) = lens_of(&x, |b| b.len());
+    lens.initial = states.initial.as_ref().map(|s| (s.s.len(), s.z.len()));
+    let glens = GradLens {
+        d_o: d_o_len,
+        dq: grads.dq.len(),
+        dk: grads.dk.len(),
+        dv: grads.dv.len(),
+        d_final: states.d_final.as_ref().map(|s| (s.s.len(), s.z.len())),
+        d_initial: states.d_initial.as_ref().map(|s| (s.s.len(), s.z.len())),
+    };
+    let bp = validate(kernel, T::DTYPE, shape, cu_seqlens, opts, &lens, &glens)?;
+    let st = gpu.stream();
+    let (_tc, cu) = temp_cuda(gpu, &bp.problem.cu_seqlens)?;
+    let (_tw, ws) = temp_cuda(gpu, &workspace_words(workspace_len(&bp)))?;
+    let (q, _gq) = x.q.device_ptr(st);
+    let (k, _gk) = x.k.device_ptr(st);
+    let (v, _gv) = x.v.device_ptr(st);
+    let (d_o, _gdo) = x.d_o.device_ptr(st);
+    let mut fg = Vec::new();
+    let (mut initial_s, mut initial_z, mut d_final_s, mut d_final_z) = (0, 0, 0, 0);
+    if let Some(s) = states.initial.as_ref() {
+        let (a, ga) = s.s.device_ptr(st);
+        let (b, gb) = s.z.device_ptr(st);
+        (initial_s, initial_z) = (a, b);
+        fg.push(ga);
+        fg.push(gb);
+    }
+    if let Some(s) = states.d_final.as_ref() {
+        let (a, ga) = s.s.device_ptr(st);
+        let (b, gb) = s.z.device_ptr(st);
+        (d_final_s, d_final_z) = (a, b);
+        fg.push(ga);
+        fg.push(gb);
+    }
+    let Grads { dq, dk, dv } = grads;
+    let (dq, _g1) = dq.device_ptr_mut(st);
+    let (dk, _g2) = dk.device_ptr_mut(st);
+    let (dv, _g3) = dv.device_ptr_mut(st);
+    let mut di = states.d_initial;
+    let mut wg = Vec::new();
+    let (mut d_initial_s, mut d_initial_z) = (0, 0);
+    if let Some(s) = di.as_mut() {
+        let (a, ga) = s.s.device_ptr_mut(st);
+        let (b, gb) = s.z.device_ptr_mut(st);
+        (d_initial_s, d_initial_z) = (a, b);
+        wg.push(ga);
+        wg.push(gb);
+    }
+    let ptrs = RawBackward {
+        q,
+        k,
+        v,
+        d_o,
+        dq,
+        dk,
+        dv,
+        initial_s,
+        initial_z,
+        d_final_s,
+        d_final_z,
+        d_initial_s,
+        d_initial_z,
+        cu_seqlens: cu,
+        workspace: ws,
+    };
+    let launches = plan(kind, T::DTYPE, &bp, opts, &ptrs);
+    // SAFETY: cudarc memory of this context, validated lengths.
+    unsafe { run_plan(gpu, &launches) }
+}
+
+/// [`causal_backward`] on cudarc memory (slices or views), on `gpu`'s stream.
+pub fn causal_backward_cuda<
+    T: Element,
+    B: DevicePtr<T>,
+    G: DevicePtrMut<T>,
+    I: DevicePtr<f32>,
+    F: DevicePtrMut<f32>,
+>(
+    gpu: &Gpu,
+    x: BackwardInputs<'_, B>,
+    grads: Grads<'_, G>,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+    states: BackwardStates<'_, I, F>,
+) -> Result<()> {
+    backward_cuda(Kind::Causal, gpu, x, grads, shape, cu_seqlens, opts, states)
+}
+
+/// [`noncausal_backward`] on cudarc memory (slices or views), on `gpu`'s stream.
+pub fn noncausal_backward_cuda<
+    T: Element,
+    B: DevicePtr<T>,
+    G: DevicePtrMut<T>,
+    I: DevicePtr<f32>,
+    F: DevicePtrMut<f32>,
+>(
+    gpu: &Gpu,
+    x: BackwardInputs<'_, B>,
+    grads: Grads<'_, G>,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+    states: BackwardStates<'_, I, F>,
+) -> Result<()> {
+    backward_cuda(
+        Kind::NonCausal,
+        gpu,
+        x,
+        grads,
+        shape,
+        cu_seqlens,
+        opts,
+        states,
+    )
+}
+
+/// The bytes `[start, end)` a buffer covers; absent (null) buffers cover none.
+fn byte_range(p: u64, elems: usize, size: usize) -> (u64, u64) {
+    if p == 0 {
+        return (0, 0);
+    }
+    (
+        p,
+        p.saturating_add((elems as u64).saturating_mul(size as u64)),
+    )
+}
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.1 && b.0 < a.1 && a.0 != a.1 && b.0 != b.1
+}
+
+/// Validation of raw addresses: non-null where needed, pairs given together,
+/// outputs (gradients, workspace) disjoint from inputs and from each other.
+fn check_raw(
+    kernel: &'static str,
+    dtype: DType,
+    p: &RawBackward,
+    bp: &BackwardProblem,
+) -> Result<()> {
+    let sp = &bp.problem.shape;
+    let need = [
+        ("q", p.q),
+        ("k", p.k),
+        ("v", p.v),
+        ("d_o", p.d_o),
+        ("dq", p.dq),
+        ("dk", p.dk),
+        ("dv", p.dv),
+    ];
+    for (arg, v) in need {
+        if v == 0 && sp.tokens > 0 {
+            return Err(Error::invalid(kernel, arg, "null pointer"));
+        }
+    }
+    for (arg, a, b) in [
+        ("initial", p.initial_s, p.initial_z),
+        ("d_final", p.d_final_s, p.d_final_z),
+        ("d_initial", p.d_initial_s, p.d_initial_z),
+    ] {
+        if (a == 0) != (b == 0) {
+            return Err(Error::invalid(
+                kernel,
+                arg,
+                "S and z must be given together (both or neither)",
+            ));
+        }
+    }
+    let ws = workspace_len(bp);
+    if ws > 0 && p.workspace == 0 {
+        return Err(Error::invalid(
+            kernel,
+            "workspace",
+            format!("this call needs a workspace of {ws} fp32 elements"),
+        ));
+    }
+    if !bp.problem.cu_seqlens.is_empty() && p.cu_seqlens == 0 {
+        return Err(Error::invalid(
+            kernel,
+            "cu_seqlens",
+            "varlen call without device offsets",
+        ));
+    }
+    let es = dtype.size();
+    let sp_of = |s: &Strides, dim| span(sp, s, dim).unwrap_or(usize::MAX);
+    let (sn, zn) = (bp.problem.state_s_len(), bp.problem.state_z_len());
+    let inputs = [
+        ("q", byte_range(p.q, sp_of(&sp.q, sp.d), es)),
+        ("k", byte_range(p.k, sp_of(&sp.k, sp.d), es)),
+        ("v", byte_range(p.v, sp_of(&sp.v, sp.m), es)),
+        ("d_o", byte_range(p.d_o, sp_of(&sp.o, sp.m), es)),
+        ("initial state", byte_range(p.initial_s, sn, 4)),
+        ("initial state", byte_range(p.initial_z, zn, 4)),
+        ("d_final", byte_range(p.d_final_s, sn, 4)),
+        ("d_final", byte_range(p.d_final_z, zn, 4)),
+    ];
+    let outputs = [
+        ("dq", byte_range(p.dq, sp_of(&sp.q, sp.d), es)),
+        ("dk", byte_range(p.dk, sp_of(&sp.k, sp.d), es)),
+        ("dv", byte_range(p.dv, sp_of(&sp.v, sp.m), es)),
+        ("d_initial", byte_range(p.d_initial_s, sn, 4)),
+        ("d_initial", byte_range(p.d_initial_z, zn, 4)),
+        ("workspace", byte_range(p.workspace, ws, 4)),
+    ];
+    for (i, (oa, orng)) in outputs.iter().enumerate() {
+        for (ia, irng) in inputs.iter().chain(outputs[i + 1..].iter()) {
+            if overlaps(*orng, *irng) {
+                return Err(Error::invalid(
+                    kernel,
+                    oa,
+                    format!("output overlaps `{ia}`"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+unsafe fn backward_raw<E: Executor>(
+    kind: Kind,
+    exec: &E,
+    dtype: DType,
+    ptrs: &RawBackward,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+) -> Result<()> {
+    let kernel = module(kind);
+    let pair = |s: u64| (s != 0).then_some((usize::MAX, usize::MAX));
+    let lens = Lens {
+        q: usize::MAX,
+        k: usize::MAX,
+        v: usize::MAX,
+        o: usize::MAX,
+        initial: pair(ptrs.initial_s),
+        final_state: None,
+    };
+    let glens = GradLens {
+        d_o: usize::MAX,
+        dq: usize::MAX,
+        dk: usize::MAX,
+        dv: usize::MAX,
+        d_final: pair(ptrs.d_final_s),
+        d_initial: pair(ptrs.d_initial_s),
+    };
+    let bp = validate(kernel, dtype, shape, cu_seqlens, opts, &lens, &glens)?;
+    check_raw(kernel, dtype, ptrs, &bp)?;
+    let launches = plan(kind, dtype, &bp, opts, ptrs);
+    // SAFETY: forwarded to the caller.
+    unsafe { run_plan(exec, &launches) }
+}
+
+/// [`causal_backward`] on raw device addresses, for engines that manage
+/// their own memory. Get the workspace size from [`workspace_len`] (with the
+/// problem from [`validate`]).
+///
+/// # Safety
+/// Every non-zero address must point to memory the executor can reach,
+/// valid until the launches complete: q, k, v, o, d_o (`dtype`, read) and
+/// dq, dk, dv (written) covering `shape` with the strides of their primals;
+/// the initial state and d_final (read) and d_initial (written) as
+/// `num_seqs * heads` fp32 states; the workspace of `workspace_len` fp32
+/// elements; for varlen, `cu_seqlens.len()` `int64` offsets on the device
+/// equal to the host `cu_seqlens`. Outputs must not overlap any input
+/// (checked by address range).
+pub unsafe fn causal_backward_raw<E: Executor>(
+    exec: &E,
+    dtype: DType,
+    ptrs: &RawBackward,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+) -> Result<()> {
+    // SAFETY: forwarded.
+    unsafe { backward_raw(Kind::Causal, exec, dtype, ptrs, shape, cu_seqlens, opts) }
+}
+
+/// [`noncausal_backward`] on raw device addresses.
+///
+/// # Safety
+/// As for [`causal_backward_raw`].
+pub unsafe fn noncausal_backward_raw<E: Executor>(
+    exec: &E,
+    dtype: DType,
+    ptrs: &RawBackward,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+) -> Result<()> {
+    // SAFETY: forwarded.
+    unsafe { backward_raw(Kind::NonCausal, exec, dtype, ptrs, shape, cu_seqlens, opts) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full_lens(shape: &AttentionShape) -> (Lens, GradLens) {
+        let qn = span(shape, &shape.q, shape.d).unwrap();
+        let kn = span(shape, &shape.k, shape.d).unwrap();
+        let vn = span(shape, &shape.v, shape.m).unwrap();
+        let on = span(shape, &shape.o, shape.m).unwrap();
+        (
+            Lens {
+                q: qn,
+                k: kn,
+                v: vn,
+                o: on,
+                initial: None,
+                final_state: None,
+            },
+            GradLens {
+                d_o: on,
+                dq: qn,
+                dk: kn,
+                dv: vn,
+                d_final: None,
+                d_initial: None,
+            },
+        )
+    }
+
+    #[test]
+    fn tiling_fits_shared_memory_for_every_size() {
+        let budget = SHARED_BUDGET_BYTES;
+        for d in 1..=forward::MAX_DIM {
+            for m in [1, 2, 17, 31, 64, 100, 128, 255, 256] {
+                let t = tiling(d, m);
+                assert!(prep_shared_floats(d, t.prep.chunk, t.prep.tile) * 4 <= budget);
+                assert!(dqk_shared_floats(m, t.dqk.chunk, t.dqk.tile) * 4 <= budget);
+                assert!(dv_shared_floats(d, t.dv.chunk, t.dv.tile) * 4 <= budget);
+                for (pt, dim) in [(t.prep, m), (t.dqk, d), (t.dv, m)] {
+                    assert!(pt.tile >= 1 && pt.tile <= dim, "d {d} m {m} {pt:?}");
+                    assert_eq!(pt.tiles, dim.div_ceil(pt.tile));
+                    assert!((pt.tiles - 1) * pt.tile < dim);
+                }
+            }
+        }
+        // Small heads: one block per sequence-head and pass.
+        let t = tiling(64, 64);
+        assert_eq!((t.dqk.tiles, t.dv.tiles), (1, 1));
+        assert_eq!(tiling(16, 16).dqk.chunk, 64);
+    }
+
+    #[test]
+    fn plans_have_the_expected_launches() {
+        let shape = AttentionShape::bhnd(2, 3, 100, 40, 24);
+        let (lens, glens) = full_lens(&shape);
+        let opts = AttentionOptions::default();
+        let bp = validate("t", DType::F32, &shape, None, &opts, &lens, &glens).unwrap();
+        let pt = bp.tiling.prep.tiles;
+        assert_eq!(workspace_len(&bp), (1 + pt) * 2 * 100 * 3);
+        let ptrs = RawBackward {
+            q: 1 << 20,
+            k: 2 << 20,
+            v: 3 << 20,
+            d_o: 5 << 20,
+            dq: 6 << 20,
+            dk: 7 << 20,
+            dv: 8 << 20,
+            d_initial_s: 9 << 20,
+            d_initial_z: 10 << 20,
+            workspace: 11 << 20,
+            ..Default::default()
+        };
+        let l = plan(Kind::Causal, DType::Bf16, &bp, &opts, &ptrs);
+        let passes: Vec<Pass> = l.iter().map(|l| l.pass).collect();
+        assert_eq!(passes, [Pass::Prep, Pass::Dq, Pass::Dk, Pass::Dv]);
+        assert_eq!(l[0].plan.kernel, "causal_backward_prep_bf16");
+        assert_eq!(l[0].plan.grid, [(6 * pt) as u32, 1, 1]);
+        assert_eq!(l[0].plan.params.work_dden, (11 << 20) + 2 * 100 * 3 * 4);
+        assert_eq!(
+            l[0].writes,
+            [(11 << 20, 2400), ((11 << 20) + 2400, pt * 2400)]
+        );
+        assert!(l.iter().all(|x| x.plan.params.prep_tiles as usize == pt));
+        let t = bp.tiling;
+        assert_eq!(l[1].plan.grid, [(6 * t.dqk.tiles) as u32, 1, 1]);
+        assert_eq!(l[3].plan.grid, [(6 * t.dv.tiles) as u32, 1, 1]);
+        assert_eq!(l[3].plan.params.tile as usize, t.dv.tile);
+        // dk writes dk and the initial state's gradient.
+        assert_eq!(
+            l[2].writes,
+            [
+                (7 << 20, 2 * 3 * 100 * 40 * 2),
+                (9 << 20, 6 * 40 * 24 * 4),
+                (10 << 20, 6 * 40 * 4)
+            ]
+        );
+        for x in &l {
+            assert!(x.plan.shared_bytes as usize <= SHARED_BUDGET_BYTES);
+            assert_eq!(x.plan.params.causal, 1);
+        }
+        // Without normalisation: no prep, no workspace, o not needed.
+        let plain = AttentionOptions {
+            normalize: false,
+            ..opts
+        };
+        let bp2 = validate("t", DType::F32, &shape, None, &plain, &lens, &glens).unwrap();
+        assert_eq!(workspace_len(&bp2), 0);
+        let l = plan(Kind::NonCausal, DType::F32, &bp2, &plain, &ptrs);
+        assert_eq!(l.len(), 3);
+        assert_eq!(l[0].plan.kernel, "noncausal_backward_dq_f32");
+        assert_eq!(l[0].plan.params.causal, 0);
+        assert_eq!(l[0].plan.params.work_den, 0);
+    }
+
+    #[test]
+    fn validation_rejects_bad_calls() {
+        let shape = AttentionShape::bnhd(2, 3, 10, 17, 5);
+        let opts = AttentionOptions::default();
+        let (lens, glens) = full_lens(&shape);
+        assert!(validate("t", DType::F32, &shape, None, &opts, &lens, &glens).is_ok());
+        let err = |s: &AttentionShape, o: &AttentionOptions, l: &Lens, g: &GradLens| {
+            validate("t", DType::F32, s, None, o, l, g)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(
+            &shape,
+            &opts,
+            &lens,
+            &GradLens {
+                d_o: glens.d_o - 1,
+                ..glens
+            },
+        );
+        assert!(e.contains("`d_o`") && e.contains("need"), "{e}");
+        let e = err(&shape, &opts, &lens, &GradLens { dv: 3, ..glens });
+        assert!(e.contains("`dv`"), "{e}");
+        let e = err(
+            &shape,
+            &opts,
+            &lens,
+            &GradLens {
+                d_initial: Some((2 * 3 * 17 * 5, 1)),
+                ..glens
+            },
+        );
+        assert!(e.contains("d_initial"), "{e}");
+        // Gradient rows of q's strides must not overlap.
+        let mut bad = shape;
+        bad.q.token = 1;
+        let e = err(&bad, &opts, &lens, &glens);
+        assert!(e.contains("`dq`") && e.contains("overlap"), "{e}");
+        // The forward's checks apply too.
+        let e = err(&AttentionShape { d: 0, ..shape }, &opts, &lens, &glens);
+        assert!(e.contains("1..=256"), "{e}");
+        let e = err(
+            &shape,
+            &AttentionOptions {
+                eps: f32::NAN,
+                ..opts
+            },
+            &lens,
+            &glens,
+        );
+        assert!(e.contains("eps"), "{e}");
+    }
+
+    #[test]
+    fn raw_checks_catch_overlaps_and_nulls() {
+        let shape = AttentionShape::bhnd(1, 1, 4, 2, 2);
+        let opts = AttentionOptions::default();
+        let (lens, glens) = full_lens(&shape);
+        let bp = validate("t", DType::F32, &shape, None, &opts, &lens, &glens).unwrap();
+        let ok = RawBackward {
+            q: 1000,
+            k: 2000,
+            v: 3000,
+            d_o: 5000,
+            dq: 6000,
+            dk: 7000,
+            dv: 8000,
+            workspace: 9000,
+            ..Default::default()
+        };
+        assert!(check_raw("t", DType::F32, &ok, &bp).is_ok());
+        let e = check_raw("t", DType::F32, &RawBackward { dq: 5004, ..ok }, &bp).unwrap_err();
+        assert!(e.to_string().contains("overlaps `d_o`"), "{e}");
+        let e = check_raw("t", DType::F32, &RawBackward { dk: 0, ..ok }, &bp).unwrap_err();
+        assert!(e.to_string().contains("null"), "{e}");
+        let e = check_raw("t", DType::F32, &RawBackward { workspace: 0, ..ok }, &bp).unwrap_err();
+        assert!(e.to_string().contains("workspace"), "{e}");
+        let e = check_raw(
+            "t",
+            DType::F32,
+            &RawBackward {
+                d_final_s: 20000,
+                ..ok
+            },
+            &bp,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("together"), "{e}");
+        let e = check_raw(
+            "t",
+            DType::F32,
+            &RawBackward {
+                workspace: 8010,
+                ..ok
+            },
+            &bp,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("overlaps"), "{e}");
+    }
+}

@@ -1,0 +1,575 @@
+// The chunked linear-attention backward shared by causal_backward.cu and
+// noncausal_backward.cu (math: docs/linear-attention.md, "Gradients in
+// constant memory"; notation qh = s phi(q), kh = phi(k), G = dL/do).
+//
+// Nothing is saved by the forward besides its inputs (q, k, v, the initial
+// state); four kernels recompute what they need, each walking the chunks
+// with one fp32 state slice on chip:
+//
+//   prep (blocks tile M): the forward again, S[:, m-tile] and z: per token
+//        den_i = qh_i . z_i + eps and the partial G_i[m-tile] . num_i[m-tile],
+//        into fp32 workspaces (one value per token, per tile for the partial).
+//        dden_i = -(G_i . num_i) / den_i^2 with the partials added in tile
+//        order by whoever reads it (fixed order: deterministic).
+//   dq   (blocks tile D): forward prefix walk of S[d-tile, :] and z[d-tile]:
+//        dqh_i = S_prev dnum_i + dden_i z_prev + sum_{j<=i in chunk} kh_j B_ij
+//        with dnum_i = G_i / den_i and B_ij = dnum_i . v_j + dden_i.
+//   dk   (blocks tile D): reverse walk of the suffix state
+//        dS[d-tile, :] = dS_N + sum_{i>=j} qh_i dnum_i^T, dz = dz_N + sum dden_i qh_i:
+//        dkh_j = dS_next v_j + dz_next + sum_{i>=j in chunk} qh_i B_ij;
+//        the walk ends at dS~_0, which is the initial state's gradient.
+//   dv   (blocks tile M): reverse walk of dS[:, m-tile]:
+//        dv_j = dS_next^T kh_j + sum_{i>=j in chunk} dnum_i A_ij, A_ij = qh_i . kh_j.
+//
+// Tiling D for dq/dk and M for dv means every gradient element is produced
+// by exactly one block: no cross-block reduction of gradients. The non-causal kernels
+// run the same bodies: a first sweep sums the whole sequence's state, the
+// second sweep reads it out with no intra-chunk terms.
+//
+// Arithmetic is fp32 FMA in a fixed order for every dtype, so results are
+// bit-identical run to run (no atomics).
+#pragma once
+#include <cstdint>
+#include "linattn/params.h"
+#include "linattn/dtype.cuh"
+#include "linattn/feature_map.cuh"
+
+namespace linattn {
+namespace bwd {
+
+constexpr int kThreads = 256;
+
+// Where one sequence's tokens are: batch index, first token, length.
+struct Range {
+    int64_t batch;
+    int64_t start;
+    int64_t len;
+};
+
+// One block's coordinates: sequence-head, tile along D or M, the sequence.
+struct Coords {
+    int64_t sh;
+    int64_t head;
+    int tile;
+    Range r;
+};
+
+__device__ __forceinline__ Coords coords(const LinattnBackwardParams& p) {
+    // 32-bit index math: the plan keeps seq-heads x tiles within 2^31 - 1.
+    const unsigned bx = blockIdx.x;
+    const unsigned sh32 = bx / (unsigned)p.tiles;
+    const unsigned seq = sh32 / (unsigned)p.heads;
+    Coords c;
+    c.tile = (int)(bx - sh32 * (unsigned)p.tiles);
+    c.sh = sh32;
+    c.head = sh32 - seq * (unsigned)p.heads;
+    if (p.cu_seqlens != 0) {
+        const int64_t* cu = ptr<const int64_t>(p.cu_seqlens);
+        c.r.batch = 0;
+        c.r.start = cu[seq];
+        c.r.len = cu[seq + 1] - cu[seq];
+    } else {
+        c.r.batch = seq;
+        c.r.start = 0;
+        c.r.len = p.tokens;
+    }
+    return c;
+}
+
+// Row of token t (absolute in its batch entry) in the per-token workspaces.
+__device__ __forceinline__ int64_t work_row(const LinattnBackwardParams& p, const Coords& c, int64_t t) {
+    return (c.r.batch * p.tokens + t) * p.heads + c.head;
+}
+
+// Rows of the per-token workspaces.
+__device__ __forceinline__ int64_t work_rows(const LinattnBackwardParams& p) {
+    return (p.cu_seqlens != 0 ? 1 : p.num_seqs) * p.tokens * p.heads;
+}
+
+// The sum over a warp, as lane 0 computes it, broadcast to every lane (a
+// fixed reduction tree, so every lane gets the same bits).
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
+    return __shfl_sync(0xffffffffu, x, 0);
+}
+
+__device__ __forceinline__ int odd(int n) { return n | 1; }
+
+// Start of the last chunk of a sequence (-1 when it is empty), without a
+// 64-bit division (a called subroutine on the GPU): the walk after it visits
+// every chunk anyway.
+__device__ __forceinline__ int64_t last_chunk(int64_t len, int chunk) {
+    if (len <= 0) return -1;
+    int64_t c0 = 0;
+    while (c0 + chunk < len) c0 += chunk;
+    return c0;
+}
+
+// Pointers to the (batch, head) rows of one tensor.
+template <typename T>
+__device__ __forceinline__ const T* rows_of(linattn_ptr base, const Coords& c, int64_t bs, int64_t hs) {
+    return ptr<const T>(base) + c.r.batch * bs + c.head * hs;
+}
+template <typename T>
+__device__ __forceinline__ T* rows_of_mut(linattn_ptr base, const Coords& c, int64_t bs, int64_t hs) {
+    return ptr<T>(base) + c.r.batch * bs + c.head * hs;
+}
+
+// ---------------------------------------------------------------------------
+// prep: the normaliser's pieces per token, recomputed like the forward.
+// Blocks tile M (columns m0 .. m0 + tile); each walks the sequence with its
+// slice of S and the whole z, and per token writes the partial
+// G_i[tile] . num_i[tile] to work_dden (slot `tile`, row-major over tokens);
+// tile 0 also writes den_i = s phi(q_i) . z_i + eps to work_den. The other
+// kernels add the partials in tile order: d den_i = -(sum) / den_i^2.
+// Shared: S (d x odd(tile)) | z (d) | qh, kh (C x odd(d) each) |
+//         v (C x odd(tile)) | A (C x C) | qh . z_prev (C).
+template <typename T>
+__device__ __forceinline__ void prep(const LinattnBackwardParams& p, float* smem) {
+    const Coords c = coords(p);
+    const int tid = threadIdx.x, nthreads = blockDim.x;
+    const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
+    const int D = (int)p.d, M = (int)p.m, C = p.chunk, DP = odd(D);
+    const int MT = p.tile, MTP = odd(MT), m0 = c.tile * MT, mt = M - m0 < MT ? M - m0 : MT;
+    const int fm = p.feature_map;
+    const bool causal = p.causal != 0;
+    float* Ss = smem;
+    float* zs = Ss + D * MTP;
+    float* Qs = zs + D;
+    float* Ks = Qs + C * DP;
+    float* Vs = Ks + C * DP;
+    float* As = Vs + C * MTP;
+    float* qz = As + C * C;
+    for (int i = tid; i < D * mt; i += nthreads) {
+        const int x = i / mt, e = i - x * mt;
+        Ss[x * MTP + e] = p.state_in_s != 0 ? ptr<const float>(p.state_in_s)[(c.sh * D + x) * M + m0 + e] : 0.0f;
+    }
+    for (int x = tid; x < D; x += nthreads)
+        zs[x] = p.state_in_z != 0 ? ptr<const float>(p.state_in_z)[c.sh * D + x] : 0.0f;
+    const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
+    const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
+    const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride) + m0;
+    const T* gb = rows_of<T>(p.d_o, c, p.o_batch_stride, p.o_head_stride) + m0;
+    float* wden = ptr<float>(p.work_den);
+    float* wgo = ptr<float>(p.work_dden) + (int64_t)c.tile * work_rows(p);
+    __syncthreads();
+
+    for (int sweep = causal ? 1 : 0; sweep < 2; ++sweep) {
+        const bool absorb = causal || sweep == 0;
+        const bool emit = sweep == 1;
+        for (int64_t c0 = 0; c0 < c.r.len; c0 += C) {
+            const int rows = (int)(c.r.len - c0 < C ? c.r.len - c0 : C);
+            const int64_t t0 = c.r.start + c0;
+            for (int i = tid; i < rows * D; i += nthreads) {
+                const int j = i / D, x = i - j * D;
+                if (emit) Qs[j * DP + x] = phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * p.scale;
+                if (absorb) Ks[j * DP + x] = phi(to_float(kb[(t0 + j) * p.k_token_stride + x]), fm);
+            }
+            if (absorb) {
+                for (int i = tid; i < rows * mt; i += nthreads) {
+                    const int j = i / mt, e = i - j * mt;
+                    Vs[j * MTP + e] = to_float(vb[(t0 + j) * p.v_token_stride + e]);
+                }
+            }
+            __syncthreads();
+            if (emit) {
+                if (causal) {
+                    for (int i = tid; i < rows * rows; i += nthreads) {
+                        const int ii = i / rows, j = i - ii * rows;
+                        float a = 0.0f;
+                        if (j <= ii) {
+                            const float* q = Qs + ii * DP;
+                            const float* k = Ks + j * DP;
+                            for (int x = 0; x < D; ++x) a = fmaf(q[x], k[x], a);
+                        }
+                        As[ii * C + j] = a;
+                    }
+                }
+                for (int i = tid; i < rows; i += nthreads) {
+                    const float* q = Qs + i * DP;
+                    float a = 0.0f;
+                    for (int x = 0; x < D; ++x) a = fmaf(q[x], zs[x], a);
+                    qz[i] = a;
+                }
+                __syncthreads();
+                for (int i = warp; i < rows; i += nwarps) {
+                    const float* q = Qs + i * DP;
+                    const float* a = As + i * C;
+                    float go = 0.0f;
+                    for (int e = lane; e < mt; e += 32) {
+                        float num = 0.0f;
+                        for (int x = 0; x < D; ++x) num = fmaf(q[x], Ss[x * MTP + e], num);
+                        if (causal) {
+                            for (int j = 0; j <= i; ++j) num = fmaf(a[j], Vs[j * MTP + e], num);
+                        }
+                        go = fmaf(to_float(gb[(t0 + i) * p.o_token_stride + e]), num, go);
+                    }
+                    go = warp_sum(go);
+                    float asum = 0.0f;
+                    if (causal) {
+                        for (int j = lane; j <= i; j += 32) asum += a[j];
+                    }
+                    asum = warp_sum(asum);
+                    if (lane == 0) {
+                        const int64_t row = work_row(p, c, t0 + i);
+                        wgo[row] = go;
+                        if (c.tile == 0) wden[row] = qz[i] + asum + p.eps;
+                    }
+                }
+                if (causal) __syncthreads();  // S and z are read above, updated below
+            }
+            if (absorb) {
+                for (int i = tid; i < D * mt; i += nthreads) {
+                    const int x = i / mt, e = i - x * mt;
+                    float acc = Ss[x * MTP + e];
+                    for (int j = 0; j < rows; ++j) acc = fmaf(Ks[j * DP + x], Vs[j * MTP + e], acc);
+                    Ss[x * MTP + e] = acc;
+                }
+                for (int x = tid; x < D; x += nthreads) {
+                    float acc = zs[x];
+                    for (int j = 0; j < rows; ++j) acc += Ks[j * DP + x];
+                    zs[x] = acc;
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// Loads rows of dnum = G / den (m columns from column m0, row stride ld) and
+// dden for a chunk; without normalisation dnum = G and dden = 0.
+template <typename T>
+__device__ __forceinline__ void load_dnum(const LinattnBackwardParams& p, const Coords& c, const T* gb, int64_t t0,
+                                          int rows, int m0, int mcols, int ld, float* Gs, float* dd) {
+    const int tid = threadIdx.x, nthreads = blockDim.x;
+    const bool norm = p.normalize != 0;
+    const float* wden = ptr<const float>(p.work_den);
+    const float* wdden = ptr<const float>(p.work_dden);
+    for (int i = tid; i < rows * mcols; i += nthreads) {
+        const int j = i / mcols, e = i - j * mcols;
+        const float g = to_float(gb[(t0 + j) * p.o_token_stride + m0 + e]);
+        Gs[j * ld + e] = norm ? __fdividef(g, wden[work_row(p, c, t0 + j)]) : g;
+    }
+    if (dd != nullptr) {
+        const int64_t nrows = work_rows(p);
+        for (int j = tid; j < rows; j += nthreads) {
+            float v = 0.0f;
+            if (norm) {
+                // d den = -(G . num) / den^2, the partials added in tile order.
+                const int64_t row = work_row(p, c, t0 + j);
+                float go = 0.0f;
+                for (int t = 0; t < p.prep_tiles; ++t) go += wdden[t * nrows + row];
+                const float den = wden[row];
+                v = -__fdividef(__fdividef(go, den), den);
+            }
+            dd[j] = v;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// dq: forward walk, blocks tile D (rows d0 .. d0 + tile of S).
+// Shared: S (tile x odd(m)) | z (tile) | kh (C x tile) | v (C x odd(m)) |
+//         dnum (C x odd(m)) | B (C x C) | dden (C).
+template <typename T>
+__device__ __forceinline__ void dq_walk(const LinattnBackwardParams& p, float* smem) {
+    const Coords c = coords(p);
+    const int tid = threadIdx.x, nthreads = blockDim.x;
+    const int D = (int)p.d, M = (int)p.m, C = p.chunk, MP = odd(M);
+    const int DT = p.tile, d0 = c.tile * DT, dt = D - d0 < DT ? D - d0 : DT;
+    const int fm = p.feature_map;
+    const bool causal = p.causal != 0;
+    float* Ss = smem;
+    float* zs = Ss + DT * MP;
+    float* Ks = zs + DT;
+    float* Vs = Ks + C * DT;
+    float* Gs = Vs + C * MP;
+    float* Bs = Gs + C * MP;
+    float* dd = Bs + C * C;
+    for (int i = tid; i < dt * M; i += nthreads) {
+        const int x = i / M, e = i - x * M;
+        Ss[x * MP + e] = p.state_in_s != 0 ? ptr<const float>(p.state_in_s)[(c.sh * D + d0 + x) * M + e] : 0.0f;
+    }
+    for (int x = tid; x < dt; x += nthreads)
+        zs[x] = p.state_in_z != 0 ? ptr<const float>(p.state_in_z)[c.sh * D + d0 + x] : 0.0f;
+    const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride) + d0;
+    const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride) + d0;
+    const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride);
+    const T* gb = rows_of<T>(p.d_o, c, p.o_batch_stride, p.o_head_stride);
+    T* dqb = rows_of_mut<T>(p.dq, c, p.q_batch_stride, p.q_head_stride) + d0;
+    __syncthreads();
+
+    for (int sweep = causal ? 1 : 0; sweep < 2; ++sweep) {
+        const bool absorb = causal || sweep == 0;  // carry kh v^T into the state
+        const bool emit = sweep == 1;
+        for (int64_t c0 = 0; c0 < c.r.len; c0 += C) {
+            const int rows = (int)(c.r.len - c0 < C ? c.r.len - c0 : C);
+            const int64_t t0 = c.r.start + c0;
+            if (absorb) {
+                for (int i = tid; i < rows * dt; i += nthreads) {
+                    const int j = i / dt, x = i - j * dt;
+                    Ks[j * DT + x] = phi(to_float(kb[(t0 + j) * p.k_token_stride + x]), fm);
+                }
+                for (int i = tid; i < rows * M; i += nthreads) {
+                    const int j = i / M, e = i - j * M;
+                    Vs[j * MP + e] = to_float(vb[(t0 + j) * p.v_token_stride + e]);
+                }
+            }
+            if (emit) load_dnum<T>(p, c, gb, t0, rows, 0, M, MP, Gs, dd);
+            __syncthreads();
+            if (emit) {
+                if (causal) {
+                    for (int i = tid; i < rows * rows; i += nthreads) {
+                        const int ii = i / rows, j = i - ii * rows;
+                        float b = 0.0f;
+                        if (j <= ii) {
+                            const float* g = Gs + ii * MP;
+                            const float* vv = Vs + j * MP;
+#pragma unroll 4
+                            for (int e = 0; e < M; ++e) b = fmaf(g[e], vv[e], b);
+                            b += dd[ii];
+                        }
+                        Bs[ii * C + j] = b;
+                    }
+                    __syncthreads();
+                }
+                for (int i = tid; i < rows * dt; i += nthreads) {
+                    const int ii = i / dt, x = i - ii * dt;
+                    const float* s = Ss + x * MP;
+                    const float* g = Gs + ii * MP;
+                    float acc = 0.0f;
+#pragma unroll 4
+                    for (int e = 0; e < M; ++e) acc = fmaf(s[e], g[e], acc);
+                    acc = fmaf(dd[ii], zs[x], acc);
+                    if (causal) {
+                        for (int j = 0; j <= ii; ++j) acc = fmaf(Bs[ii * C + j], Ks[j * DT + x], acc);
+                    }
+                    const int64_t off = (t0 + ii) * p.q_token_stride + x;
+                    dqb[off] = from_float<T>(p.scale * phi_prime(to_float(qb[off]), fm) * acc);
+                }
+                if (causal) __syncthreads();  // S and z are read above, updated below
+            }
+            if (absorb) {
+                for (int i = tid; i < dt * M; i += nthreads) {
+                    const int x = i / M, e = i - x * M;
+                    float acc = Ss[x * MP + e];
+#pragma unroll 4
+                    for (int j = 0; j < rows; ++j) acc = fmaf(Ks[j * DT + x], Vs[j * MP + e], acc);
+                    Ss[x * MP + e] = acc;
+                }
+                for (int x = tid; x < dt; x += nthreads) {
+                    float acc = zs[x];
+                    for (int j = 0; j < rows; ++j) acc += Ks[j * DT + x];
+                    zs[x] = acc;
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// dk: reverse walk, blocks tile D (rows d0 .. d0 + tile of dS); writes the
+// initial state's gradient (dS0 rows, dz0) at the end.
+// Shared: dS (tile x odd(m)) | dz (tile) | qh (C x tile) | v (C x odd(m)) |
+//         dnum (C x odd(m)) | B (C x C) | dden (C).
+template <typename T>
+__device__ __forceinline__ void dk_walk(const LinattnBackwardParams& p, float* smem) {
+    const Coords c = coords(p);
+    const int tid = threadIdx.x, nthreads = blockDim.x;
+    const int D = (int)p.d, M = (int)p.m, C = p.chunk, MP = odd(M);
+    const int DT = p.tile, d0 = c.tile * DT, dt = D - d0 < DT ? D - d0 : DT;
+    const int fm = p.feature_map;
+    const bool causal = p.causal != 0;
+    float* Ss = smem;
+    float* zs = Ss + DT * MP;
+    float* Qs = zs + DT;
+    float* Vs = Qs + C * DT;
+    float* Gs = Vs + C * MP;
+    float* Bs = Gs + C * MP;
+    float* dd = Bs + C * C;
+    for (int i = tid; i < dt * M; i += nthreads) {
+        const int x = i / M, e = i - x * M;
+        Ss[x * MP + e] = p.d_final_s != 0 ? ptr<const float>(p.d_final_s)[(c.sh * D + d0 + x) * M + e] : 0.0f;
+    }
+    for (int x = tid; x < dt; x += nthreads)
+        zs[x] = p.d_final_z != 0 ? ptr<const float>(p.d_final_z)[c.sh * D + d0 + x] : 0.0f;
+    const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride) + d0;
+    const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride) + d0;
+    const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride);
+    const T* gb = rows_of<T>(p.d_o, c, p.o_batch_stride, p.o_head_stride);
+    T* dkb = rows_of_mut<T>(p.dk, c, p.k_batch_stride, p.k_head_stride) + d0;
+    __syncthreads();
+
+    const int64_t last = last_chunk(c.r.len, C);
+    for (int sweep = causal ? 1 : 0; sweep < 2; ++sweep) {
+        const bool absorb = causal || sweep == 0;  // carry qh dnum^T into the state
+        const bool emit = sweep == 1;
+        for (int64_t c0 = last; c0 >= 0; c0 -= C) {
+            const int rows = (int)(c.r.len - c0 < C ? c.r.len - c0 : C);
+            const int64_t t0 = c.r.start + c0;
+            if (absorb) {
+                for (int i = tid; i < rows * dt; i += nthreads) {
+                    const int j = i / dt, x = i - j * dt;
+                    Qs[j * DT + x] = phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * p.scale;
+                }
+                load_dnum<T>(p, c, gb, t0, rows, 0, M, MP, Gs, dd);
+            }
+            if (emit) {
+                for (int i = tid; i < rows * M; i += nthreads) {
+                    const int j = i / M, e = i - j * M;
+                    Vs[j * MP + e] = to_float(vb[(t0 + j) * p.v_token_stride + e]);
+                }
+            }
+            __syncthreads();
+            if (emit) {
+                if (causal) {
+                    for (int i = tid; i < rows * rows; i += nthreads) {
+                        const int ii = i / rows, j = i - ii * rows;
+                        float b = 0.0f;
+                        if (j <= ii) {
+                            const float* g = Gs + ii * MP;
+                            const float* vv = Vs + j * MP;
+#pragma unroll 4
+                            for (int e = 0; e < M; ++e) b = fmaf(g[e], vv[e], b);
+                            b += dd[ii];
+                        }
+                        Bs[ii * C + j] = b;
+                    }
+                    __syncthreads();
+                }
+                for (int i = tid; i < rows * dt; i += nthreads) {
+                    const int j = i / dt, x = i - j * dt;
+                    const float* s = Ss + x * MP;
+                    const float* vv = Vs + j * MP;
+                    float acc = 0.0f;
+#pragma unroll 4
+                    for (int e = 0; e < M; ++e) acc = fmaf(s[e], vv[e], acc);
+                    acc += zs[x];
+                    if (causal) {
+                        for (int ii = j; ii < rows; ++ii) acc = fmaf(Bs[ii * C + j], Qs[ii * DT + x], acc);
+                    }
+                    const int64_t off = (t0 + j) * p.k_token_stride + x;
+                    dkb[off] = from_float<T>(phi_prime(to_float(kb[off]), fm) * acc);
+                }
+                if (causal) __syncthreads();  // dS and dz are read above, updated below
+            }
+            if (absorb) {
+                for (int i = tid; i < dt * M; i += nthreads) {
+                    const int x = i / M, e = i - x * M;
+                    float acc = Ss[x * MP + e];
+#pragma unroll 4
+                    for (int ii = 0; ii < rows; ++ii) acc = fmaf(Qs[ii * DT + x], Gs[ii * MP + e], acc);
+                    Ss[x * MP + e] = acc;
+                }
+                for (int x = tid; x < dt; x += nthreads) {
+                    float acc = zs[x];
+                    for (int ii = 0; ii < rows; ++ii) acc = fmaf(dd[ii], Qs[ii * DT + x], acc);
+                    zs[x] = acc;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    if (p.d_initial_s != 0) {
+        float* ss = ptr<float>(p.d_initial_s);
+        float* sz = ptr<float>(p.d_initial_z);
+        for (int i = tid; i < dt * M; i += nthreads) {
+            const int x = i / M, e = i - x * M;
+            ss[(c.sh * D + d0 + x) * M + e] = Ss[x * MP + e];
+        }
+        for (int x = tid; x < dt; x += nthreads) sz[c.sh * D + d0 + x] = zs[x];
+    }
+}
+
+// ---------------------------------------------------------------------------
+// dv: reverse walk, blocks tile M (columns m0 .. m0 + tile of dS).
+// Shared: dS (d x odd(tile)) | qh (C x odd(d)) | kh (C x odd(d)) |
+//         dnum (C x odd(tile)) | A (C x C).
+template <typename T>
+__device__ __forceinline__ void dv_walk(const LinattnBackwardParams& p, float* smem) {
+    const Coords c = coords(p);
+    const int tid = threadIdx.x, nthreads = blockDim.x;
+    const int D = (int)p.d, M = (int)p.m, C = p.chunk, DP = odd(D);
+    const int MT = p.tile, MTP = odd(MT), m0 = c.tile * MT, mt = M - m0 < MT ? M - m0 : MT;
+    const int fm = p.feature_map;
+    const bool causal = p.causal != 0;
+    float* Ss = smem;
+    float* Qs = Ss + D * MTP;
+    float* Ks = Qs + C * DP;
+    float* Gs = Ks + C * DP;
+    float* As = Gs + C * MTP;
+    for (int i = tid; i < D * mt; i += nthreads) {
+        const int x = i / mt, e = i - x * mt;
+        Ss[x * MTP + e] = p.d_final_s != 0 ? ptr<const float>(p.d_final_s)[(c.sh * D + x) * M + m0 + e] : 0.0f;
+    }
+    const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
+    const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
+    const T* gb = rows_of<T>(p.d_o, c, p.o_batch_stride, p.o_head_stride);
+    T* dvb = rows_of_mut<T>(p.dv, c, p.v_batch_stride, p.v_head_stride) + m0;
+    __syncthreads();
+
+    const int64_t last = last_chunk(c.r.len, C);
+    for (int sweep = causal ? 1 : 0; sweep < 2; ++sweep) {
+        const bool absorb = causal || sweep == 0;
+        const bool emit = sweep == 1;
+        for (int64_t c0 = last; c0 >= 0; c0 -= C) {
+            const int rows = (int)(c.r.len - c0 < C ? c.r.len - c0 : C);
+            const int64_t t0 = c.r.start + c0;
+            if (absorb) {
+                for (int i = tid; i < rows * D; i += nthreads) {
+                    const int j = i / D, x = i - j * D;
+                    Qs[j * DP + x] = phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * p.scale;
+                }
+                load_dnum<T>(p, c, gb, t0, rows, m0, mt, MTP, Gs, nullptr);
+            }
+            if (emit) {
+                for (int i = tid; i < rows * D; i += nthreads) {
+                    const int j = i / D, x = i - j * D;
+                    Ks[j * DP + x] = phi(to_float(kb[(t0 + j) * p.k_token_stride + x]), fm);
+                }
+            }
+            __syncthreads();
+            if (emit) {
+                if (causal) {
+                    for (int i = tid; i < rows * rows; i += nthreads) {
+                        const int ii = i / rows, j = i - ii * rows;
+                        float a = 0.0f;
+                        if (j <= ii) {
+                            const float* q = Qs + ii * DP;
+                            const float* k = Ks + j * DP;
+                            for (int x = 0; x < D; ++x) a = fmaf(q[x], k[x], a);
+                        }
+                        As[ii * C + j] = a;
+                    }
+                    __syncthreads();
+                }
+                for (int i = tid; i < rows * mt; i += nthreads) {
+                    const int j = i / mt, e = i - j * mt;
+                    const float* k = Ks + j * DP;
+                    float acc = 0.0f;
+                    for (int x = 0; x < D; ++x) acc = fmaf(Ss[x * MTP + e], k[x], acc);
+                    if (causal) {
+                        const float* a = As + j * C + j;
+                        const float* g = Gs + j * MTP + e;
+                        for (int ii = j; ii < rows; ++ii, a += C, g += MTP) acc = fmaf(*a, *g, acc);
+                    }
+                    dvb[(t0 + j) * p.v_token_stride + e] = from_float<T>(acc);
+                }
+                if (causal) __syncthreads();
+            }
+            if (absorb) {
+                for (int i = tid; i < D * mt; i += nthreads) {
+                    const int x = i / mt, e = i - x * mt;
+                    float acc = Ss[x * MTP + e];
+                    for (int ii = 0; ii < rows; ++ii) acc = fmaf(Qs[ii * DP + x], Gs[ii * MTP + e], acc);
+                    Ss[x * MTP + e] = acc;
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+}  // namespace bwd
+}  // namespace linattn

@@ -1,0 +1,64 @@
+// noncausal_backward.cu: gradients of non-causal linear attention: dq, dk, dv and
+// the initial state's gradient, feature map and normaliser differentiated
+// inside, fp32 accumulation for every dtype, deterministic (no atomics).
+//
+// Launches, in order (plan: crates/kernels/src/ops/backward.rs; bodies and
+// math: linattn/backward_walk.cuh):
+//   noncausal_backward_prep_<t>: den_i, d den_i per token (normalised only);
+//       grid: seq-heads.
+//   noncausal_backward_dq_<t>:   dq;             grid: seq-heads x D tiles.
+//   noncausal_backward_dk_<t>:   dk, dS0, dz0;   grid: seq-heads x D tiles.
+//   noncausal_backward_dv_<t>:   dv;             grid: seq-heads x M tiles.
+// Block: 256 threads; dynamic shared memory as sized by the plan (<= 48 KiB).
+#include <cstdint>
+#include "linattn/params.h"
+#include "linattn/backward_walk.cuh"
+
+extern "C" __global__ void __launch_bounds__(256) noncausal_backward_prep_f32(const LinattnBackwardParams p) {
+    extern __shared__ float smem[];
+    linattn::bwd::prep<float>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256) noncausal_backward_prep_f16(const LinattnBackwardParams p) {
+    extern __shared__ float smem[];
+    linattn::bwd::prep<__half>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256) noncausal_backward_prep_bf16(const LinattnBackwardParams p) {
+    extern __shared__ float smem[];
+    linattn::bwd::prep<__nv_bfloat16>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256) noncausal_backward_dq_f32(const LinattnBackwardParams p) {
+    extern __shared__ float smem[];
+    linattn::bwd::dq_walk<float>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256) noncausal_backward_dq_f16(const LinattnBackwardParams p) {
+    extern __shared__ float smem[];
+    linattn::bwd::dq_walk<__half>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256) noncausal_backward_dq_bf16(const LinattnBackwardParams p) {
+    extern __shared__ float smem[];
+    linattn::bwd::dq_walk<__nv_bfloat16>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256) noncausal_backward_dk_f32(const LinattnBackwardParams p) {
+    extern __shared__ float smem[];
+    linattn::bwd::dk_walk<float>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256) noncausal_backward_dk_f16(const LinattnBackwardParams p) {
+    extern __shared__ float smem[];
+    linattn::bwd::dk_walk<__half>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256) noncausal_backward_dk_bf16(const LinattnBackwardParams p) {
+    extern __shared__ float smem[];
+    linattn::bwd::dk_walk<__nv_bfloat16>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256) noncausal_backward_dv_f32(const LinattnBackwardParams p) {
+    extern __shared__ float smem[];
+    linattn::bwd::dv_walk<float>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256) noncausal_backward_dv_f16(const LinattnBackwardParams p) {
+    extern __shared__ float smem[];
+    linattn::bwd::dv_walk<__half>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256) noncausal_backward_dv_bf16(const LinattnBackwardParams p) {
+    extern __shared__ float smem[];
+    linattn::bwd::dv_walk<__nv_bfloat16>(p, smem);
+}

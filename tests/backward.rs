@@ -1,0 +1,728 @@
+//! causal_backward.cu and noncausal_backward.cu on every executor against
+//! linattn-reference's f64 gradients (themselves checked by finite
+//! differences): N around the chunk, D = 1, 17, 64 and a multi-tile head,
+//! D != M, B*H = 1, both layouts and padded strides, every dtype, feature
+//! map, normalisation on/off, initial state and final-state gradient,
+//! varlen, split-and-resume, determinism and poisoned gradient buffers.
+
+mod common;
+
+use common::{devices, to_dtype, to_f64, tolerance};
+use half::{bf16, f16};
+use linattn_kernels::ops::backward::{
+    causal_backward, noncausal_backward, tiling, BackwardInputs, BackwardStates, Grads,
+};
+use linattn_kernels::ops::forward::{
+    AttentionOptions, AttentionShape, Kind, StateMut, StateRef, Strides,
+};
+use linattn_kernels::{Device, Element, FeatureMap};
+use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
+use linattn_reference::{Gradients, Layout, LinearAttentionOptions, State, View};
+
+#[derive(Debug, Clone)]
+struct Case {
+    kind: Kind,
+    b: usize,
+    h: usize,
+    /// Tokens per sequence (dense) or in total (varlen).
+    n: usize,
+    d: usize,
+    m: usize,
+    bnhd: bool,
+    /// Extra elements after every row (non-contiguous strides).
+    pad: usize,
+    map: FeatureMap,
+    normalize: bool,
+    scale: f32,
+    initial: bool,
+    d_final: bool,
+    cu: Option<Vec<usize>>,
+}
+
+impl Case {
+    fn new(kind: Kind, b: usize, h: usize, n: usize, d: usize, m: usize) -> Self {
+        Case {
+            kind,
+            b,
+            h,
+            n,
+            d,
+            m,
+            bnhd: false,
+            pad: 0,
+            map: FeatureMap::EluPlusOne,
+            normalize: true,
+            scale: 1.0,
+            initial: false,
+            d_final: false,
+            cu: None,
+        }
+    }
+
+    fn with(mut self, f: impl FnOnce(&mut Case)) -> Self {
+        f(&mut self);
+        self
+    }
+
+    fn strides(&self, dim: usize) -> Strides {
+        let row = dim + self.pad;
+        let mut s = if self.bnhd || self.cu.is_some() {
+            Strides::bnhd(self.h, self.n, row)
+        } else {
+            Strides::bhnd(self.h, self.n, row)
+        };
+        if self.pad > 0 {
+            s.batch += 3;
+        }
+        s
+    }
+
+    fn shape(&self) -> AttentionShape {
+        AttentionShape {
+            batch: self.b,
+            heads: self.h,
+            tokens: self.n,
+            d: self.d,
+            m: self.m,
+            q: self.strides(self.d),
+            k: self.strides(self.d),
+            v: self.strides(self.m),
+            o: self.strides(self.m),
+        }
+    }
+
+    fn seq_heads(&self) -> usize {
+        self.cu.as_ref().map_or(self.b, |c| c.len() - 1) * self.h
+    }
+
+    fn opts(&self) -> AttentionOptions {
+        AttentionOptions {
+            feature_map: self.map,
+            normalize: self.normalize,
+            eps: 1e-6,
+            scale: self.scale,
+            ..Default::default()
+        }
+    }
+
+    fn ref_opts(&self) -> LinearAttentionOptions {
+        LinearAttentionOptions {
+            feature_map: match self.map {
+                FeatureMap::EluPlusOne => linattn_reference::FeatureMap::EluPlusOne,
+                FeatureMap::Relu => linattn_reference::FeatureMap::Relu,
+                FeatureMap::Identity => linattn_reference::FeatureMap::Identity,
+            },
+            normalize: self.normalize,
+            eps: 1e-6,
+            scale: self.scale as f64,
+        }
+    }
+}
+
+fn layout(shape: &AttentionShape, s: &Strides, dim: usize) -> Layout {
+    Layout {
+        batch: shape.batch,
+        heads: shape.heads,
+        tokens: shape.tokens,
+        dim,
+        batch_stride: s.batch,
+        token_stride: s.token,
+        head_stride: s.head,
+    }
+}
+
+fn span(shape: &AttentionShape, s: &Strides, dim: usize) -> usize {
+    layout(shape, s, dim).required_len().unwrap()
+}
+
+/// Inputs rounded to the kernel dtype (with their exact f64 widening) and
+/// fp32 states.
+struct Inputs<T> {
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    d_o: Vec<T>,
+    q64: Vec<f64>,
+    k64: Vec<f64>,
+    v64: Vec<f64>,
+    d_o64: Vec<f64>,
+    init: Vec<State>,
+    d_final: Vec<State>,
+}
+
+fn states_f32(st: &[State]) -> (Vec<f32>, Vec<f32>) {
+    (
+        st.iter()
+            .flat_map(|s| s.s.iter().map(|&x| x as f32))
+            .collect(),
+        st.iter()
+            .flat_map(|s| s.z.iter().map(|&x| x as f32))
+            .collect(),
+    )
+}
+
+fn random_states(c: &Case, rng: &mut Rng, z_lo: f64) -> Vec<State> {
+    (0..c.seq_heads())
+        .map(|_| State {
+            d: c.d,
+            m: c.m,
+            // Values exactly representable in fp32.
+            s: rng
+                .normal_vec(c.d * c.m)
+                .iter()
+                .map(|&x| x as f32 as f64)
+                .collect(),
+            z: rng
+                .uniform_vec(c.d, z_lo, 3.0)
+                .iter()
+                .map(|&x| x as f32 as f64)
+                .collect(),
+        })
+        .collect()
+}
+
+fn inputs<T: Element>(c: &Case, rng: &mut Rng) -> Inputs<T> {
+    let shape = c.shape();
+    // The identity map with normalisation needs positive q and k to keep
+    // the denominator well away from zero.
+    let positive = c.map == FeatureMap::Identity && c.normalize;
+    let mut gen = |len: usize, pos: bool| -> Vec<T> {
+        if pos {
+            to_dtype(&rng.uniform_vec(len, 0.05, 1.0))
+        } else {
+            to_dtype(&rng.normal_vec(len))
+        }
+    };
+    let q: Vec<T> = gen(span(&shape, &shape.q, c.d), positive);
+    let k: Vec<T> = gen(span(&shape, &shape.k, c.d), positive);
+    let v: Vec<T> = gen(span(&shape, &shape.v, c.m), false);
+    let d_o: Vec<T> = gen(span(&shape, &shape.o, c.m), false);
+    let init = if c.initial {
+        random_states(c, rng, 0.5)
+    } else {
+        Vec::new()
+    };
+    let d_final = if c.d_final {
+        random_states(c, rng, -1.0)
+    } else {
+        Vec::new()
+    };
+    Inputs {
+        d_o64: to_f64(&d_o),
+        q64: to_f64(&q),
+        k64: to_f64(&k),
+        v64: to_f64(&v),
+        q,
+        k,
+        v,
+        d_o,
+        init,
+        d_final,
+    }
+}
+
+/// Kernel gradients as downloaded (kernel layouts) and the state gradient.
+#[derive(Debug, PartialEq)]
+struct Got<T> {
+    dq: Vec<T>,
+    dk: Vec<T>,
+    dv: Vec<T>,
+    ds: Vec<f32>,
+    dz: Vec<f32>,
+}
+
+fn run_kernel<T: Element>(dev: &Device, c: &Case, x: &Inputs<T>) -> Got<T> {
+    let shape = c.shape();
+    let sh = c.seq_heads();
+    let up = |v: &[T]| dev.upload(v).unwrap();
+    let (q, k, v, d_o) = (up(&x.q), up(&x.k), up(&x.v), up(&x.d_o));
+    let nan = |n: usize| dev.upload(&vec![T::nan(); n]).unwrap();
+    let mut dq = nan(x.q.len());
+    let mut dk = nan(x.k.len());
+    let mut dv = nan(x.v.len());
+    let (is, iz) = states_f32(&x.init);
+    let (fs, fz) = states_f32(&x.d_final);
+    let (is, iz, fs, fz) = (
+        dev.upload(&is).unwrap(),
+        dev.upload(&iz).unwrap(),
+        dev.upload(&fs).unwrap(),
+        dev.upload(&fz).unwrap(),
+    );
+    let mut ds = dev.upload(&vec![f32::NAN; sh * c.d * c.m]).unwrap();
+    let mut dz = dev.upload(&vec![f32::NAN; sh * c.d]).unwrap();
+    let inputs = BackwardInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        d_o: &d_o,
+    };
+    let grads = Grads {
+        dq: &mut dq,
+        dk: &mut dk,
+        dv: &mut dv,
+    };
+    let states = BackwardStates {
+        initial: c.initial.then_some(StateRef { s: &is, z: &iz }),
+        d_final: c.d_final.then_some(StateRef { s: &fs, z: &fz }),
+        d_initial: Some(StateMut {
+            s: &mut ds,
+            z: &mut dz,
+        }),
+    };
+    let f = match c.kind {
+        Kind::Causal => causal_backward,
+        Kind::NonCausal => noncausal_backward,
+    };
+    f(
+        dev,
+        inputs,
+        grads,
+        &shape,
+        c.cu.as_deref(),
+        &c.opts(),
+        states,
+    )
+    .unwrap_or_else(|e| panic!("{}: {c:?}: {e}", dev.describe()));
+    Got {
+        dq: dev.download(&dq).unwrap(),
+        dk: dev.download(&dk).unwrap(),
+        dv: dev.download(&dv).unwrap(),
+        ds: dev.download(&ds).unwrap(),
+        dz: dev.download(&dz).unwrap(),
+    }
+}
+
+/// Concatenates per-sequence reference gradients (non-causal varlen).
+fn concat_grads(c: &Case, parts: Vec<(usize, usize, Gradients<f64>)>) -> Gradients<f64> {
+    let total = c.n;
+    let (h, d, m) = (c.h, c.d, c.m);
+    let mut dq = vec![0.0; total * h * d];
+    let mut dk = vec![0.0; total * h * d];
+    let mut dv = vec![0.0; total * h * m];
+    let mut d_initial = Vec::new();
+    for (t0, t1, g) in parts {
+        for hh in 0..h {
+            for t in t0..t1 {
+                let r = |x: &linattn_reference::Tensor<f64>| x.row(0, hh, t - t0).unwrap().to_vec();
+                dq[(t * h + hh) * d..][..d].copy_from_slice(&r(&g.dq));
+                dk[(t * h + hh) * d..][..d].copy_from_slice(&r(&g.dk));
+                dv[(t * h + hh) * m..][..m].copy_from_slice(&r(&g.dv));
+            }
+        }
+        d_initial.extend(g.d_initial);
+    }
+    let t = |v, dim| linattn_reference::Tensor::from_vec(v, Layout::packed(total, h, dim)).unwrap();
+    Gradients {
+        dq: t(dq, d),
+        dk: t(dk, d),
+        dv: t(dv, m),
+        d_initial,
+    }
+}
+
+fn reference<'a, T>(c: &Case, x: &'a Inputs<T>) -> Gradients<f64> {
+    let shape = c.shape();
+    let opts = c.ref_opts();
+    let q: View<'a, f64> = View::new(&x.q64, layout(&shape, &shape.q, c.d)).unwrap();
+    let k = View::new(&x.k64, layout(&shape, &shape.k, c.d)).unwrap();
+    let v = View::new(&x.v64, layout(&shape, &shape.v, c.m)).unwrap();
+    let g = View::new(&x.d_o64, layout(&shape, &shape.o, c.m)).unwrap();
+    let init = c.initial.then_some(&x.init[..]);
+    let fin = c.d_final.then_some(&x.d_final[..]);
+    match (&c.cu, c.kind) {
+        (None, Kind::Causal) => {
+            linattn_reference::causal_linear_attention_backward(q, k, v, g, &opts, init, fin)
+        }
+        (None, Kind::NonCausal) => {
+            linattn_reference::linear_attention_backward(q, k, v, g, &opts, init, fin)
+        }
+        (Some(cu), Kind::Causal) => linattn_reference::varlen_causal_linear_attention_backward(
+            q, k, v, g, cu, &opts, init, fin,
+        ),
+        (Some(cu), Kind::NonCausal) => {
+            let h = c.h;
+            let parts = cu
+                .windows(2)
+                .enumerate()
+                .map(|(s, w)| {
+                    let sl = |v: &View<'a, f64>| -> View<'a, f64> {
+                        v.slice_tokens(w[0], w[1]).unwrap()
+                    };
+                    let st = |a: &[State]| a[s * h..(s + 1) * h].to_vec();
+                    let (i, f) = (init.map(st), fin.map(st));
+                    let gr = linattn_reference::linear_attention_backward(
+                        sl(&q),
+                        sl(&k),
+                        sl(&v),
+                        sl(&g),
+                        &opts,
+                        i.as_deref(),
+                        f.as_deref(),
+                    )
+                    .unwrap();
+                    (w[0], w[1], gr)
+                })
+                .collect();
+            return concat_grads(c, parts);
+        }
+    }
+    .unwrap()
+}
+
+/// Gathers a kernel buffer's rows in (b, h, t) order next to the
+/// reference's, and checks every element outside the rows is still NaN
+/// (and every element inside is not).
+fn gather<T: Element>(
+    c: &Case,
+    got: &[T],
+    want: &linattn_reference::Tensor<f64>,
+    s: &Strides,
+    dim: usize,
+    what: &str,
+) -> (Vec<f64>, Vec<f64>) {
+    let shape = c.shape();
+    let l = layout(&shape, s, dim);
+    let got = to_f64(got);
+    let mut written = vec![false; got.len()];
+    let (mut g, mut w) = (Vec::new(), Vec::new());
+    for b in 0..c.b {
+        for h in 0..c.h {
+            for t in 0..c.n {
+                let off = l.offset(b, h, t);
+                g.extend_from_slice(&got[off..off + dim]);
+                w.extend_from_slice(want.row(b, h, t).unwrap());
+                written[off..off + dim].iter_mut().for_each(|x| *x = true);
+            }
+        }
+    }
+    for (i, (v, &wr)) in got.iter().zip(&written).enumerate() {
+        assert!(
+            wr != v.is_nan(),
+            "{what}: element {i} is {v} (inside a row: {wr}): unwritten or written outside the rows"
+        );
+    }
+    (g, w)
+}
+
+fn check_case<T: Element>(dev: &Device, c: &Case, rng: &mut Rng) -> Got<T> {
+    let x = inputs::<T>(c, rng);
+    let got = run_kernel(dev, c, &x);
+    let want = reference(c, &x);
+    let shape = c.shape();
+    let what = format!("{} {:?} {c:?}", dev.describe(), T::DTYPE);
+    let tol = tolerance::<T>(1e-5, 1e-2, 1e-2);
+    for (name, buf, w, s, dim) in [
+        ("dq", &got.dq, &want.dq, &shape.q, c.d),
+        ("dk", &got.dk, &want.dk, &shape.k, c.d),
+        ("dv", &got.dv, &want.dv, &shape.v, c.m),
+    ] {
+        let (g, w) = gather(c, buf, w, s, dim, &format!("{what} {name}"));
+        let err = rel_l2_error(&g, &w);
+        assert!(err < tol, "{what}: {name} rel error {err:e} >= {tol:e}");
+    }
+    let ws: Vec<f64> = want.d_initial.iter().flat_map(|s| s.s.clone()).collect();
+    let wz: Vec<f64> = want.d_initial.iter().flat_map(|s| s.z.clone()).collect();
+    let gs: Vec<f64> = got.ds.iter().map(|&a| a as f64).collect();
+    let gz: Vec<f64> = got.dz.iter().map(|&a| a as f64).collect();
+    for (name, g, w) in [("dS0", gs, ws), ("dz0", gz, wz)] {
+        assert!(
+            g.iter().all(|v| v.is_finite()),
+            "{what}: {name} not fully written"
+        );
+        let err = rel_l2_error(&g, &w);
+        assert!(err < tol, "{what}: {name} rel error {err:e} >= {tol:e}");
+    }
+    got
+}
+
+fn run_cases<T: Element>(cases: &[Case], seed: u64) {
+    for dev in devices() {
+        let mut rng = Rng::new(seed);
+        for c in cases {
+            check_case::<T>(&dev, c, &mut rng);
+        }
+    }
+}
+
+/// N around the prep/dq chunk for these sizes: 1, C - 1, C, C + 1.
+fn around_chunk(d: usize, m: usize) -> [usize; 4] {
+    let c = tiling(d, m).dqk.chunk;
+    [1, c - 1, c, c + 1]
+}
+
+fn dense_cases(kind: Kind) -> Vec<Case> {
+    use FeatureMap::*;
+    let mut v = Vec::new();
+    // With normalisation, a single token (or D = 1) makes o independent of
+    // q up to eps: dq is rounding noise. An initial state (or no
+    // normalisation) keeps every gradient meaningful.
+    for n in around_chunk(17, 9) {
+        v.push(Case::new(kind, 1, 1, n, 17, 9).with(|c| c.initial = n == 1));
+    }
+    v.push(Case::new(kind, 1, 1, 5, 1, 1).with(|c| c.normalize = false));
+    v.push(Case::new(kind, 2, 1, 7, 1, 3).with(|c| {
+        c.map = Relu;
+        c.normalize = false;
+    }));
+    v.push(Case::new(kind, 1, 2, 33, 64, 64).with(|c| c.bnhd = true));
+    v.push(Case::new(kind, 2, 2, 20, 17, 30).with(|c| {
+        c.pad = 5;
+        c.initial = true;
+        c.d_final = true;
+        c.scale = 0.5;
+    }));
+    v.push(Case::new(kind, 1, 2, 40, 8, 12).with(|c| {
+        c.normalize = false;
+        c.map = Identity;
+        c.initial = true;
+    }));
+    v.push(Case::new(kind, 1, 1, 30, 6, 5).with(|c| {
+        c.map = Identity;
+        c.bnhd = true;
+        c.d_final = true;
+    }));
+    v.push(Case::new(kind, 2, 1, 25, 17, 4).with(|c| {
+        c.map = Relu;
+        c.initial = true;
+    }));
+    v.push(Case::new(kind, 1, 1, 19, 5, 7).with(|c| {
+        c.map = Relu;
+        c.normalize = false;
+        c.d_final = true;
+    }));
+    v
+}
+
+#[test]
+fn causal_matches_reference_f32() {
+    run_cases::<f32>(&dense_cases(Kind::Causal), test_seed());
+}
+
+#[test]
+fn noncausal_matches_reference_f32() {
+    run_cases::<f32>(&dense_cases(Kind::NonCausal), test_seed() ^ 1);
+}
+
+/// Both 16-bit types on a slice of the matrix (the same kernels templated).
+fn half_cases(kind: Kind) -> Vec<Case> {
+    vec![
+        Case::new(kind, 1, 2, 33, 17, 9).with(|c| {
+            c.initial = true;
+            c.d_final = true;
+        }),
+        Case::new(kind, 1, 1, 20, 16, 16).with(|c| {
+            c.bnhd = true;
+            c.map = FeatureMap::Relu;
+            c.normalize = false;
+        }),
+    ]
+}
+
+#[test]
+fn f16_and_bf16_match_reference() {
+    for kind in [Kind::Causal, Kind::NonCausal] {
+        run_cases::<f16>(&half_cases(kind), test_seed() ^ 2);
+        run_cases::<bf16>(&half_cases(kind), test_seed() ^ 3);
+    }
+}
+
+/// A head large enough that dq/dk and dv each spread over several blocks.
+#[test]
+fn multi_tile_heads_match_reference_and_are_deterministic() {
+    let t = tiling(100, 130);
+    assert!(t.dqk.tiles > 1 && t.dv.tiles > 1, "{t:?}");
+    let seed = test_seed() ^ 4;
+    for dev in devices() {
+        for kind in [Kind::Causal, Kind::NonCausal] {
+            let c = Case::new(kind, 1, 1, 21, 100, 130).with(|c| {
+                c.initial = true;
+                c.d_final = true;
+            });
+            let mut rng = Rng::new(seed);
+            let a = check_case::<f32>(&dev, &c, &mut rng);
+            let mut rng = Rng::new(seed);
+            let b = check_case::<f32>(&dev, &c, &mut rng);
+            let bits = |x: &Got<f32>| -> Vec<u32> {
+                [&x.dq, &x.dk, &x.dv, &x.ds, &x.dz]
+                    .iter()
+                    .flat_map(|v| v.iter().map(|f| f.to_bits()))
+                    .collect()
+            };
+            let (ba, bb) = (bits(&a), bits(&b));
+            let diff = ba.iter().zip(&bb).position(|(x, y)| x != y);
+            assert!(
+                diff.is_none(),
+                "{}: {kind:?}: two runs differ at {diff:?} of {}",
+                dev.describe(),
+                ba.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn varlen_matches_reference() {
+    for kind in [Kind::Causal, Kind::NonCausal] {
+        let cases = [
+            Case::new(kind, 1, 2, 40, 9, 6).with(|c| {
+                c.cu = Some(vec![0, 7, 7, 40]);
+                c.initial = true;
+                c.d_final = true;
+            }),
+            Case::new(kind, 1, 1, 18, 4, 3).with(|c| {
+                c.cu = Some(vec![0, 1, 18]);
+                c.normalize = false;
+            }),
+        ];
+        run_cases::<f32>(&cases, test_seed() ^ 5);
+        run_cases::<bf16>(&cases[..1], test_seed() ^ 6);
+    }
+}
+
+/// Backward over tokens [0, n) equals backward over [0, s) and [s, n): the
+/// second half starts from the forward state at s and hands its initial-state
+/// gradient to the first half as its final-state gradient.
+#[test]
+fn split_and_resumed_gradients_equal_one_pass() {
+    let (h, n, s, d, m) = (2, 45, 19, 7, 5);
+    let mut rng = Rng::new(test_seed() ^ 7);
+    let gen = |rng: &mut Rng, dim: usize| -> Vec<f64> {
+        rng.normal_vec(h * n * dim)
+            .iter()
+            .map(|&x| x as f32 as f64)
+            .collect()
+    };
+    let (q, k, v, g) = (
+        gen(&mut rng, d),
+        gen(&mut rng, d),
+        gen(&mut rng, m),
+        gen(&mut rng, m),
+    );
+    let f32s = |x: &[f64]| -> Vec<f32> { x.iter().map(|&a| a as f32).collect() };
+    let ropts = LinearAttentionOptions::default();
+    let opts = AttentionOptions::default();
+    // [B, N, H, D] so that a token range is a contiguous sub-buffer.
+    let sub = |x: &[f64], t0: usize, t1: usize, dim: usize| x[t0 * h * dim..t1 * h * dim].to_vec();
+    fn view(x: &[f64], len: usize, dim: usize, h: usize) -> View<'_, f64> {
+        View::new(x, Layout::bnhd(1, h, len, dim)).unwrap()
+    }
+    let forward = |t0: usize, t1: usize, init: Option<&[State]>| {
+        linattn_reference::causal_linear_attention(
+            view(&sub(&q, t0, t1, d), t1 - t0, d, h),
+            view(&sub(&k, t0, t1, d), t1 - t0, d, h),
+            view(&sub(&v, t0, t1, m), t1 - t0, m, h),
+            &ropts,
+            init,
+        )
+        .unwrap()
+    };
+    let (_, mid) = forward(0, s, None);
+    for dev in devices() {
+        // One call on [t0, t1) with optional initial state and d_final.
+        let call = |t0: usize,
+                    t1: usize,
+                    init: Option<(&[f32], &[f32])>,
+                    d_fin: Option<(&[f32], &[f32])>| {
+            let len = t1 - t0;
+            let shape = AttentionShape::bnhd(1, h, len, d, m);
+            let up = |x: Vec<f64>| dev.upload(&f32s(&x)).unwrap();
+            let (bq, bk, bv, bg) = (
+                up(sub(&q, t0, t1, d)),
+                up(sub(&k, t0, t1, d)),
+                up(sub(&v, t0, t1, m)),
+                up(sub(&g, t0, t1, m)),
+            );
+            let upf = |x: &[f32]| dev.upload(x).unwrap();
+            let init = init.map(|(a, b)| (upf(a), upf(b)));
+            let d_fin = d_fin.map(|(a, b)| (upf(a), upf(b)));
+            let mut dq = dev.upload(&vec![f32::NAN; h * len * d]).unwrap();
+            let mut dk = dev.upload(&vec![f32::NAN; h * len * d]).unwrap();
+            let mut dv = dev.upload(&vec![f32::NAN; h * len * m]).unwrap();
+            let mut ds = dev.upload(&vec![f32::NAN; h * d * m]).unwrap();
+            let mut dz = dev.upload(&vec![f32::NAN; h * d]).unwrap();
+            causal_backward(
+                &dev,
+                BackwardInputs {
+                    q: &bq,
+                    k: &bk,
+                    v: &bv,
+                    d_o: &bg,
+                },
+                Grads {
+                    dq: &mut dq,
+                    dk: &mut dk,
+                    dv: &mut dv,
+                },
+                &shape,
+                None,
+                &opts,
+                BackwardStates {
+                    initial: init.as_ref().map(|(s, z)| StateRef { s, z }),
+                    d_final: d_fin.as_ref().map(|(s, z)| StateRef { s, z }),
+                    d_initial: Some(StateMut {
+                        s: &mut ds,
+                        z: &mut dz,
+                    }),
+                },
+            )
+            .unwrap();
+            let dl = |b| dev.download(&b).unwrap();
+            (dl(dq), dl(dk), dl(dv), dl(ds), dl(dz))
+        };
+        let full = call(0, n, None, None);
+        let (ms, mz) = states_f32(&mid);
+        let second = call(s, n, Some((&ms, &mz)), None);
+        let first = call(0, s, None, Some((&second.3, &second.4)));
+        let cat =
+            |a: &[f32], b: &[f32]| -> Vec<f64> { a.iter().chain(b).map(|&x| x as f64).collect() };
+        let w = |a: &[f32]| -> Vec<f64> { a.iter().map(|&x| x as f64).collect() };
+        for (name, split, one) in [
+            ("dq", cat(&first.0, &second.0), w(&full.0)),
+            ("dk", cat(&first.1, &second.1), w(&full.1)),
+            ("dv", cat(&first.2, &second.2), w(&full.2)),
+            ("dS0", w(&first.3), w(&full.3)),
+            ("dz0", w(&first.4), w(&full.4)),
+        ] {
+            let err = rel_l2_error(&split, &one);
+            assert!(
+                err < 1e-5,
+                "{}: {name}: split vs one pass {err:e}",
+                dev.describe()
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_calls_return_errors() {
+    let dev = devices().pop().unwrap();
+    let c = Case::new(Kind::Causal, 1, 1, 4, 2, 2);
+    let shape = c.shape();
+    let buf = |n: usize| dev.upload(&vec![0.0f32; n]).unwrap();
+    let (q, k, v, g) = (buf(8), buf(8), buf(8), buf(8));
+    let (mut dq, mut dk, mut dv) = (buf(8), buf(7), buf(8));
+    let mut call = |d: usize| {
+        causal_backward(
+            &dev,
+            BackwardInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                d_o: &g,
+            },
+            Grads {
+                dq: &mut dq,
+                dk: &mut dk,
+                dv: &mut dv,
+            },
+            &AttentionShape { d, ..shape },
+            None,
+            &AttentionOptions::default(),
+            BackwardStates::none(),
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    assert!(call(2).contains("`dk`"));
+    assert!(call(300).contains("1..=256"));
+}
