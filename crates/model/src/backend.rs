@@ -62,10 +62,10 @@ pub struct Selection {
 /// Why the GPU cannot run the model on this machine and build.
 ///
 /// Checked in order: a driver, a device, then the GPU model backend itself.
-/// This pass of the model has no GPU backend (the forward attention kernel
-/// ops are not in `linattn-kernels` yet, and cuBLAS projections, LayerNorm
-/// and GELU kernels are out of scope), so a machine with a GPU still gets
-/// the last reason.
+/// This version has no GPU model backend (cuBLAS projections, LayerNorm and
+/// GELU kernels and a softmax-attention kernel are out of scope; only the
+/// attention itself runs on the kernels, as [`crate::KernelAttention`]), so
+/// a machine with a GPU still gets the last reason.
 pub fn gpu_unavailable_reason() -> String {
     if !linattn_kernels::driver_present() {
         return "no CUDA driver found (libcuda could not be loaded)".into();
@@ -74,8 +74,9 @@ pub fn gpu_unavailable_reason() -> String {
         Err(e) => format!("the CUDA driver reports no usable device ({e})"),
         Ok(0) => "the CUDA driver reports 0 devices".into(),
         Ok(n) => format!(
-            "{n} CUDA device(s) found, but this build has no GPU model backend yet \
-             (the forward attention kernels are not in linattn-kernels); use --backend cpu"
+            "{n} CUDA device(s) found, but this version has no GPU model backend \
+             (cuBLAS projections, LayerNorm/GELU kernels and a softmax kernel are out of scope); \
+             use --backend cpu"
         ),
     }
 }

@@ -22,9 +22,12 @@
 //!
 //! The attention op sits behind [`AttentionBackend`]; everything else
 //! (projections through `matrixmultiply`, LayerNorm, GELU) runs on the CPU
-//! in f32. [`CpuAttention`] uses `linattn-reference`. [`select_backend`]
-//! resolves `auto` / `cpu` / `gpu` and says why; there is no GPU backend in
-//! this version (see `docs/model.md`), so `gpu` is an explicit error.
+//! in f32. [`CpuAttention`] uses `linattn-reference`; [`KernelAttention`]
+//! runs linear attention through the project's CUDA kernels on a
+//! `linattn_kernels::Device` (a GPU, or the CPU emulator in tests).
+//! [`select_backend`] resolves `auto` / `cpu` / `gpu` for the CLI and says
+//! why; a GPU model backend is not part of this version (see
+//! `docs/model.md`), so `gpu` is an explicit error.
 //!
 //! ## Example: prefill + decode equals the parallel forward
 //!
@@ -61,6 +64,7 @@ mod config;
 mod error;
 mod generate;
 mod io;
+mod kernels;
 mod math;
 mod model;
 
@@ -69,5 +73,6 @@ pub use backend::{gpu_unavailable_reason, select_backend, Backend, BackendChoice
 pub use config::{feature_map_name, parse_feature_map, AttentionKind, Config, VOCAB};
 pub use error::{ModelError, Result};
 pub use generate::{Generator, Sampling};
+pub use kernels::{KernelAttention, KernelCache};
 pub use linattn_reference::FeatureMap;
 pub use model::{Model, Session};
