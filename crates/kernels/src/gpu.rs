@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
 };
@@ -13,6 +14,9 @@ use crate::embedded::{embedded_module, BuildStatus, BUILD_STATUS};
 use crate::params::KernelParams;
 use crate::plan::{Executor, LaunchPlan};
 use crate::{Error, Result};
+
+/// Dynamic shared memory a launch may use without opting in (48 KiB).
+const STATIC_SMEM_LIMIT: u32 = 48 * 1024;
 
 /// What the driver reports about a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,6 +220,26 @@ impl Gpu {
 impl Executor for Gpu {
     unsafe fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<()> {
         let func = self.function(plan.module, plan.kernel)?;
+        if plan.shared_bytes > STATIC_SMEM_LIMIT {
+            // Above 48 KiB a kernel must opt in to dynamic shared memory; the
+            // driver rejects the launch otherwise. Cheap, so set it every time
+            // rather than tracking per-function state.
+            guarded(plan.kernel, || {
+                func.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    plan.shared_bytes as i32,
+                )
+                .map_err(|e| {
+                    Error::driver(
+                        format!(
+                            "{}: allowing {} bytes of dynamic shared memory on {}",
+                            plan.kernel, plan.shared_bytes, self.info.name
+                        ),
+                        e,
+                    )
+                })
+            })?;
+        }
         let cfg = LaunchConfig {
             grid_dim: (plan.grid[0], plan.grid[1], plan.grid[2]),
             block_dim: (plan.block[0], plan.block[1], plan.block[2]),

@@ -10,25 +10,49 @@
 //! Nothing here panics or aborts on a machine without a GPU: a missing driver
 //! is [`Error::NoDriver`], a build without nvcc is [`Error::KernelsNotBuilt`].
 //!
-//! ```
-//! use linattn_kernels::{ops::feature_map::{feature_map, RowsShape}, Device, FeatureMap};
+//! Prefill a prompt with the chunked causal kernel, keep the fp32 state, then
+//! generate in RNN mode: each decode step costs the same whatever the
+//! position. Runs on the GPU when there is one, else on the CPU emulator.
 //!
-//! # fn main() -> Result<(), linattn_kernels::Error> {
-//! // The GPU if there is one, else the CPU emulator (when compiled in).
+//! ```
+//! use linattn_kernels::ops::decode::{decode_step, DecodeShape};
+//! use linattn_kernels::ops::forward::{
+//!     causal_forward, AttentionOptions, AttentionShape, Qkv, StateIo, StateMut,
+//! };
+//! use linattn_kernels::{Device, Error};
+//!
+//! # fn main() -> Result<(), Error> {
 //! let dev = match Device::best_available() {
 //!     Ok(dev) => dev,
 //!     Err(e) => { eprintln!("skipping: {e}"); return Ok(()); }
 //! };
-//! let x = dev.upload(&[-1.0f32, 0.0, 2.0, 3.5])?;
-//! let mut y = dev.upload(&[f32::NAN; 4])?;
-//! match feature_map(&dev, &x, &mut y, &RowsShape::contiguous(2, 2), FeatureMap::EluPlusOne) {
-//!     Ok(()) => {
-//!         let y = dev.download(&y)?;
-//!         assert!((y[0] - (-1.0f32).exp()).abs() < 1e-6 && y[2] == 3.0);
-//!     }
-//!     // A GPU build without nvcc has no device code: the error says so.
-//!     Err(e @ linattn_kernels::Error::KernelsNotBuilt { .. }) => eprintln!("{e}"),
-//!     Err(e) => return Err(e),
+//! let (b, h, n, d, m) = (1, 2, 40, 16, 16);
+//! let rand = |len: usize, seed: u32| -> Vec<f32> {
+//!     (0..len).map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed) % 1000).map(|x| x as f32 / 500.0 - 1.0).collect()
+//! };
+//! // Prefill: q, k, v in [B, N, H, D] layout, one causal pass, final state out.
+//! let shape = AttentionShape::bnhd(b, h, n, d, m);
+//! let (q, k, v) = (dev.upload(&rand(b * n * h * d, 1))?, dev.upload(&rand(b * n * h * d, 2))?,
+//!                  dev.upload(&rand(b * n * h * m, 3))?);
+//! let mut o = dev.upload(&vec![f32::NAN; b * n * h * m])?;
+//! let mut s = dev.upload(&vec![0f32; b * h * d * m])?; // fp32 state S: D x M per head
+//! let mut z = dev.upload(&vec![0f32; b * h * d])?;     // fp32 normaliser z: D per head
+//! let opts = AttentionOptions::default(); // elu+1, normalised, eps 1e-6, scale 1
+//! let states = StateIo { initial: None, final_state: Some(StateMut { s: &mut s, z: &mut z }) };
+//! match causal_forward(&dev, Qkv { q: &q, k: &k, v: &v }, &mut o, &shape, None, &opts, states) {
+//!     Err(e @ Error::KernelsNotBuilt { .. }) => { eprintln!("{e}"); return Ok(()); }
+//!     r => r?,
+//! }
+//! // Decode: one new token per (batch, head); the state is updated in place.
+//! let step = DecodeShape::contiguous(b, h, d, m);
+//! for t in 0..4 {
+//!     let (qt, kt, vt) = (dev.upload(&rand(b * h * d, 10 + t))?, dev.upload(&rand(b * h * d, 20 + t))?,
+//!                         dev.upload(&rand(b * h * m, 30 + t))?);
+//!     let mut ot = dev.upload(&vec![f32::NAN; b * h * m])?;
+//!     decode_step(&dev, Qkv { q: &qt, k: &kt, v: &vt }, &mut ot, &mut s, &mut z, &step, &opts)?;
+//!     let out = dev.download(&ot)?;
+//!     // elu+1 makes the output a convex combination of the values seen so far.
+//!     assert!(out.iter().all(|x| x.is_finite() && x.abs() <= 1.0));
 //! }
 //! # Ok(()) }
 //! ```
