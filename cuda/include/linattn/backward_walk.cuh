@@ -196,13 +196,16 @@ __device__ __forceinline__ void prep(const LinattnBackwardParams& p, float* smem
                     const float* q = Qs + i * DP;
                     const float* a = As + i * C;
                     float go = 0.0f;
+                    const T* grow = gb + (t0 + i) * p.o_token_stride;
                     for (int e = lane; e < mt; e += 32) {
                         float num = 0.0f;
-                        for (int x = 0; x < D; ++x) num = fmaf(q[x], Ss[x * MTP + e], num);
+                        const float* sc = Ss + e;
+                        for (int x = 0; x < D; ++x, sc += MTP) num = fmaf(q[x], *sc, num);
                         if (causal) {
-                            for (int j = 0; j <= i; ++j) num = fmaf(a[j], Vs[j * MTP + e], num);
+                            const float* vc = Vs + e;
+                            for (int j = 0; j <= i; ++j, vc += MTP) num = fmaf(a[j], *vc, num);
                         }
-                        go = fmaf(to_float(gb[(t0 + i) * p.o_token_stride + e]), num, go);
+                        go = fmaf(to_float(grow[e]), num, go);
                     }
                     go = warp_sum(go);
                     float asum = 0.0f;
