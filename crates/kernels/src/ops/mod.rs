@@ -2,7 +2,7 @@
 //! layers: a validated shape, a plan builder (plain Rust, unit-tested), and
 //! entry points for [`crate::Device`] buffers, cudarc memory, and raw pointers.
 
+pub mod backward;
 pub mod decode;
 pub mod feature_map;
 pub mod forward;
-pub mod backward;
