@@ -31,6 +31,10 @@ kernel_params!(
     LinattnStateScanParams,
     LinattnDecodeParams,
     LinattnBackwardParams,
+    LinattnLayerNormParams,
+    LinattnRowsParams,
+    LinattnEmbedParams,
+    LinattnSoftmaxParams,
 );
 
 /// The params layout version this crate was generated against; checked

@@ -469,3 +469,187 @@ const _: () = {
     ["Offset of field: LinattnBackwardParams::scale"]
         [::core::mem::offset_of!(LinattnBackwardParams, scale) - 300usize];
 };
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LinattnLayerNormParams {
+    pub x: linattn_ptr,
+    pub y: linattn_ptr,
+    pub gain: linattn_ptr,
+    pub bias: linattn_ptr,
+    pub rows: i64,
+    pub cols: i64,
+    pub eps: f32,
+    pub _pad0: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LinattnLayerNormParams"][::core::mem::size_of::<LinattnLayerNormParams>() - 56usize];
+    ["Alignment of LinattnLayerNormParams"]
+        [::core::mem::align_of::<LinattnLayerNormParams>() - 8usize];
+    ["Offset of field: LinattnLayerNormParams::x"]
+        [::core::mem::offset_of!(LinattnLayerNormParams, x) - 0usize];
+    ["Offset of field: LinattnLayerNormParams::y"]
+        [::core::mem::offset_of!(LinattnLayerNormParams, y) - 8usize];
+    ["Offset of field: LinattnLayerNormParams::gain"]
+        [::core::mem::offset_of!(LinattnLayerNormParams, gain) - 16usize];
+    ["Offset of field: LinattnLayerNormParams::bias"]
+        [::core::mem::offset_of!(LinattnLayerNormParams, bias) - 24usize];
+    ["Offset of field: LinattnLayerNormParams::rows"]
+        [::core::mem::offset_of!(LinattnLayerNormParams, rows) - 32usize];
+    ["Offset of field: LinattnLayerNormParams::cols"]
+        [::core::mem::offset_of!(LinattnLayerNormParams, cols) - 40usize];
+    ["Offset of field: LinattnLayerNormParams::eps"]
+        [::core::mem::offset_of!(LinattnLayerNormParams, eps) - 48usize];
+    ["Offset of field: LinattnLayerNormParams::_pad0"]
+        [::core::mem::offset_of!(LinattnLayerNormParams, _pad0) - 52usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LinattnRowsParams {
+    pub x: linattn_ptr,
+    pub y: linattn_ptr,
+    pub bias: linattn_ptr,
+    pub rows: i64,
+    pub cols: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LinattnRowsParams"][::core::mem::size_of::<LinattnRowsParams>() - 40usize];
+    ["Alignment of LinattnRowsParams"][::core::mem::align_of::<LinattnRowsParams>() - 8usize];
+    ["Offset of field: LinattnRowsParams::x"]
+        [::core::mem::offset_of!(LinattnRowsParams, x) - 0usize];
+    ["Offset of field: LinattnRowsParams::y"]
+        [::core::mem::offset_of!(LinattnRowsParams, y) - 8usize];
+    ["Offset of field: LinattnRowsParams::bias"]
+        [::core::mem::offset_of!(LinattnRowsParams, bias) - 16usize];
+    ["Offset of field: LinattnRowsParams::rows"]
+        [::core::mem::offset_of!(LinattnRowsParams, rows) - 24usize];
+    ["Offset of field: LinattnRowsParams::cols"]
+        [::core::mem::offset_of!(LinattnRowsParams, cols) - 32usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LinattnEmbedParams {
+    pub tokens: linattn_ptr,
+    pub table: linattn_ptr,
+    pub x: linattn_ptr,
+    pub rows: i64,
+    pub cols: i64,
+    pub vocab: i64,
+    pub start: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LinattnEmbedParams"][::core::mem::size_of::<LinattnEmbedParams>() - 56usize];
+    ["Alignment of LinattnEmbedParams"][::core::mem::align_of::<LinattnEmbedParams>() - 8usize];
+    ["Offset of field: LinattnEmbedParams::tokens"]
+        [::core::mem::offset_of!(LinattnEmbedParams, tokens) - 0usize];
+    ["Offset of field: LinattnEmbedParams::table"]
+        [::core::mem::offset_of!(LinattnEmbedParams, table) - 8usize];
+    ["Offset of field: LinattnEmbedParams::x"]
+        [::core::mem::offset_of!(LinattnEmbedParams, x) - 16usize];
+    ["Offset of field: LinattnEmbedParams::rows"]
+        [::core::mem::offset_of!(LinattnEmbedParams, rows) - 24usize];
+    ["Offset of field: LinattnEmbedParams::cols"]
+        [::core::mem::offset_of!(LinattnEmbedParams, cols) - 32usize];
+    ["Offset of field: LinattnEmbedParams::vocab"]
+        [::core::mem::offset_of!(LinattnEmbedParams, vocab) - 40usize];
+    ["Offset of field: LinattnEmbedParams::start"]
+        [::core::mem::offset_of!(LinattnEmbedParams, start) - 48usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LinattnSoftmaxParams {
+    pub q: linattn_ptr,
+    pub k: linattn_ptr,
+    pub v: linattn_ptr,
+    pub o: linattn_ptr,
+    pub k_cache: linattn_ptr,
+    pub v_cache: linattn_ptr,
+    pub batch: i64,
+    pub heads: i64,
+    pub tokens: i64,
+    pub d: i64,
+    pub m: i64,
+    pub position: i64,
+    pub q_batch_stride: i64,
+    pub q_token_stride: i64,
+    pub q_head_stride: i64,
+    pub k_batch_stride: i64,
+    pub k_token_stride: i64,
+    pub k_head_stride: i64,
+    pub v_batch_stride: i64,
+    pub v_token_stride: i64,
+    pub v_head_stride: i64,
+    pub o_batch_stride: i64,
+    pub o_token_stride: i64,
+    pub o_head_stride: i64,
+    pub cache_batch_stride: i64,
+    pub cache_token_stride: i64,
+    pub cache_head_stride: i64,
+    pub causal: i32,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LinattnSoftmaxParams"][::core::mem::size_of::<LinattnSoftmaxParams>() - 224usize];
+    ["Alignment of LinattnSoftmaxParams"][::core::mem::align_of::<LinattnSoftmaxParams>() - 8usize];
+    ["Offset of field: LinattnSoftmaxParams::q"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, q) - 0usize];
+    ["Offset of field: LinattnSoftmaxParams::k"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, k) - 8usize];
+    ["Offset of field: LinattnSoftmaxParams::v"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, v) - 16usize];
+    ["Offset of field: LinattnSoftmaxParams::o"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, o) - 24usize];
+    ["Offset of field: LinattnSoftmaxParams::k_cache"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, k_cache) - 32usize];
+    ["Offset of field: LinattnSoftmaxParams::v_cache"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, v_cache) - 40usize];
+    ["Offset of field: LinattnSoftmaxParams::batch"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, batch) - 48usize];
+    ["Offset of field: LinattnSoftmaxParams::heads"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, heads) - 56usize];
+    ["Offset of field: LinattnSoftmaxParams::tokens"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, tokens) - 64usize];
+    ["Offset of field: LinattnSoftmaxParams::d"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, d) - 72usize];
+    ["Offset of field: LinattnSoftmaxParams::m"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, m) - 80usize];
+    ["Offset of field: LinattnSoftmaxParams::position"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, position) - 88usize];
+    ["Offset of field: LinattnSoftmaxParams::q_batch_stride"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, q_batch_stride) - 96usize];
+    ["Offset of field: LinattnSoftmaxParams::q_token_stride"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, q_token_stride) - 104usize];
+    ["Offset of field: LinattnSoftmaxParams::q_head_stride"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, q_head_stride) - 112usize];
+    ["Offset of field: LinattnSoftmaxParams::k_batch_stride"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, k_batch_stride) - 120usize];
+    ["Offset of field: LinattnSoftmaxParams::k_token_stride"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, k_token_stride) - 128usize];
+    ["Offset of field: LinattnSoftmaxParams::k_head_stride"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, k_head_stride) - 136usize];
+    ["Offset of field: LinattnSoftmaxParams::v_batch_stride"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, v_batch_stride) - 144usize];
+    ["Offset of field: LinattnSoftmaxParams::v_token_stride"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, v_token_stride) - 152usize];
+    ["Offset of field: LinattnSoftmaxParams::v_head_stride"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, v_head_stride) - 160usize];
+    ["Offset of field: LinattnSoftmaxParams::o_batch_stride"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, o_batch_stride) - 168usize];
+    ["Offset of field: LinattnSoftmaxParams::o_token_stride"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, o_token_stride) - 176usize];
+    ["Offset of field: LinattnSoftmaxParams::o_head_stride"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, o_head_stride) - 184usize];
+    ["Offset of field: LinattnSoftmaxParams::cache_batch_stride"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, cache_batch_stride) - 192usize];
+    ["Offset of field: LinattnSoftmaxParams::cache_token_stride"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, cache_token_stride) - 200usize];
+    ["Offset of field: LinattnSoftmaxParams::cache_head_stride"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, cache_head_stride) - 208usize];
+    ["Offset of field: LinattnSoftmaxParams::causal"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, causal) - 216usize];
+    ["Offset of field: LinattnSoftmaxParams::scale"]
+        [::core::mem::offset_of!(LinattnSoftmaxParams, scale) - 220usize];
+};

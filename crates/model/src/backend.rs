@@ -59,13 +59,14 @@ pub struct Selection {
     pub reason: String,
 }
 
-/// Why the GPU cannot run the model on this machine and build.
+/// Why the CLI does not run the model on the GPU on this machine and build.
 ///
-/// Checked in order: a driver, a device, then the GPU model backend itself.
-/// This version has no GPU model backend (cuBLAS projections, LayerNorm and
-/// GELU kernels and a softmax-attention kernel are out of scope; only the
-/// attention itself runs on the kernels, as [`crate::KernelAttention`]), so
-/// a machine with a GPU still gets the last reason.
+/// Checked in order: a driver, a device, then the CLI itself. The model has
+/// a device-resident GPU path ([`crate::GpuModel`]: the project's kernels
+/// plus cuBLAS projections), but the CLI's generation loop and demo are
+/// written over [`crate::AttentionBackend`] and do not drive it yet, so a
+/// machine with a GPU still gets the last reason (library users call
+/// `GpuModel` directly).
 pub fn gpu_unavailable_reason() -> String {
     if !linattn_kernels::driver_present() {
         return "no CUDA driver found (libcuda could not be loaded)".into();
@@ -74,9 +75,8 @@ pub fn gpu_unavailable_reason() -> String {
         Err(e) => format!("the CUDA driver reports no usable device ({e})"),
         Ok(0) => "the CUDA driver reports 0 devices".into(),
         Ok(n) => format!(
-            "{n} CUDA device(s) found, but this version has no GPU model backend \
-             (cuBLAS projections, LayerNorm/GELU kernels and a softmax kernel are out of scope); \
-             use --backend cpu"
+            "{n} CUDA device(s) found, but the CLI does not drive the GPU model path \
+             (linattn_model::GpuModel) yet; use --backend cpu"
         ),
     }
 }

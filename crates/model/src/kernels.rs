@@ -18,9 +18,10 @@ use crate::error::{ModelError, Result};
 ///
 /// q, k and v are uploaded in `dtype` (f32, f16 or bf16; the kernels keep
 /// their states and accumulate in f32) and the output comes back as f32;
-/// projections, norms and the MLP stay on the CPU. Softmax attention has no
-/// kernel in this version, so a softmax model is rejected with
-/// [`ModelError::BackendUnavailable`] (use [`crate::CpuAttention`]).
+/// projections, norms and the MLP stay on the CPU. This backend runs linear
+/// attention only: a softmax model is rejected with
+/// [`ModelError::BackendUnavailable`] (use [`crate::CpuAttention`], or
+/// [`crate::GpuModel`], which has the softmax kernels).
 #[derive(Debug, Clone)]
 pub struct KernelAttention {
     device: Device,
@@ -58,7 +59,7 @@ impl KernelAttention {
         &self.device
     }
 
-    fn options(spec: &AttentionSpec) -> AttentionOptions {
+    pub(crate) fn options(spec: &AttentionSpec) -> AttentionOptions {
         let o = spec.linear_options();
         AttentionOptions {
             feature_map: match o.feature_map {
@@ -78,7 +79,7 @@ impl KernelAttention {
             return Err(ModelError::BackendUnavailable {
                 backend: "kernels".into(),
                 reason: format!(
-                    "{} attention has no kernel in this version; use the CPU backend",
+                    "{} attention has no kernel in KernelAttention; use the CPU backend or GpuModel",
                     spec.kind
                 ),
             });

@@ -25,9 +25,12 @@
 //! in f32. [`CpuAttention`] uses `linattn-reference`; [`KernelAttention`]
 //! runs linear attention through the project's CUDA kernels on a
 //! `linattn_kernels::Device` (a GPU, or the CPU emulator in tests).
-//! [`select_backend`] resolves `auto` / `cpu` / `gpu` for the CLI and says
-//! why; a GPU model backend is not part of this version (see
-//! `docs/model.md`), so `gpu` is an explicit error.
+//! [`GpuModel`] runs the whole forward on a `Device`: the project's
+//! kernels for embedding, LayerNorm, GELU, residuals and both attention
+//! kinds (softmax with a device KV cache), projections through cuBLAS on a
+//! GPU (the CPU GEMM on the emulator). [`select_backend`] resolves `auto` /
+//! `cpu` / `gpu` for the CLI and says why; the CLI does not drive
+//! `GpuModel` yet (see `docs/model.md`), so `gpu` is an explicit error.
 //!
 //! ## Example: prefill + decode equals the parallel forward
 //!
@@ -63,6 +66,7 @@ mod backend;
 mod config;
 mod error;
 mod generate;
+mod gpu;
 mod io;
 mod kernels;
 mod math;
@@ -73,6 +77,35 @@ pub use backend::{gpu_unavailable_reason, select_backend, Backend, BackendChoice
 pub use config::{feature_map_name, parse_feature_map, AttentionKind, Config, VOCAB};
 pub use error::{ModelError, Result};
 pub use generate::{Generator, Sampling};
+pub use gpu::{GpuModel, GpuSession};
 pub use kernels::{KernelAttention, KernelCache};
 pub use linattn_reference::FeatureMap;
 pub use model::{Model, Session};
+
+/// The CPU model's f32 building blocks, public so that the GPU kernels that
+/// replace them (`linattn_kernels::ops::model_ops`) are tested against the
+/// very functions the CPU path runs.
+pub mod cpu_ops {
+    /// The LayerNorm epsilon of every norm in the model.
+    pub const LN_EPS: f32 = crate::math::LN_EPS;
+
+    /// GELU, tanh approximation, as the CPU model's MLP applies it.
+    pub fn gelu(x: f32) -> f32 {
+        crate::math::gelu(x)
+    }
+
+    /// Adds the sinusoidal encoding of position `pos` to `row` (f64 angles).
+    pub fn add_position(row: &mut [f32], pos: usize) {
+        crate::math::add_position(row, pos)
+    }
+
+    /// The CPU LayerNorm: each row of `x` (rows of `gain.len()`, which must
+    /// equal `bias.len()`) normalised into `out`.
+    pub fn layer_norm(x: &[f32], gain: &[f32], bias: &[f32], out: &mut [f32]) {
+        crate::math::LayerNorm {
+            gain: gain.to_vec(),
+            bias: bias.to_vec(),
+        }
+        .forward(x, out)
+    }
+}

@@ -43,42 +43,50 @@ impl Linear {
     /// `out[n, d_out] = x[n, d_in] W^T + b`. Lengths are the caller's
     /// invariant (the model sizes every buffer from its config).
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        let (k, m) = (self.d_in, self.d_out);
-        assert!(x.len() >= n * k && out.len() >= n * m && self.w.len() == m * k);
-        if n == 1 {
-            for (o, row) in out[..m].iter_mut().zip(self.w.chunks_exact(k)) {
-                *o = dot(&x[..k], row);
-            }
-        } else if n > 1 {
-            // SAFETY: x is n x k with row stride k, W^T is read as k x m
-            // through W's [m, k] storage (row stride 1, column stride k), out
-            // is n x m with row stride m; the assert above proves every index
-            // in range, and out does not alias x or W.
-            unsafe {
-                matrixmultiply::sgemm(
-                    n,
-                    k,
-                    m,
-                    1.0,
-                    x.as_ptr(),
-                    k as isize,
-                    1,
-                    self.w.as_ptr(),
-                    1,
-                    k as isize,
-                    0.0,
-                    out.as_mut_ptr(),
-                    m as isize,
-                    1,
-                );
-            }
-        }
+        project(&self.w, self.d_in, self.d_out, x, n, out);
         if let Some(b) = &self.b {
+            let m = self.d_out;
             for row in out[..n * m].chunks_exact_mut(m) {
                 for (y, &bi) in row.iter_mut().zip(b) {
                     *y += bi;
                 }
             }
+        }
+    }
+}
+
+/// `out[n, d_out] = x[n, d_in] W^T` (no bias) with `W` stored `[d_out,
+/// d_in]`: the GEMM for several rows, dot products for one. Shared by
+/// [`Linear::forward`] and the emulator-backed device path, so both compute
+/// the projections bit for bit alike.
+pub(crate) fn project(w: &[f32], k: usize, m: usize, x: &[f32], n: usize, out: &mut [f32]) {
+    assert!(x.len() >= n * k && out.len() >= n * m && w.len() == m * k);
+    if n == 1 {
+        for (o, row) in out[..m].iter_mut().zip(w.chunks_exact(k)) {
+            *o = dot(&x[..k], row);
+        }
+    } else if n > 1 {
+        // SAFETY: x is n x k with row stride k, W^T is read as k x m
+        // through W's [m, k] storage (row stride 1, column stride k), out
+        // is n x m with row stride m; the assert above proves every index
+        // in range, and out does not alias x or W.
+        unsafe {
+            matrixmultiply::sgemm(
+                n,
+                k,
+                m,
+                1.0,
+                x.as_ptr(),
+                k as isize,
+                1,
+                w.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                out.as_mut_ptr(),
+                m as isize,
+                1,
+            );
         }
     }
 }
