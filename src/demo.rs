@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use linattn_kernels::Device;
 use linattn_model::{
     select_backend, AttentionBackend, AttentionKind, Backend, BackendChoice, Config, Generator,
-    Model, Sampling,
+    GpuGenerator, GpuModel, Model, Sampling,
 };
 
 /// Settings of a demo run.
@@ -171,6 +172,7 @@ pub fn run(opts: &DemoOptions, out: &mut impl Write) -> Result<DemoReport> {
     out.flush()?;
     let (linear, softmax) = match &selection.backend {
         Backend::Cpu(cpu) => measure_both(opts, cpu)?,
+        Backend::Gpu(dev) => measure_both_on_device(opts, dev)?,
     };
     let rows = table_rows(&linear, &softmax, opts.rows);
     print_table(out, &rows, &linear, &softmax)?;
@@ -196,20 +198,88 @@ pub fn run(opts: &DemoOptions, out: &mut impl Write) -> Result<DemoReport> {
 fn short_backend(b: &Backend) -> &'static str {
     match b {
         Backend::Cpu(_) => "CPU",
+        Backend::Gpu(_) => "GPU",
     }
 }
 
-/// Runs both models in lock-step, one decode step of each in turn, so that
-/// anything else loading the machine slows both alike.
+/// A sequence generated token by token: the CPU [`Generator`] or the
+/// device model's [`GpuGenerator`].
+trait Stepper {
+    fn next_token(&mut self) -> Result<u8>;
+    fn position(&self) -> usize;
+}
+
+impl<B: AttentionBackend> Stepper for Generator<'_, B> {
+    fn next_token(&mut self) -> Result<u8> {
+        Ok(Generator::next_token(self)?)
+    }
+    fn position(&self) -> usize {
+        Generator::position(self)
+    }
+}
+
+impl Stepper for GpuGenerator {
+    fn next_token(&mut self) -> Result<u8> {
+        Ok(GpuGenerator::next_token(self)?)
+    }
+    fn position(&self) -> usize {
+        GpuGenerator::position(self)
+    }
+}
+
+fn demo_models(opts: &DemoOptions) -> Result<Vec<Model>> {
+    Ok([AttentionKind::Linear, AttentionKind::Softmax]
+        .iter()
+        .map(|&k| Model::random(opts.config.with_attention(k), opts.seed))
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// [`lockstep`] on the CPU path: attention on `backend`, CPU projections.
 fn measure_both<B: AttentionBackend>(
     opts: &DemoOptions,
     backend: &B,
 ) -> Result<(Timeline, Timeline)> {
+    let models = demo_models(opts)?;
+    let mut gens = Vec::new();
+    for model in &models {
+        let t0 = Instant::now();
+        let gen = Generator::new(
+            model,
+            backend,
+            opts.prompt.as_bytes(),
+            Sampling::Temperature(1.0),
+            opts.seed,
+        )?;
+        gens.push((gen, t0.elapsed()));
+    }
+    lockstep(opts, gens)
+}
+
+/// [`lockstep`] on the device-resident model ([`GpuModel`]).
+fn measure_both_on_device(opts: &DemoOptions, dev: &Device) -> Result<(Timeline, Timeline)> {
+    let mut gens = Vec::new();
+    for model in demo_models(opts)? {
+        let gpu = GpuModel::new(&model, dev.clone())?;
+        let t0 = Instant::now();
+        let gen = GpuGenerator::new(
+            gpu,
+            opts.prompt.as_bytes(),
+            Sampling::Temperature(1.0),
+            opts.seed,
+        )?;
+        gens.push((gen, t0.elapsed()));
+    }
+    lockstep(opts, gens)
+}
+
+/// Runs both models in lock-step, one decode step of each in turn, so that
+/// anything else loading the machine slows both alike. `gens` holds the
+/// linear then the softmax generator, each with its prefill time.
+fn lockstep<S: Stepper>(
+    opts: &DemoOptions,
+    started: Vec<(S, Duration)>,
+) -> Result<(Timeline, Timeline)> {
     let kinds = [AttentionKind::Linear, AttentionKind::Softmax];
-    let models = kinds
-        .iter()
-        .map(|&k| Model::random(opts.config.with_attention(k), opts.seed))
-        .collect::<Result<Vec<_>, _>>()?;
     let bar = if opts.progress {
         ProgressBar::new(opts.tokens as u64)
     } else {
@@ -224,16 +294,7 @@ fn measure_both<B: AttentionBackend>(
     );
     let mut gens = Vec::new();
     let mut lines = Vec::new();
-    for (model, kind) in models.iter().zip(kinds) {
-        let t0 = Instant::now();
-        let mut gen = Generator::new(
-            model,
-            backend,
-            opts.prompt.as_bytes(),
-            Sampling::Temperature(1.0),
-            opts.seed,
-        )?;
-        let prefill = t0.elapsed();
+    for ((mut gen, prefill), kind) in started.into_iter().zip(kinds) {
         // The first call only samples from the prefill's logits; every later
         // one decodes the previous token: that is the step being timed.
         gen.next_token()?;

@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use linattn_kernels::Device;
 use linattn_model::{
-    select_backend, AttentionBackend, Backend, BackendChoice, Config, Generator, Model, Sampling,
+    select_backend, AttentionBackend, Backend, BackendChoice, Config, Generator, GpuGenerator,
+    GpuModel, Model, Sampling,
 };
 
 /// Settings of a generation run.
@@ -84,6 +86,7 @@ pub fn run(opts: &GenerateOptions, out: &mut impl Write) -> Result<Generated> {
     let sampling = Sampling::from_temperature(opts.temperature);
     let g = match &selection.backend {
         Backend::Cpu(cpu) => generate(&model, cpu, opts, sampling)?,
+        Backend::Gpu(dev) => generate_on_device(&model, dev, opts, sampling)?,
     };
     writeln!(out, "---")?;
     writeln!(
@@ -103,6 +106,28 @@ pub fn run(opts: &GenerateOptions, out: &mut impl Write) -> Result<Generated> {
         g.prefill_s * 1e3
     )?;
     Ok(g)
+}
+
+/// The same loop on the device-resident model ([`GpuModel`]).
+fn generate_on_device(
+    model: &Model,
+    dev: &Device,
+    opts: &GenerateOptions,
+    sampling: Sampling,
+) -> Result<Generated> {
+    let gpu = GpuModel::new(model, dev.clone())?;
+    let t0 = Instant::now();
+    let mut g = GpuGenerator::new(gpu, opts.prompt.as_bytes(), sampling, opts.seed)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let bytes = (0..opts.tokens)
+        .map(|_| g.next_token())
+        .collect::<Result<Vec<u8>, _>>()?;
+    Ok(Generated {
+        bytes,
+        prefill_s,
+        decode_s: t1.elapsed().as_secs_f64(),
+    })
 }
 
 fn generate<B: AttentionBackend>(

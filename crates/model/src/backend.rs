@@ -4,6 +4,10 @@
 use std::fmt;
 use std::str::FromStr;
 
+use std::sync::Arc;
+
+use linattn_kernels::{BuildStatus, Device, Gpu};
+
 use crate::attention::CpuAttention;
 use crate::error::{ModelError, Result};
 
@@ -48,6 +52,9 @@ impl fmt::Display for BackendChoice {
 pub enum Backend {
     /// [`CpuAttention`] plus CPU projections.
     Cpu(CpuAttention),
+    /// The device-resident model on this GPU ([`crate::GpuModel`]: the
+    /// project's kernels, cuBLAS projections).
+    Gpu(Device),
 }
 
 /// The outcome of [`select_backend`]: the backend and a sentence saying why.
@@ -59,26 +66,33 @@ pub struct Selection {
     pub reason: String,
 }
 
-/// Why the CLI does not run the model on the GPU on this machine and build.
-///
-/// Checked in order: a driver, a device, then the CLI itself. The model has
-/// a device-resident GPU path ([`crate::GpuModel`]: the project's kernels
-/// plus cuBLAS projections), but the CLI's generation loop and demo are
-/// written over [`crate::AttentionBackend`] and do not drive it yet, so a
-/// machine with a GPU still gets the last reason (library users call
-/// `GpuModel` directly).
-pub fn gpu_unavailable_reason() -> String {
+/// The GPU for [`crate::GpuModel`], or why there is none: checked in order,
+/// a driver, a device, kernels built for it (nvcc at build time), opening it.
+pub fn gpu_device() -> std::result::Result<Device, String> {
     if !linattn_kernels::driver_present() {
-        return "no CUDA driver found (libcuda could not be loaded)".into();
+        return Err("no CUDA driver found (libcuda could not be loaded)".into());
     }
     match linattn_kernels::device_count() {
-        Err(e) => format!("the CUDA driver reports no usable device ({e})"),
-        Ok(0) => "the CUDA driver reports 0 devices".into(),
-        Ok(n) => format!(
-            "{n} CUDA device(s) found, but the CLI does not drive the GPU model path \
-             (linattn_model::GpuModel) yet; use --backend cpu"
-        ),
+        Err(e) => return Err(format!("the CUDA driver reports no usable device ({e})")),
+        Ok(0) => return Err("the CUDA driver reports 0 devices".into()),
+        Ok(_) => {}
     }
+    if let BuildStatus::NotBuilt(why) = linattn_kernels::build_status() {
+        return Err(format!(
+            "a CUDA device is present but this build has no kernels ({why})"
+        ));
+    }
+    Gpu::new(0)
+        .map(|g| Device::Gpu(Arc::new(g)))
+        .map_err(|e| format!("the GPU could not be opened ({e})"))
+}
+
+/// Why the GPU cannot run the model on this machine and build (see
+/// [`gpu_device`]); "none" when it can.
+pub fn gpu_unavailable_reason() -> String {
+    gpu_device()
+        .err()
+        .unwrap_or_else(|| "none (a GPU is available)".into())
 }
 
 /// Resolves a [`BackendChoice`]: `auto` falls back to the CPU with the
@@ -89,16 +103,26 @@ pub fn select_backend(choice: BackendChoice) -> Result<Selection> {
         backend: Backend::Cpu(CpuAttention),
         reason,
     };
+    let gpu = |d: Device, why: &str| Selection {
+        reason: format!(
+            "GPU: {} ({why}; device-resident model: linattn kernels, cuBLAS projections)",
+            d.describe()
+        ),
+        backend: Backend::Gpu(d),
+    };
     match choice {
         BackendChoice::Cpu => Ok(cpu("CPU (requested with --backend cpu)".into())),
-        BackendChoice::Auto => Ok(cpu(format!(
-            "CPU (GPU not used: {})",
-            gpu_unavailable_reason()
-        ))),
-        BackendChoice::Gpu => Err(ModelError::BackendUnavailable {
-            backend: "gpu".into(),
-            reason: gpu_unavailable_reason(),
+        BackendChoice::Auto => Ok(match gpu_device() {
+            Ok(d) => gpu(d, "found by --backend auto"),
+            Err(why) => cpu(format!("CPU (GPU not used: {why})")),
         }),
+        BackendChoice::Gpu => match gpu_device() {
+            Ok(d) => Ok(gpu(d, "requested with --backend gpu")),
+            Err(reason) => Err(ModelError::BackendUnavailable {
+                backend: "gpu".into(),
+                reason,
+            }),
+        },
     }
 }
 
@@ -116,13 +140,28 @@ mod tests {
 
     #[test]
     fn cpu_and_auto_always_resolve() {
-        for c in [BackendChoice::Cpu, BackendChoice::Auto] {
-            let s = select_backend(c).unwrap();
-            assert!(matches!(s.backend, Backend::Cpu(_)));
-            assert!(s.reason.starts_with("CPU"), "{}", s.reason);
+        let s = select_backend(BackendChoice::Cpu).unwrap();
+        assert!(matches!(s.backend, Backend::Cpu(_)));
+        let auto = select_backend(BackendChoice::Auto).unwrap();
+        match gpu_device() {
+            // With a usable GPU, auto and gpu pick it.
+            Ok(_) => {
+                assert!(matches!(auto.backend, Backend::Gpu(_)), "{}", auto.reason);
+                assert!(auto.reason.starts_with("GPU"), "{}", auto.reason);
+                assert!(select_backend(BackendChoice::Gpu).is_ok());
+            }
+            // Without one, auto is the CPU with the reason and `gpu` is a
+            // clear error naming it, never a panic.
+            Err(why) => {
+                assert!(matches!(auto.backend, Backend::Cpu(_)));
+                assert!(auto.reason.starts_with("CPU") && auto.reason.contains(&why));
+                let e = select_backend(BackendChoice::Gpu).unwrap_err().to_string();
+                assert!(
+                    e.contains("backend `gpu` is unavailable") && e.contains(&why),
+                    "{e}"
+                );
+                assert_eq!(gpu_unavailable_reason(), why);
+            }
         }
-        // No GPU backend in this build: `gpu` is a clear error, never a panic.
-        let e = select_backend(BackendChoice::Gpu).unwrap_err().to_string();
-        assert!(e.contains("backend `gpu` is unavailable"), "{e}");
     }
 }

@@ -28,7 +28,7 @@ impl Sampling {
         }
     }
 
-    fn check(self) -> Result<()> {
+    pub(crate) fn check(self) -> Result<()> {
         match self {
             Sampling::Temperature(t) if !(t.is_finite() && t > 0.0) => {
                 Err(ModelError::InvalidInput {

@@ -111,6 +111,31 @@ impl GpuSession {
     }
 }
 
+/// A cuBLAS handle on `stream`; a missing library is an error, not a panic
+/// (cudarc's dynamic loader panics when the library cannot be opened).
+fn open_cublas(stream: &std::sync::Arc<cudarc::driver::CudaStream>) -> Result<CudaBlas> {
+    let unavailable = |reason: String| ModelError::BackendUnavailable {
+        backend: "gpu".into(),
+        reason,
+    };
+    // SAFETY: only tries to dlopen the cuBLAS library.
+    let present = std::panic::catch_unwind(|| unsafe { cudarc::cublas::sys::is_culib_present() })
+        .unwrap_or(false);
+    if !present {
+        return Err(unavailable(
+            "cuBLAS could not be loaded (libcublas not found); the GPU model path needs it for the projections".into(),
+        ));
+    }
+    let stream = stream.clone();
+    match std::panic::catch_unwind(move || CudaBlas::new(stream)) {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => Err(unavailable(format!(
+            "cuBLAS could not be initialised ({e})"
+        ))),
+        Err(_) => Err(unavailable("cuBLAS could not be loaded".into())),
+    }
+}
+
 fn in_block(layer: usize, e: ModelError) -> ModelError {
     ModelError::InBlock {
         layer,
@@ -124,12 +149,7 @@ impl GpuModel {
     /// [`ModelError::BackendUnavailable`]).
     pub fn new(model: &Model, device: Device) -> Result<Self> {
         let blas = match &device {
-            Device::Gpu(g) => Some(Blas(CudaBlas::new(g.stream().clone()).map_err(|e| {
-                ModelError::BackendUnavailable {
-                    backend: "gpu".into(),
-                    reason: format!("cuBLAS could not be initialised ({e})"),
-                }
-            })?)),
+            Device::Gpu(g) => Some(Blas(open_cublas(g.stream())?)),
             #[allow(unreachable_patterns)]
             _ => None,
         };
@@ -260,24 +280,14 @@ impl GpuModel {
     /// Prefills `prompt`, then samples and feeds back `max_tokens` tokens
     /// (the device counterpart of [`Model::generate`]); returns the new bytes.
     pub fn generate(
-        &self,
+        self,
         prompt: &[u8],
         max_tokens: usize,
         sampling: Sampling,
         seed: u64,
     ) -> Result<Vec<u8>> {
-        let mut rng = Rng::new(seed);
-        let (logits, mut session) = self.prefill(prompt)?;
-        let mut last = logits[logits.len() - VOCAB..].to_vec();
-        let mut out = Vec::with_capacity(max_tokens);
-        for i in 0..max_tokens {
-            let t = sampling.sample(&last, &mut rng)?;
-            out.push(t);
-            if i + 1 < max_tokens {
-                last = self.decode(&mut session, t)?;
-            }
-        }
-        Ok(out)
+        let mut g = GpuGenerator::new(self, prompt, sampling, seed)?;
+        (0..max_tokens).map(|_| g.next_token()).collect()
     }
 
     fn zeros(&self, n: usize) -> Result<Buffer<f32>> {
@@ -513,5 +523,49 @@ impl GpuModel {
         let mut out = self.zeros(n * VOCAB)?;
         self.project(&h, n, &self.head, &mut out)?;
         Ok(self.device.download(&out)?)
+    }
+}
+
+/// Token-by-token generation on a [`GpuModel`], the device counterpart of
+/// [`crate::Generator`]: same sampling, same RNG stream for the same seed.
+#[derive(Debug)]
+pub struct GpuGenerator {
+    model: GpuModel,
+    session: GpuSession,
+    logits: Vec<f32>,
+    pending: Option<u8>,
+    sampling: Sampling,
+    rng: Rng,
+}
+
+impl GpuGenerator {
+    /// Prefills `prompt` (at least one byte) on `model`.
+    pub fn new(model: GpuModel, prompt: &[u8], sampling: Sampling, seed: u64) -> Result<Self> {
+        sampling.check()?;
+        let (logits, session) = model.prefill(prompt)?;
+        let last = logits[logits.len() - VOCAB..].to_vec();
+        Ok(GpuGenerator {
+            model,
+            session,
+            logits: last,
+            pending: None,
+            sampling,
+            rng: Rng::new(seed),
+        })
+    }
+
+    /// Decodes the previous token (if any) and samples the next one.
+    pub fn next_token(&mut self) -> Result<u8> {
+        if let Some(t) = self.pending.take() {
+            self.logits = self.model.decode(&mut self.session, t)?;
+        }
+        let t = self.sampling.sample(&self.logits, &mut self.rng)?;
+        self.pending = Some(t);
+        Ok(t)
+    }
+
+    /// Tokens the model has processed (prompt plus decoded ones).
+    pub fn position(&self) -> usize {
+        self.session.position()
     }
 }

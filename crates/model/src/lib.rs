@@ -29,8 +29,9 @@
 //! kernels for embedding, LayerNorm, GELU, residuals and both attention
 //! kinds (softmax with a device KV cache), projections through cuBLAS on a
 //! GPU (the CPU GEMM on the emulator). [`select_backend`] resolves `auto` /
-//! `cpu` / `gpu` for the CLI and says why; the CLI does not drive
-//! `GpuModel` yet (see `docs/model.md`), so `gpu` is an explicit error.
+//! `cpu` / `gpu` for the CLI and says why: the GPU backend is `GpuModel`
+//! (driven by [`GpuGenerator`]), and without a usable GPU `gpu` is an
+//! explicit error (see `docs/model.md`).
 //!
 //! ## Example: prefill + decode equals the parallel forward
 //!
@@ -73,11 +74,13 @@ mod math;
 mod model;
 
 pub use attention::{AttentionBackend, AttentionSpec, CpuAttention, CpuCache};
-pub use backend::{gpu_unavailable_reason, select_backend, Backend, BackendChoice, Selection};
+pub use backend::{
+    gpu_device, gpu_unavailable_reason, select_backend, Backend, BackendChoice, Selection,
+};
 pub use config::{feature_map_name, parse_feature_map, AttentionKind, Config, VOCAB};
 pub use error::{ModelError, Result};
 pub use generate::{Generator, Sampling};
-pub use gpu::{GpuModel, GpuSession};
+pub use gpu::{GpuGenerator, GpuModel, GpuSession};
 pub use kernels::{KernelAttention, KernelCache};
 pub use linattn_reference::FeatureMap;
 pub use model::{Model, Session};

@@ -124,6 +124,16 @@ fn device_path_generates_the_cpu_text() {
             .generate(&CpuAttention, b"Once", 6, Sampling::Greedy, 3)
             .unwrap();
         let got = gpu.generate(b"Once", 6, Sampling::Greedy, 3).unwrap();
+        let tempered = model
+            .generate(&CpuAttention, b"Once", 6, Sampling::Temperature(0.8), 5)
+            .unwrap();
+        let gpu = GpuModel::new(&model, emulator()).unwrap();
+        assert_eq!(
+            gpu.generate(b"Once", 6, Sampling::Temperature(0.8), 5)
+                .unwrap(),
+            tempered,
+            "{attention}"
+        );
         assert_eq!(got, want, "{attention}");
     }
 }
