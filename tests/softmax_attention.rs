@@ -43,6 +43,10 @@ fn prefill_case<T: Element>(
     .to_layout(&lv)
     .unwrap();
     for dev in devices() {
+        eprint!(
+            "prefill {:?} b{b} h{h} n{n} d{d} m{m} causal {causal}: ",
+            T::DTYPE
+        );
         let (qb, kb, vb) = (
             dev.upload(&qt).unwrap(),
             dev.upload(&kt).unwrap(),
@@ -62,6 +66,7 @@ fn prefill_case<T: Element>(
         .unwrap();
         let got = to_f64(&dev.download(&ob).unwrap());
         let err = rel_l2_error(&got, &want);
+        eprintln!("rel error {err:.2e}");
         let tol = tolerance::<T>(1e-5, 1e-2, 1e-2);
         assert!(
             err < tol,
@@ -166,6 +171,10 @@ fn decode_case<T: Element>(
             .unwrap();
             let got = to_f64(&dev.download(&ob).unwrap());
             let err = rel_l2_error(&got, &wants[i]);
+            eprintln!(
+                "decode {:?} b{b} h{h} d{d} step {t}: rel error {err:.2e}",
+                T::DTYPE
+            );
             let tol = tolerance::<T>(1e-5, 1e-2, 1e-2);
             assert!(
                 err < tol,
@@ -196,7 +205,9 @@ fn decode_matches_kv_cache_reference() {
     decode_case::<f32>(&mut rng, 1, 2, 5, 4, 16);
     decode_case::<f32>(&mut rng, 2, 3, 1, 3, 33);
     decode_case::<f32>(&mut rng, 1, 5, 0, 3, 256);
-    decode_case::<f32>(&mut rng, 1, 1, 3, 2, 1);
+    // d = 1 with 16 heads: a single scalar output can cancel to ~0, which
+    // makes a relative error meaningless; 16 of them cannot all cancel.
+    decode_case::<f32>(&mut rng, 2, 8, 3, 2, 1);
     decode_case::<f16>(&mut rng, 1, 2, 4, 3, 32);
     decode_case::<bf16>(&mut rng, 1, 2, 4, 3, 32);
 }
