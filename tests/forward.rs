@@ -10,8 +10,8 @@ mod common;
 use common::{devices, to_dtype, to_f64, tolerance};
 use half::{bf16, f16};
 use linattn_kernels::ops::forward::{
-    causal_forward, noncausal_forward, tiling, AttentionOptions, AttentionShape, Kind, Qkv,
-    ScheduleChoice, StateIo, StateMut, StateRef, Strides,
+    causal_forward, noncausal_forward, tiling, uses_mma, AttentionOptions, AttentionShape, Kind,
+    Qkv, ScheduleChoice, StateIo, StateMut, StateRef, Strides,
 };
 use linattn_kernels::{DType, Device, Element, FeatureMap};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
@@ -296,6 +296,16 @@ fn check_case<T: Element>(dev: &Device, c: &Case, rng: &mut Rng) -> Outputs {
     );
     let err = rel_l2_error(&g, &w);
     let tol = tolerance::<T>(1e-5, 1e-2, 1e-2);
+    if std::env::var_os("LINATTN_PRINT_ERRORS").is_some() {
+        eprintln!(
+            "ERR {:?} d {} m {} n {} {:?}: {err:e}",
+            T::DTYPE,
+            c.d,
+            c.m,
+            c.n,
+            c.kind
+        );
+    }
     assert!(err < tol, "{what}: output rel error {err:e} >= {tol:e}");
     if c.want_final {
         let s: Vec<f64> = states.iter().flat_map(|s| s.s.iter().copied()).collect();
@@ -393,6 +403,35 @@ fn causal_matches_reference_f16_bf16() {
     let mut rng = Rng::new(test_seed());
     run_matrix::<f16>(Kind::Causal, &mut rng, 2);
     run_matrix::<bf16>(Kind::Causal, &mut rng, 3);
+}
+
+/// Multi-chunk causal cases whose tiling takes the tensor-core path (16-bit
+/// inputs, D, chunk and value tile multiples of 16): scores, `A V` and the
+/// state update on wmma, against the f64 reference, walk and split.
+#[test]
+fn tensor_core_chunks_match_reference() {
+    let mut rng = Rng::new(test_seed());
+    for dev in devices() {
+        for (d, m, extra, schedule) in [
+            (64, 64, 5, ScheduleChoice::Walk),
+            (32, 48, 0, ScheduleChoice::Split { parts: 2 }),
+            (128, 128, 7, ScheduleChoice::Auto),
+        ] {
+            for dtype in [DType::F16, DType::Bf16] {
+                let t = tiling(dtype, d, m);
+                assert!(uses_mma(dtype, d, t.chunk, t.m_tile), "d {d} m {m}: {t:?}");
+                let mut c = Case::new(Kind::Causal, 1, 2, 3 * t.chunk + extra, d, m);
+                c.schedule = schedule;
+                c.initial = d == 64;
+                c.normalize = m != 48;
+                c.scale = 0.5;
+                match dtype {
+                    DType::F16 => drop(check_case::<f16>(&dev, &c, &mut rng)),
+                    _ => drop(check_case::<bf16>(&dev, &c, &mut rng)),
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -15,10 +15,12 @@
 // per-partition state pass (no outputs), the causal split read-out (start
 // from the partition's prefix state) and the non-causal read-out (fixed S).
 //
-// Arithmetic is fp32 FMA in a fixed order for every dtype, so results are
+// Arithmetic is fp32 in a fixed order for every dtype, so results are
 // bit-identical run to run. Where the shape allows (16-bit inputs, every size
-// a multiple of 16) the three chunk products run on tensor cores
-// (walk_mma.cuh); the rest of the body is shared.
+// a multiple of 16) the causal scores A (16-bit s phi(Q), phi(K), fp32
+// accumulation), A V (A masked, then rounded to 16-bit) and the state update
+// run on tensor cores (walk_mma.cuh); the denominator's row sums come from
+// the fp32 A, and s phi(Q) S, s phi(Q) z and z stay on fp32 FMA.
 #pragma once
 #include <cstdint>
 #include "linattn/params.h"
@@ -95,18 +97,23 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
     const int mt = M - m0 < MT ? M - m0 : MT;  // valid columns of this tile
     const int64_t DM = (int64_t)D * M;
 
-    // Tensor-core state update (16-bit inputs, D, C, MT multiples of 16):
-    // rounded phi(k) and v tiles come first, 32-byte aligned for wmma.
+    // Tensor-core path (16-bit inputs, D, C, MT multiples of 16): the 16-bit
+    // tiles come first, each a multiple of 512 bytes, so every wmma pointer
+    // below is 32-byte aligned (the fp32 tiles after them too: D, C, MT are
+    // multiples of 16).
     const bool mma = use_walk_mma<T>(D, C, MT);
-    T* K16 = reinterpret_cast<T*>(smem);                 // C x D
-    T* V16 = K16 + (mma ? C * D : 0);                    // C x MT
-    float* Ss = reinterpret_cast<float*>(V16 + (mma ? C * MT : 0));  // D x MT
+    T* K16 = reinterpret_cast<T*>(smem);                 // C x D: phi(k)
+    T* V16 = K16 + (mma ? C * D : 0);                    // C x MT: v
+    T* Q16 = V16 + (mma ? C * MT : 0);                   // C x D: s * phi(q)
+    T* A16 = Q16 + (mma ? C * D : 0);                    // C x C: masked scores
+    float* Ss = reinterpret_cast<float*>(A16 + (mma ? C * C : 0));  // D x MT
     float* zs = Ss + D * MT;     // D
     float* Qs = zs + D;          // C x DP: s * phi(q)
     float* Ks = Qs + C * DP;     // C x DP: phi(k)
-    float* Vs = Ks + C * DP;     // C x MT
-    float* As = Vs + C * MT;     // C x C masked scores
-    float* qz = As + C * C;      // C: s phi(q) . z
+    float* Vs = Ks + C * DP;     // C x MT: v (FMA path) / A V (tensor cores)
+    float* As = Vs + C * MT;     // C x C scores
+    float* qz = As + C * C;      // C: s phi(q) . z (+ score row sums, tensor cores)
+    const bool mma_scores = mma && p.causal != 0 && p.write_output != 0;
 
     // ---- starting state -------------------------------------------------
     const float* ls = nullptr;
@@ -142,7 +149,9 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
         if (out) {
             for (int i = tid; i < C * D; i += nthreads) {
                 const int row = i / D, x = i % D;
-                Qs[row * DP + x] = row < rows ? phi(to_float(qb[(t0 + row) * p.q_token_stride + x]), fm) * p.scale : 0.0f;
+                const float qx = row < rows ? phi(to_float(qb[(t0 + row) * p.q_token_stride + x]), fm) * p.scale : 0.0f;
+                Qs[row * DP + x] = qx;
+                if (mma_scores) Q16[i] = from_float<T>(qx);
             }
         }
         if (causal) {
@@ -155,15 +164,17 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
             for (int i = tid; i < C * MT; i += nthreads) {
                 const int row = i / MT, e = i % MT;
                 const float vx = (row < rows && e < mt) ? to_float(vb[(t0 + row) * p.v_token_stride + e]) : 0.0f;
-                Vs[i] = vx;
                 if (mma) V16[i] = from_float<T>(vx);  // exact: v is already T
+                else Vs[i] = vx;
             }
         }
         __syncthreads();
 
         if (out) {
             // ---- intra-chunk scores and the carried normaliser ----
-            if (causal) {
+            if (mma_scores) {
+                scores_mma<T>(As, Q16, K16, D, C);
+            } else if (causal) {
                 for (int i = tid; i < C * C; i += nthreads) {
                     const int ii = i / C, j = i % C;
                     As[i] = j <= ii ? dot_rows(Qs + ii * DP, Ks + j * DP, D) : 0.0f;
@@ -173,6 +184,24 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
                 for (int i = tid; i < C; i += nthreads) qz[i] = dot_rows(Qs + i * DP, zs, D);
             }
             __syncthreads();
+            if (mma_scores) {
+                // Mask, round A to T for A V (the lower block triangle is
+                // what scores_times_v_mma reads), and fold the fp32 row sums
+                // into the denominator; each qz[i] stays with its thread.
+                for (int i = tid; i < C * C; i += nthreads) {
+                    const int ii = i / C, j = i % C;
+                    if (j / 16 <= ii / 16) A16[i] = from_float<T>(j <= ii ? As[i] : 0.0f);
+                }
+                for (int i = tid; i < C; i += nthreads) {
+                    float den = norm ? qz[i] : 0.0f;
+                    const float* arow = As + i * C;
+                    for (int j = 0; j <= i; ++j) den += arow[j];
+                    qz[i] = den;
+                }
+                __syncthreads();
+                scores_times_v_mma<T>(Vs, A16, V16, C, MT);
+                __syncthreads();
+            }
             // ---- outputs of the chunk ----
             for (int i = tid; i < C * MT; i += nthreads) {
                 const int ii = i / MT, e = i % MT;
@@ -182,7 +211,10 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
 #pragma unroll 4
                 for (int d = 0; d < D; ++d) num = fmaf(qrow[d], Ss[d * MT + e], num);
                 float den = norm ? qz[ii] : 0.0f;
-                if (causal) {
+                if (mma_scores) {
+                    num += Vs[ii * MT + e];  // A V from the tensor cores
+                    den = qz[ii];            // qz + row sums of A
+                } else if (causal) {
                     const float* arow = As + ii * C;
                     for (int j = 0; j <= ii; ++j) {
                         num = fmaf(arow[j], Vs[j * MT + e], num);

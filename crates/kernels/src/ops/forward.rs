@@ -271,22 +271,25 @@ pub struct Tiling {
     pub m_tiles: usize,
 }
 
-/// Whether the walk runs its state update on tensor cores: 16-bit inputs
-/// and D, chunk and value tile all multiples of 16 (mirrors `use_walk_mma`
-/// in `cuda/include/linattn/walk_mma.cuh`).
+/// Whether the walk runs its chunk products on tensor cores (the causal
+/// scores, `A V` and the state update; `phi(Q) S` stays on FMA): 16-bit
+/// inputs and D, chunk and value tile all multiples of 16 (mirrors
+/// `use_walk_mma` in `cuda/include/linattn/walk_mma.cuh`). Otherwise, and
+/// for f32, every product runs on fp32 FMA.
 pub fn uses_mma(dtype: DType, d: usize, chunk: usize, m_tile: usize) -> bool {
     dtype != DType::F32 && d % 16 == 0 && chunk % 16 == 0 && m_tile % 16 == 0
 }
 
 /// Dynamic shared memory of one walk block in bytes, in the order the
-/// kernel carves it: on the tensor-core path 16-bit phi(k) and v tiles, then
-/// the fp32 S slice, z, phi(q) and phi(k) tiles (odd row stride), v tile,
-/// scores and normaliser.
+/// kernel carves it: on the tensor-core path 16-bit phi(k), v, s*phi(q) and
+/// masked-score tiles, then the fp32 S slice, z, phi(q) and phi(k) tiles (odd
+/// row stride), v tile (the `A V` result on the tensor-core path), scores
+/// and normaliser.
 pub fn walk_shared_bytes(dtype: DType, d: usize, chunk: usize, m_tile: usize) -> usize {
     let dp = d | 1;
     let floats = d * m_tile + d + 2 * chunk * dp + chunk * m_tile + chunk * chunk + chunk;
     let halves = if uses_mma(dtype, d, chunk, m_tile) {
-        chunk * d + chunk * m_tile
+        2 * chunk * d + chunk * m_tile + chunk * chunk
     } else {
         0
     };
@@ -1354,6 +1357,31 @@ mod tests {
         assert_eq!(tiling(DType::F32, 16, 16).chunk, 64);
         assert_eq!(tiling(DType::F32, 64, 64).m_tiles, 1);
         assert!(!uses_mma(DType::F32, 64, 64, 64));
+    }
+
+    #[test]
+    fn tensor_core_policy() {
+        // 16-bit inputs with D, chunk and value tile multiples of 16 only.
+        for dtype in [DType::F16, DType::Bf16] {
+            assert!(uses_mma(dtype, 64, 32, 32));
+            assert!(uses_mma(dtype, 128, 16, 32));
+            assert!(!uses_mma(dtype, 17, 32, 32));
+            assert!(!uses_mma(dtype, 64, 8, 32));
+            assert!(!uses_mma(dtype, 64, 32, 24));
+            // The extra 16-bit tiles: phi(k), v, s*phi(q) and the scores.
+            assert_eq!(
+                walk_shared_bytes(dtype, 64, 32, 32),
+                walk_shared_bytes(DType::F32, 64, 32, 32) + 2 * (2 * 32 * 64 + 32 * 32 + 32 * 32)
+            );
+        }
+        assert!(!uses_mma(DType::F32, 64, 32, 32));
+        assert_eq!(
+            walk_shared_bytes(DType::F16, 64, 32, 24),
+            walk_shared_bytes(DType::F32, 64, 32, 24)
+        );
+        // The first anchor shape (D = M = 128) runs on tensor cores.
+        let t = tiling(DType::Bf16, 128, 128);
+        assert!(uses_mma(DType::Bf16, 128, t.chunk, t.m_tile), "{t:?}");
     }
 
     #[test]
