@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{devices, to_dtype, to_f64, tolerance};
+use common::{devices, layout, span, to_dtype, to_f64, tolerance};
 use half::{bf16, f16};
 use linattn_kernels::ops::backward::{
     causal_backward, noncausal_backward, tiling, BackwardInputs, BackwardStates, Grads,
@@ -106,33 +106,8 @@ impl Case {
     }
 
     fn ref_opts(&self) -> LinearAttentionOptions {
-        LinearAttentionOptions {
-            feature_map: match self.map {
-                FeatureMap::EluPlusOne => linattn_reference::FeatureMap::EluPlusOne,
-                FeatureMap::Relu => linattn_reference::FeatureMap::Relu,
-                FeatureMap::Identity => linattn_reference::FeatureMap::Identity,
-            },
-            normalize: self.normalize,
-            eps: 1e-6,
-            scale: self.scale as f64,
-        }
+        common::ref_opts(&self.opts())
     }
-}
-
-fn layout(shape: &AttentionShape, s: &Strides, dim: usize) -> Layout {
-    Layout {
-        batch: shape.batch,
-        heads: shape.heads,
-        tokens: shape.tokens,
-        dim,
-        batch_stride: s.batch,
-        token_stride: s.token,
-        head_stride: s.head,
-    }
-}
-
-fn span(shape: &AttentionShape, s: &Strides, dim: usize) -> usize {
-    layout(shape, s, dim).required_len().unwrap()
 }
 
 /// Inputs rounded to the kernel dtype (with their exact f64 widening) and

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{devices, to_dtype, to_f64, tolerance};
+use common::{devices, ref_opts, to_dtype, to_f64, tolerance};
 use half::{bf16, f16};
 use linattn_kernels::ops::decode::{decode_step, DecodeShape, RowStrides};
 use linattn_kernels::ops::forward::{
@@ -12,20 +12,7 @@ use linattn_kernels::ops::forward::{
 };
 use linattn_kernels::{Device, Element, FeatureMap};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
-use linattn_reference::{LinearAttentionOptions, State};
-
-fn ref_opts(o: &AttentionOptions) -> LinearAttentionOptions {
-    LinearAttentionOptions {
-        feature_map: match o.feature_map {
-            FeatureMap::EluPlusOne => linattn_reference::FeatureMap::EluPlusOne,
-            FeatureMap::Relu => linattn_reference::FeatureMap::Relu,
-            FeatureMap::Identity => linattn_reference::FeatureMap::Identity,
-        },
-        normalize: o.normalize,
-        eps: o.eps as f64,
-        scale: o.scale as f64,
-    }
-}
+use linattn_reference::State;
 
 fn check<T: Element>(dev: &Device, shape: &DecodeShape, opts: &AttentionOptions, rng: &mut Rng) {
     let (b, h, d, m) = (shape.batch, shape.heads, shape.d, shape.m);

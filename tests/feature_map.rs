@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{devices, to_dtype, to_f64, tolerance};
+use common::{devices, ref_map, to_dtype, to_f64, tolerance};
 use half::{bf16, f16};
 use linattn_kernels::ops::feature_map::{feature_map, RowsShape};
 use linattn_kernels::{Element, FeatureMap};
@@ -10,16 +10,11 @@ use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
 
 fn maps() -> [(FeatureMap, linattn_reference::FeatureMap); 3] {
     [
-        (
-            FeatureMap::EluPlusOne,
-            linattn_reference::FeatureMap::EluPlusOne,
-        ),
-        (FeatureMap::Relu, linattn_reference::FeatureMap::Relu),
-        (
-            FeatureMap::Identity,
-            linattn_reference::FeatureMap::Identity,
-        ),
+        FeatureMap::EluPlusOne,
+        FeatureMap::Relu,
+        FeatureMap::Identity,
     ]
+    .map(|m| (m, ref_map(m)))
 }
 
 fn check<T: Element>(rng: &mut Rng) {

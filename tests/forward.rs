@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{devices, to_dtype, to_f64, tolerance};
+use common::{devices, layout, ref_map, span, to_dtype, to_f64, tolerance};
 use half::{bf16, f16};
 use linattn_kernels::ops::forward::{
     causal_forward, noncausal_forward, tiling, uses_mma, AttentionOptions, AttentionShape, Kind,
@@ -15,7 +15,7 @@ use linattn_kernels::ops::forward::{
 };
 use linattn_kernels::{DType, Device, Element, FeatureMap};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
-use linattn_reference::{Layout, LinearAttentionOptions, State, View};
+use linattn_reference::{LinearAttentionOptions, State, View};
 
 /// One forward call to check.
 #[derive(Debug, Clone)]
@@ -91,30 +91,6 @@ impl Case {
     fn seq_heads(&self) -> usize {
         self.cu.as_ref().map_or(self.b, |c| c.len() - 1) * self.h
     }
-}
-
-fn ref_map(m: FeatureMap) -> linattn_reference::FeatureMap {
-    match m {
-        FeatureMap::EluPlusOne => linattn_reference::FeatureMap::EluPlusOne,
-        FeatureMap::Relu => linattn_reference::FeatureMap::Relu,
-        FeatureMap::Identity => linattn_reference::FeatureMap::Identity,
-    }
-}
-
-fn layout(shape: &AttentionShape, s: &Strides, dim: usize) -> Layout {
-    Layout {
-        batch: shape.batch,
-        heads: shape.heads,
-        tokens: shape.tokens,
-        dim,
-        batch_stride: s.batch,
-        token_stride: s.token,
-        head_stride: s.head,
-    }
-}
-
-fn span(shape: &AttentionShape, s: &Strides, dim: usize) -> usize {
-    layout(shape, s, dim).required_len().unwrap()
 }
 
 /// Inputs already rounded to the kernel dtype, and their exact f64 widening.

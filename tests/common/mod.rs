@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use linattn_kernels::{BuildStatus, Device, Element, Gpu};
+use linattn_kernels::ops::forward::{AttentionOptions, AttentionShape, Strides};
+use linattn_kernels::{BuildStatus, Device, Element, FeatureMap, Gpu};
+use linattn_reference::{Layout, LinearAttentionOptions};
 
 /// Every executor available here: the GPU when a driver, a device and built
 /// kernels are present, and always the CPU emulator (with its two-schedule
@@ -42,4 +44,41 @@ pub fn tolerance<T: Element>(f32_tol: f64, f16_tol: f64, bf16_tol: f64) -> f64 {
         linattn_kernels::DType::F16 => f16_tol,
         linattn_kernels::DType::Bf16 => bf16_tol,
     }
+}
+
+/// The reference's name for a kernel feature map.
+pub fn ref_map(m: FeatureMap) -> linattn_reference::FeatureMap {
+    match m {
+        FeatureMap::EluPlusOne => linattn_reference::FeatureMap::EluPlusOne,
+        FeatureMap::Relu => linattn_reference::FeatureMap::Relu,
+        FeatureMap::Identity => linattn_reference::FeatureMap::Identity,
+    }
+}
+
+/// The reference options matching kernel options (eps and scale widened from f32).
+pub fn ref_opts(o: &AttentionOptions) -> LinearAttentionOptions {
+    LinearAttentionOptions {
+        feature_map: ref_map(o.feature_map),
+        normalize: o.normalize,
+        eps: o.eps as f64,
+        scale: o.scale as f64,
+    }
+}
+
+/// The reference layout of one kernel tensor (`dim` wide, with its strides).
+pub fn layout(shape: &AttentionShape, s: &Strides, dim: usize) -> Layout {
+    Layout {
+        batch: shape.batch,
+        heads: shape.heads,
+        tokens: shape.tokens,
+        dim,
+        batch_stride: s.batch,
+        token_stride: s.token,
+        head_stride: s.head,
+    }
+}
+
+/// Elements a buffer with this layout must hold.
+pub fn span(shape: &AttentionShape, s: &Strides, dim: usize) -> usize {
+    layout(shape, s, dim).required_len().unwrap()
 }
