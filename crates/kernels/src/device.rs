@@ -37,8 +37,15 @@ pub(crate) struct PtrGuard<'a>(#[allow(dead_code)] Option<SyncOnDrop<'a>>);
 impl Device {
     /// The first GPU if a driver and device are present, else the emulator
     /// when compiled in; the error says why neither is available.
+    ///
+    /// A GPU without device code in this build (no nvcc at build time) is
+    /// passed over for the emulator, since it could run nothing.
     pub fn best_available() -> Result<Self> {
-        match Gpu::new(0) {
+        let gpu = match crate::build_status() {
+            crate::BuildStatus::Built { .. } => Gpu::new(0),
+            crate::BuildStatus::NotBuilt(reason) => Err(Error::KernelsNotBuilt { reason }),
+        };
+        match gpu {
             Ok(g) => Ok(Device::Gpu(Arc::new(g))),
             #[cfg(feature = "emulator")]
             Err(_) => Ok(Device::Emulator(Arc::new(crate::Emulator::new()?))),
