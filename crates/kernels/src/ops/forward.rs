@@ -26,9 +26,13 @@ use crate::{Buffer, Device, Error, FeatureMap, Gpu, Result};
 pub const MAX_DIM: usize = 256;
 /// Threads per block of the walk and the state scan (as in the `.cu` files).
 pub const THREADS: u32 = 256;
-/// Dynamic shared memory a block may use without the opt-in attribute; the
-/// tiling keeps every walk block within it.
-pub const SHARED_BUDGET_BYTES: usize = 48 * 1024;
+/// Dynamic shared memory one walk block may use: 99 KiB, the largest
+/// opt-in every default architecture grants (sm_86/sm_89 allow 99 KiB per
+/// block, sm_80 163 KiB, sm_90 227 KiB), so one tiling serves every GPU and
+/// the emulator tests exactly the shapes the GPU runs. Above 48 KiB the GPU
+/// executor sets the kernel's dynamic shared memory attribute; an H100 or
+/// A100 still holds two such blocks per SM.
+pub const SHARED_BUDGET_BYTES: usize = 99 * 1024;
 /// Streaming multiprocessors the policy plans for (an H100 SXM has 132); a
 /// GPU with fewer is still filled, one with more slightly under-filled.
 pub const ASSUMED_SMS: usize = 132;
