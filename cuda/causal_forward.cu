@@ -1,8 +1,10 @@
 // causal_forward.cu: causal linear attention, chunked, feature map and
 // normaliser fused, initial state in and final state out.
 //
-// Two launch strategies over one kernel body (linattn/chunk_walk.cuh), chosen
-// by the plain-Rust policy in crates/kernels/src/ops/forward.rs:
+// Two launch strategies over one kernel body per dtype (f32: the fp32 FMA walk
+// of linattn/chunk_walk.cuh; f16/bf16: the tensor-core walk of
+// linattn/walk_mma.cuh), chosen by the plain-Rust policy in
+// crates/kernels/src/ops/forward.rs:
 //   walk:  one launch; grid (seq-heads x value tiles, 1); each block keeps its
 //          fp32 state slice in shared memory and walks every chunk in order.
 //   split: for small seq-heads x value tiles. (1) causal_forward_<t> with
@@ -15,6 +17,7 @@
 #include <cstdint>
 #include "linattn/params.h"
 #include "linattn/chunk_walk.cuh"
+#include "linattn/walk_mma.cuh"
 
 extern "C" __global__ void __launch_bounds__(256, 2) causal_forward_f32(const LinattnForwardParams p) {
     extern __shared__ __align__(128) float smem[];
@@ -22,11 +25,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) causal_forward_f32(const Li
 }
 extern "C" __global__ void __launch_bounds__(256, 2) causal_forward_f16(const LinattnForwardParams p) {
     extern __shared__ __align__(128) float smem[];
-    linattn::chunk_walk<__half>(p, smem);
+    linattn::chunk_walk_mma<__half>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) causal_forward_bf16(const LinattnForwardParams p) {
     extern __shared__ __align__(128) float smem[];
-    linattn::chunk_walk<__nv_bfloat16>(p, smem);
+    linattn::chunk_walk_mma<__nv_bfloat16>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) causal_state_scan(const LinattnStateScanParams p) {
     linattn::state_scan(p);

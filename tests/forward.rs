@@ -288,11 +288,19 @@ fn check_case<T: Element>(dev: &Device, c: &Case, rng: &mut Rng) -> Outputs {
         let z: Vec<f64> = states.iter().flat_map(|s| s.z.iter().copied()).collect();
         let gs: Vec<f64> = got.s.iter().map(|&a| a as f64).collect();
         let gz: Vec<f64> = got.z.iter().map(|&a| a as f64).collect();
-        // States are fp32 sums of exactly widened inputs: fp32 accuracy always.
+        // States are fp32 sums of the features. f32 inputs, and relu or
+        // identity features of 16-bit inputs, are exact terms: fp32 accuracy.
+        // The tensor-core walk rounds elu+1 features to the 16-bit input type
+        // (the tensor cores' operand type) before summing them: input accuracy.
+        let exact = T::DTYPE == DType::F32 || c.map != FeatureMap::EluPlusOne;
+        let tol = if exact { 1e-5 } else { 1e-2 };
         let (es, ez) = (rel_l2_error(&gs, &s), rel_l2_error(&gz, &z));
+        if std::env::var_os("LINATTN_PRINT_ERRORS").is_some() {
+            eprintln!("STATE ERR {:?} d {} m {} {:?}: S {es:e} z {ez:e}", T::DTYPE, c.d, c.m, c.map);
+        }
         assert!(
-            es < 1e-5 && ez < 1e-5,
-            "{what}: state rel errors S {es:e}, z {ez:e}"
+            es < tol && ez < tol,
+            "{what}: state rel errors S {es:e}, z {ez:e} (bound {tol:e})"
         );
     }
     got
@@ -381,32 +389,61 @@ fn causal_matches_reference_f16_bf16() {
     run_matrix::<bf16>(Kind::Causal, &mut rng, 3);
 }
 
-/// Multi-chunk causal cases whose tiling takes the tensor-core path (16-bit
-/// inputs, D, chunk and value tile multiples of 16): scores, `A V` and the
-/// state update on wmma, against the f64 reference, walk and split.
+/// Multi-chunk cases on the tensor-core walk (every 16-bit input): D padded
+/// to 16 (17), value tiles padded and split (M = 5, 130), D = 256 (chunk 32,
+/// eight value tiles), the anchor's D = M = 128 (chunk 64, two tiles), walk
+/// and split, causal and non-causal, with states in and out.
 #[test]
 fn tensor_core_chunks_match_reference() {
     let mut rng = Rng::new(test_seed());
     for dev in devices() {
-        for (d, m, extra, schedule) in [
-            (64, 64, 5, ScheduleChoice::Walk),
-            (32, 48, 0, ScheduleChoice::Split { parts: 2 }),
-            (128, 128, 7, ScheduleChoice::Auto),
+        for (kind, d, m, extra, schedule) in [
+            (Kind::Causal, 64, 64, 5, ScheduleChoice::Walk),
+            (Kind::Causal, 32, 48, 0, ScheduleChoice::Split { parts: 2 }),
+            (Kind::Causal, 128, 128, 7, ScheduleChoice::Auto),
+            (Kind::Causal, 17, 5, 3, ScheduleChoice::Walk),
+            (Kind::Causal, 100, 130, 1, ScheduleChoice::Split { parts: 3 }),
+            (Kind::Causal, 256, 256, 0, ScheduleChoice::Walk),
+            (Kind::NonCausal, 40, 72, 9, ScheduleChoice::Auto),
         ] {
             for dtype in [DType::F16, DType::Bf16] {
                 let t = tiling(dtype, d, m);
-                assert!(uses_mma(dtype, d, t.chunk, t.m_tile), "d {d} m {m}: {t:?}");
-                let mut c = Case::new(Kind::Causal, 1, 2, 3 * t.chunk + extra, d, m);
+                assert!(uses_mma(dtype));
+                let mut c = Case::new(kind, 1, 2, 3 * t.chunk + extra, d, m);
                 c.schedule = schedule;
-                c.initial = d == 64;
+                c.initial = d == 64 || d == 17 || d == 40;
+                c.want_final = d != 128;
                 c.normalize = m != 48;
                 c.scale = 0.5;
+                c.bnhd = d == 100;
                 match dtype {
                     DType::F16 => drop(check_case::<f16>(&dev, &c, &mut rng)),
                     _ => drop(check_case::<bf16>(&dev, &c, &mut rng)),
                 }
             }
         }
+    }
+}
+
+/// A state past f16's range: 65536 tokens of positive values make S and z
+/// exceed 65504, yet the f16 tensor-core walk (which scales each state tile
+/// by a power of two before rounding it to f16) stays finite and accurate.
+#[test]
+fn fp16_state_beyond_half_range_stays_accurate() {
+    let mut rng = Rng::new(test_seed());
+    for dev in devices() {
+        let mut c = Case::new(Kind::Causal, 1, 1, 65_536, 16, 16);
+        c.want_final = true;
+        let mut x = inputs::<f16>(&c, &mut rng);
+        x.v = to_dtype(&x.v64.iter().map(|v| v.abs() + 1.0).collect::<Vec<_>>());
+        x.v64 = to_f64(&x.v);
+        let got = run_kernel(&dev, &c, &x);
+        assert!(got.o.iter().all(|v| v.is_finite()));
+        let s_max = got.s.iter().fold(0.0f32, |a, &b| a.max(b.abs()));
+        assert!(s_max > 65_504.0, "S must pass the f16 range (max {s_max})");
+        let (want, _) = reference(&c, &x);
+        let e = rel_l2_error(&got.o, want.data());
+        assert!(e < 1e-2, "{}: rel error {e:e}", dev.describe());
     }
 }
 

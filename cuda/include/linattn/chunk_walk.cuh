@@ -15,45 +15,20 @@
 // per-partition state pass (no outputs), the causal split read-out (start
 // from the partition's prefix state) and the non-causal read-out (fixed S).
 //
-// Arithmetic is fp32 in a fixed order for every dtype, so results are
-// bit-identical run to run. Where the shape allows (16-bit inputs, every size
-// a multiple of 16) the causal scores A (16-bit s phi(Q), phi(K), fp32
-// accumulation), A V (A masked, then rounded to 16-bit) and the state update
-// run on tensor cores (walk_mma.cuh); the denominator's row sums come from
-// the fp32 A, and s phi(Q) S, s phi(Q) z and z stay on fp32 FMA.
+// Arithmetic is fp32 FMA in a fixed order, so results are bit-identical run
+// to run. The f32 kernels run this walk; 16-bit inputs take the tensor-core
+// walk of linattn/walk_mma.cuh (same flags, same block coordinates).
 #pragma once
 #include <cstdint>
 #include "linattn/params.h"
 #include "linattn/dtype.cuh"
 #include "linattn/feature_map.cuh"
-#include "linattn/walk_mma.cuh"
+#include "linattn/walk_common.cuh"
 
 namespace linattn {
 
 constexpr int kWalkThreads = 256;
 constexpr int kScanThreads = 256;
-
-// Where one sequence's tokens are: batch index, first token, length.
-struct SeqRange {
-    int64_t batch;
-    int64_t start;
-    int64_t len;
-};
-
-__device__ __forceinline__ SeqRange seq_range(linattn_ptr cu_seqlens, int64_t s, int64_t tokens) {
-    SeqRange r;
-    if (cu_seqlens != 0) {
-        const int64_t* cu = ptr<const int64_t>(cu_seqlens);
-        r.batch = 0;
-        r.start = cu[s];
-        r.len = cu[s + 1] - cu[s];
-    } else {
-        r.batch = s;
-        r.start = 0;
-        r.len = tokens;
-    }
-    return r;
-}
 
 // Row stride (in floats) of the q/k chunk tiles: odd, so the rows that
 // neighbouring threads read in the score loop fall in different banks.
@@ -71,61 +46,33 @@ template <typename T>
 __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float* smem) {
     const int tid = threadIdx.x;
     const int nthreads = blockDim.x;
-    // 32-bit index math: the plan keeps seq-heads x tiles within the grid's
-    // 2^31 - 1 (64-bit division is a called subroutine on the GPU).
-    const unsigned bx = blockIdx.x;
-    const unsigned sh32 = bx / (unsigned)p.m_tiles;
-    const int tile = (int)(bx - sh32 * (unsigned)p.m_tiles);
-    const int64_t sh = sh32;
-    const int64_t seq = sh32 / (unsigned)p.heads;
-    const int64_t head = sh32 - (unsigned)seq * (unsigned)p.heads;
-    const int part = (int)blockIdx.y;
-    const SeqRange r = seq_range(p.cu_seqlens, seq, p.tokens);
-    const int64_t t_begin = (int64_t)part * p.part_len;
-    // Partitions past the end of a (shorter) sequence have nothing to do; the
-    // state combine never reads their slots. Partition 0 always runs so that an
-    // empty sequence still passes its initial state through.
-    if (part > 0 && t_begin >= r.len) return;
-    const int64_t t_end = r.len < t_begin + p.part_len ? r.len : t_begin + p.part_len;
+    const WalkBlock b = walk_block(p);
+    if (!b.active) return;
+    const int64_t t_begin = b.t_begin;
+    const int64_t t_end = b.t_end;
+    const SeqRange r = b.r;
+    const int64_t head = b.head;
 
     const int D = (int)p.d;
     const int M = (int)p.m;
     const int C = p.chunk;
     const int MT = p.m_tile;
     const int DP = padded_row(D);
-    const int m0 = tile * MT;
+    const int m0 = b.tile * MT;
     const int mt = M - m0 < MT ? M - m0 : MT;  // valid columns of this tile
-    const int64_t DM = (int64_t)D * M;
 
-    // Tensor-core path (16-bit inputs, D, C, MT multiples of 16): the 16-bit
-    // tiles come first, each a multiple of 512 bytes, so every wmma pointer
-    // below is 32-byte aligned (the fp32 tiles after them too: D, C, MT are
-    // multiples of 16).
-    const bool mma = use_walk_mma<T>(D, C, MT);
-    T* K16 = reinterpret_cast<T*>(smem);                 // C x D: phi(k)
-    T* V16 = K16 + (mma ? C * D : 0);                    // C x MT: v
-    T* Q16 = V16 + (mma ? C * MT : 0);                   // C x D: s * phi(q)
-    T* A16 = Q16 + (mma ? C * D : 0);                    // C x C: masked scores
-    float* Ss = reinterpret_cast<float*>(A16 + (mma ? C * C : 0));  // D x MT
+    float* Ss = smem;            // D x MT
     float* zs = Ss + D * MT;     // D
     float* Qs = zs + D;          // C x DP: s * phi(q)
     float* Ks = Qs + C * DP;     // C x DP: phi(k)
-    float* Vs = Ks + C * DP;     // C x MT: v (FMA path) / A V (tensor cores)
+    float* Vs = Ks + C * DP;     // C x MT: v
     float* As = Vs + C * MT;     // C x C scores
-    float* qz = As + C * C;      // C: s phi(q) . z (+ score row sums, tensor cores)
-    const bool mma_scores = mma && p.causal != 0 && p.write_output != 0;
+    float* qz = As + C * C;      // C: s phi(q) . z
 
     // ---- starting state -------------------------------------------------
-    const float* ls = nullptr;
-    const float* lz = nullptr;
-    if (p.state_load == LINATTN_STATE_INITIAL) {
-        ls = ptr<const float>(p.state_in_s) + sh * DM;
-        lz = ptr<const float>(p.state_in_z) + sh * D;
-    } else if (p.state_load == LINATTN_STATE_WORK_PART || p.state_load == LINATTN_STATE_WORK_TOTAL) {
-        const int64_t slot = sh * p.num_parts + (p.state_load == LINATTN_STATE_WORK_PART ? part : 0);
-        ls = ptr<const float>(p.work_s) + slot * DM;
-        lz = ptr<const float>(p.work_z) + slot * D;
-    }
+    const float* ls;
+    const float* lz;
+    walk_state_source(p, b, ls, lz);
     for (int i = tid; i < D * MT; i += nthreads) {
         const int d = i / MT, e = i % MT;
         Ss[i] = (ls != nullptr && e < mt) ? ls[(int64_t)d * M + m0 + e] : 0.0f;
@@ -149,32 +96,24 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
         if (out) {
             for (int i = tid; i < C * D; i += nthreads) {
                 const int row = i / D, x = i % D;
-                const float qx = row < rows ? phi(to_float(qb[(t0 + row) * p.q_token_stride + x]), fm) * p.scale : 0.0f;
-                Qs[row * DP + x] = qx;
-                if (mma_scores) Q16[i] = from_float<T>(qx);
+                Qs[row * DP + x] = row < rows ? phi(to_float(qb[(t0 + row) * p.q_token_stride + x]), fm) * p.scale : 0.0f;
             }
         }
         if (causal) {
             for (int i = tid; i < C * D; i += nthreads) {
                 const int row = i / D, x = i % D;
-                const float kx = row < rows ? phi(to_float(kb[(t0 + row) * p.k_token_stride + x]), fm) : 0.0f;
-                Ks[row * DP + x] = kx;
-                if (mma) K16[i] = from_float<T>(kx);
+                Ks[row * DP + x] = row < rows ? phi(to_float(kb[(t0 + row) * p.k_token_stride + x]), fm) : 0.0f;
             }
             for (int i = tid; i < C * MT; i += nthreads) {
                 const int row = i / MT, e = i % MT;
-                const float vx = (row < rows && e < mt) ? to_float(vb[(t0 + row) * p.v_token_stride + e]) : 0.0f;
-                if (mma) V16[i] = from_float<T>(vx);  // exact: v is already T
-                else Vs[i] = vx;
+                Vs[i] = (row < rows && e < mt) ? to_float(vb[(t0 + row) * p.v_token_stride + e]) : 0.0f;
             }
         }
         __syncthreads();
 
         if (out) {
             // ---- intra-chunk scores and the carried normaliser ----
-            if (mma_scores) {
-                scores_mma<T>(As, Q16, K16, D, C);
-            } else if (causal) {
+            if (causal) {
                 for (int i = tid; i < C * C; i += nthreads) {
                     const int ii = i / C, j = i % C;
                     As[i] = j <= ii ? dot_rows(Qs + ii * DP, Ks + j * DP, D) : 0.0f;
@@ -184,24 +123,6 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
                 for (int i = tid; i < C; i += nthreads) qz[i] = dot_rows(Qs + i * DP, zs, D);
             }
             __syncthreads();
-            if (mma_scores) {
-                // Mask, round A to T for A V (the lower block triangle is
-                // what scores_times_v_mma reads), and fold the fp32 row sums
-                // into the denominator; each qz[i] stays with its thread.
-                for (int i = tid; i < C * C; i += nthreads) {
-                    const int ii = i / C, j = i % C;
-                    if (j / 16 <= ii / 16) A16[i] = from_float<T>(j <= ii ? As[i] : 0.0f);
-                }
-                for (int i = tid; i < C; i += nthreads) {
-                    float den = norm ? qz[i] : 0.0f;
-                    const float* arow = As + i * C;
-                    for (int j = 0; j <= i; ++j) den += arow[j];
-                    qz[i] = den;
-                }
-                __syncthreads();
-                scores_times_v_mma<T>(Vs, A16, V16, C, MT);
-                __syncthreads();
-            }
             // ---- outputs of the chunk ----
             for (int i = tid; i < C * MT; i += nthreads) {
                 const int ii = i / MT, e = i % MT;
@@ -211,10 +132,7 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
 #pragma unroll 4
                 for (int d = 0; d < D; ++d) num = fmaf(qrow[d], Ss[d * MT + e], num);
                 float den = norm ? qz[ii] : 0.0f;
-                if (mma_scores) {
-                    num += Vs[ii * MT + e];  // A V from the tensor cores
-                    den = qz[ii];            // qz + row sums of A
-                } else if (causal) {
+                if (causal) {
                     const float* arow = As + ii * C;
                     for (int j = 0; j <= ii; ++j) {
                         num = fmaf(arow[j], Vs[j * MT + e], num);
@@ -229,11 +147,7 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
         }
 
         // ---- carry the chunk into the state ----
-        if (causal && mma) {
-            // Rows past the sequence end are zero in K16 and V16, so full
-            // 16-row steps add nothing for them.
-            state_update_mma<T>(Ss, K16, V16, D, C, MT);
-        } else if (causal) {
+        if (causal) {
             for (int i = tid; i < D * MT; i += nthreads) {
                 const int d = i / MT, e = i % MT;
                 float acc = Ss[i];
@@ -241,8 +155,6 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
                 for (int j = 0; j < rows; ++j) acc = fmaf(Ks[j * DP + d], Vs[j * MT + e], acc);
                 Ss[i] = acc;
             }
-        }
-        if (causal) {
             for (int d = tid; d < D; d += nthreads) {
                 float acc = zs[d];
                 for (int j = 0; j < rows; ++j) acc += Ks[j * DP + d];
@@ -253,22 +165,15 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
     }
 
     // ---- final state of the walk ----
-    if (p.state_store != LINATTN_STORE_NONE) {
-        float* ss;
-        float* sz;
-        if (p.state_store == LINATTN_STORE_FINAL) {
-            ss = ptr<float>(p.state_out_s) + sh * DM;
-            sz = ptr<float>(p.state_out_z) + sh * D;
-        } else {
-            const int64_t slot = sh * p.num_parts + part;
-            ss = ptr<float>(p.work_s) + slot * DM;
-            sz = ptr<float>(p.work_z) + slot * D;
-        }
+    float* ss;
+    float* sz;
+    walk_state_sink(p, b, ss, sz);
+    if (ss != nullptr) {
         for (int i = tid; i < D * MT; i += nthreads) {
             const int d = i / MT, e = i % MT;
             if (e < mt) ss[(int64_t)d * M + m0 + e] = Ss[i];
         }
-        if (tile == 0) {
+        if (b.tile == 0) {
             for (int d = tid; d < D; d += nthreads) sz[d] = zs[d];
         }
     }

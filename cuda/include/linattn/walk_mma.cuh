@@ -1,113 +1,379 @@
-// Tensor-core pieces of the chunk walk (linattn/chunk_walk.cuh), all on
-// nvcuda::wmma 16x16x16 fragments with fp32 accumulation: the causal scores
-// A = phi(Q_c) phi(K_c)^T (16-bit phi(Q), phi(K) tiles), the intra-chunk
-// numerators A V_c (A rounded to 16-bit after masking) and the state update
-// S (fp32, D x MT) += phi(K_c)^T V_c. Used for f16/bf16
-// inputs when D, the chunk C and the value tile MT are all multiples of 16;
-// the FMA loop covers every other case. Fragment tiles are walked in a fixed
-// order, so results stay bit-identical run to run.
+// The tensor-core chunk walk for 16-bit inputs (f16, bf16), the counterpart
+// of the fp32 FMA walk in linattn/chunk_walk.cuh with the same flags and the
+// same block coordinates (one block per sequence-head x value tile x
+// partition). Every product of a chunk runs on nvcuda::wmma 16x16x16
+// fragments with fp32 accumulation:
+//
+//   A   = (s phi(Q_c)) phi(K_c)^T, lower block triangle      (C x C, fp32)
+//   O   = (s phi(Q_c)) S16 + mask(A)16 V_c                     (C x MT, fp32)
+//   den = (s phi(Q_c)) . z + rowsum(mask(A))                   (fp32 FMA)
+//   S  += phi(K_c)^T V_c ;  z += colsum(phi(K_c))               (fp32)
+//
+// D is padded to a multiple of 16 (DP) and the value tile MT is a multiple
+// of 16, with zeros past D, past the tile's valid columns and past the
+// sequence end, so any D and M from 1 to 256 take this path.
+//
+// The fp32 state S[:, tile] never lives in shared memory: each warp keeps
+// its 16 x 16 tiles of it as accumulator fragments in registers for the
+// whole walk (at most kStateFrags per warp) and adds phi(K_c)^T V_c to them
+// in place. After each update a warp publishes its tiles as a 16-bit copy
+// S16 (through a 16 x 16 fp32 scratch of its own) for the next chunk's
+// phi(Q) S16 product; that rounding of S to the input precision is the only
+// one beyond rounding s phi(q), phi(k) and A to T. f16 covers too little
+// range for a state that grows with the sequence, so each f16 tile is scaled
+// by a power of two that maps its largest entry into [2^14, 2^15), and its
+// partial product is scaled back in fp32 (fragments of one type share their
+// element mapping, so the element-wise fix-up is exact). bf16 has fp32's
+// exponent range and is published unscaled.
+//
+// Per chunk: (1) write the previous chunk's outputs, load the chunk;
+// (2) scores, phi(Q) S16 into the output fragments, phi(Q) . z;
+// (3) mask and round A, row sums, z update; (4) A V into the output
+// fragments, outputs to shared memory, state update, S16 publish. Four
+// barriers; tiles and sums in a fixed order, so results are bit-identical
+// run to run.
+//
+// Shared memory, in this order (the plan's `walk_shared_bytes` mirrors it;
+// 16-bit row strides padded by 8 elements and fp32 ones by 4 against bank
+// conflicts, every wmma tile 32-byte aligned):
+//   Q16 C x (DP+8), K16 C x (DP+8), V16 C x (MT+8), S16 DP x (MT+8),
+//   A16 C x (C+8)                                                   [T]
+//   F   C x (max(C, MT)+4): the fp32 scores, then the chunk's outputs;
+//   scratch 8 warps x 16 x 16; z DP; den C; tile scales DP/16 x MT/16 [fp32]
 #pragma once
+#include <cstdint>
 #include <mma.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include "linattn/params.h"
+#include "linattn/dtype.cuh"
+#include "linattn/feature_map.cuh"
+#include "linattn/walk_common.cuh"
 
 namespace linattn {
 
-template <typename T> struct WalkMma { static constexpr bool available = false; };
-template <> struct WalkMma<__half> { static constexpr bool available = true; };
-template <> struct WalkMma<__nv_bfloat16> { static constexpr bool available = true; };
+// Accumulator fragments per warp for the state (8 warps: DP * MT <= 8192)
+// and for the chunk's outputs (C * MT <= 4096). The plan's tiling keeps
+// within both (`MMA_FRAGS_PER_WARP` in crates/kernels/src/ops/forward.rs).
+constexpr int kStateFrags = 4;
+constexpr int kOutFrags = 2;
+constexpr int kScratch = 16 * 16;
 
-// Mirrors `uses_mma` in crates/kernels/src/ops/forward.rs (shared memory sizing).
+__device__ __forceinline__ int round16(int x) { return (x + 15) & ~15; }
+
+template <typename T> struct MmaScaled { static constexpr bool value = false; };
+template <> struct MmaScaled<__half> { static constexpr bool value = true; };
+
+// Rounds one 16 x 16 fp32 state tile (in the warp's scratch) to T at `dst`
+// (ldm `ld`), scaled for f16; returns the factor that undoes the scaling.
 template <typename T>
-__device__ __forceinline__ bool use_walk_mma(int d, int chunk, int m_tile) {
-    return WalkMma<T>::available && d % 16 == 0 && chunk % 16 == 0 && m_tile % 16 == 0;
+__device__ __forceinline__ float publish_tile(const float* scratch, T* dst, int ld) {
+    const int lane = threadIdx.x & 31;
+    float inv = 1.0f, back = 1.0f;
+    if constexpr (MmaScaled<T>::value) {
+        float mx = 0.0f;
+        for (int i = lane; i < kScratch; i += 32) mx = fmaxf(mx, fabsf(scratch[i]));
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        if (mx > 0.0f && mx <= 3.0e38f) {
+            int e;
+            frexpf(mx, &e);  // mx < 2^e
+            e -= 15;
+            e = e < -100 ? -100 : (e > 100 ? 100 : e);
+            inv = ldexpf(1.0f, -e);
+            back = ldexpf(1.0f, e);
+        }
+    }
+    for (int i = lane; i < kScratch; i += 32) dst[(i / 16) * ld + (i % 16)] = from_float<T>(scratch[i] * inv);
+    return back;
 }
 
-// S[d][e] (row-major, ldm MT) += sum_j K16[j][d] * V16[j][e] over C rows;
-// one warp per 16 x 16 tile of S. K16 is C x D row-major (read as the
-// column-major A = K^T), V16 is C x MT row-major.
 template <typename T>
-__device__ __forceinline__ void state_update_mma(float* S, const T* K16, const T* V16, int D, int C, int MT) {
-    if constexpr (WalkMma<T>::available) {
-        using namespace nvcuda;
-        const int warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-        const int tiles_e = MT / 16, tiles = (D / 16) * tiles_e;
-        for (int t = warp; t < tiles; t += nwarps) {
-            const int d0 = (t / tiles_e) * 16, e0 = (t % tiles_e) * 16;
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::load_matrix_sync(acc, S + d0 * MT + e0, MT, wmma::mem_row_major);
+__device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, float* smem) {
+    using namespace nvcuda;
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int nwarps = blockDim.x >> 5;
+    const WalkBlock b = walk_block(p);
+    if (!b.active) return;
+
+    const int D = (int)p.d;
+    const int M = (int)p.m;
+    const int C = p.chunk;
+    const int MT = p.m_tile;
+    const int DP = round16(D);
+    const int m0 = b.tile * MT;
+    const int mt = M - m0 < MT ? M - m0 : MT;  // valid columns of this tile
+    const int LQ = DP + 8, LV = MT + 8, LA = C + 8;
+    const int LF = (C > MT ? C : MT) + 4;
+    const int tiles_e = MT / 16;
+    const int state_tiles = (DP / 16) * tiles_e;
+    const int out_tiles = (C / 16) * tiles_e;
+    // With tiles handed out as t = warp + k * nwarps, all of a warp's tiles
+    // sit in one 16-column strip when tiles_e divides the warp count: the
+    // strip's v (state update) and S16 (phi(Q) S) fragments are then loaded
+    // once per k-step and shared by the warp's tiles.
+    const bool shared_e = nwarps % tiles_e == 0;
+    const int e_own = (warp % tiles_e) * 16;
+    // f16 loads both operands per product: its per-tile scale fix-up needs
+    // the registers that sharing takes (ptxas spills on sm_90 otherwise).
+    const bool share = shared_e && !MmaScaled<T>::value;
+
+    T* Q16 = reinterpret_cast<T*>(smem);
+    T* K16 = Q16 + C * LQ;
+    T* V16 = K16 + C * LQ;
+    T* S16 = V16 + C * LV;
+    T* A16 = S16 + DP * LV;
+    float* F = reinterpret_cast<float*>(A16 + C * LA);
+    float* scratch = F + C * LF + warp * kScratch;
+    float* zs = F + C * LF + nwarps * kScratch;
+    float* den = zs + DP;
+    float* scales = den + C;
+
+    const bool causal = p.causal != 0;
+    const bool out = p.write_output != 0;
+    const bool norm = p.normalize != 0;
+    const bool scores = causal && out;
+    const int fm = p.feature_map;
+
+    // ---- starting state: fragments (via the scratch), S16 and z -----------
+    const float* ls = nullptr;
+    const float* lz = nullptr;
+    walk_state_source(p, b, ls, lz);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> st[kStateFrags];
+#pragma unroll
+    for (int k = 0; k < kStateFrags; ++k) {
+        const int t = warp + k * nwarps;
+        wmma::fill_fragment(st[k], 0.0f);
+        if (t >= state_tiles) continue;
+        const int d0 = (t / tiles_e) * 16, e0 = (t % tiles_e) * 16;
+        for (int i = lane; i < kScratch; i += 32) {
+            const int d = d0 + i / 16, e = e0 + i % 16;
+            scratch[i] = (ls != nullptr && d < D && e < mt) ? ls[(int64_t)d * M + m0 + e] : 0.0f;
+        }
+        __syncwarp();
+        wmma::load_matrix_sync(st[k], scratch, 16, wmma::mem_row_major);
+        if (out) {
+            const float back = publish_tile<T>(scratch, S16 + d0 * LV + e0, LV);
+            if (lane == 0) scales[t] = back;
+        }
+        __syncwarp();
+    }
+    for (int d = tid; d < DP; d += blockDim.x) zs[d] = (lz != nullptr && d < D) ? lz[d] : 0.0f;
+    __syncthreads();
+
+    const T* qb = ptr<const T>(p.q) + b.r.batch * p.q_batch_stride + b.head * p.q_head_stride;
+    const T* kb = ptr<const T>(p.k) + b.r.batch * p.k_batch_stride + b.head * p.k_head_stride;
+    const T* vb = ptr<const T>(p.v) + b.r.batch * p.v_batch_stride + b.head * p.v_head_stride + m0;
+    T* ob = ptr<T>(p.o) + b.r.batch * p.o_batch_stride + b.head * p.o_head_stride + m0;
+
+    // Writes one finished chunk (outputs in F, denominators in den).
+    auto write_outputs = [&](int64_t t0, int rows) {
+        for (int row = warp; row < rows; row += nwarps) {
+            const float dn = den[row] + p.eps;
+            T* orow = ob + (t0 + row) * p.o_token_stride;
+            for (int e = lane; e < mt; e += 32) {
+                const float num = F[row * LF + e];
+                // __fdividef: no IEEE slow-path call, 2 ulp.
+                orow[e] = from_float<T>(norm ? __fdividef(num, dn) : num);
+            }
+        }
+    };
+
+    int64_t pending_t0 = 0;
+    int pending_rows = 0;
+    for (int64_t c0 = b.t_begin; c0 < b.t_end; c0 += C) {
+        const int rows = (int)(b.t_end - c0 < C ? b.t_end - c0 : C);
+        const int64_t t0 = b.r.start + c0;
+        // ---- (1) the previous chunk's outputs; load this chunk, zero-padded
+        if (pending_rows > 0) write_outputs(pending_t0, pending_rows);
+        for (int row = warp; row < C; row += nwarps) {
+            const bool live = row < rows;
+            if (out) {
+                const T* src = qb + (t0 + row) * p.q_token_stride;
+                for (int x = lane; x < DP; x += 32)
+                    Q16[row * LQ + x] = from_float<T>(live && x < D ? phi(to_float(src[x]), fm) * p.scale : 0.0f);
+            }
+            if (causal) {
+                const T* ksrc = kb + (t0 + row) * p.k_token_stride;
+                for (int x = lane; x < DP; x += 32)
+                    K16[row * LQ + x] = from_float<T>(live && x < D ? phi(to_float(ksrc[x]), fm) : 0.0f);
+                const T* vsrc = vb + (t0 + row) * p.v_token_stride;
+                for (int e = lane; e < MT; e += 32)
+                    V16[row * LV + e] = (live && e < mt) ? vsrc[e] : from_float<T>(0.0f);
+            }
+        }
+        __syncthreads();
+
+        // ---- (2) scores, phi(Q) S16 into the output fragments, phi(Q) . z
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kOutFrags];
+#pragma unroll
+        for (int k = 0; k < kOutFrags; ++k) wmma::fill_fragment(acc[k], 0.0f);
+        if (out) {
+#pragma unroll 1
+            for (int x0 = 0; x0 < DP; x0 += 16) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> s;
+                if (share) wmma::load_matrix_sync(s, S16 + x0 * LV + e_own, LV);
+#pragma unroll
+                for (int k = 0; k < kOutFrags; ++k) {
+                    const int t = warp + k * nwarps;
+                    if (t >= out_tiles) continue;
+                    const int i0 = (t / tiles_e) * 16, e0 = (t % tiles_e) * 16;
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+                    wmma::load_matrix_sync(a, Q16 + i0 * LQ + x0, LQ);
+                    if (!share) wmma::load_matrix_sync(s, S16 + x0 * LV + e0, LV);
+                    if constexpr (MmaScaled<T>::value) {
+                        wmma::fragment<wmma::accumulator, 16, 16, 16, float> part;
+                        wmma::fill_fragment(part, 0.0f);
+                        wmma::mma_sync(part, a, s, part);
+                        const float back = scales[(x0 / 16) * tiles_e + e0 / 16];
+                        for (int i = 0; i < part.num_elements; ++i) acc[k].x[i] = fmaf(part.x[i], back, acc[k].x[i]);
+                    } else {
+                        wmma::mma_sync(acc[k], a, s, acc[k]);
+                    }
+                }
+            }
+        }
+        if (scores) {
+            const int tc = C / 16, tiles = tc * (tc + 1) / 2;
+            for (int t = warp; t < tiles; t += nwarps) {
+                int bi = 0;  // t -> (bi, bj), bj <= bi, row by row of the lower triangle
+                while ((bi + 1) * (bi + 2) / 2 <= t) ++bi;
+                const int bj = t - bi * (bi + 1) / 2;
+                wmma::fragment<wmma::accumulator, 16, 16, 16, float> a_ij;
+                wmma::fill_fragment(a_ij, 0.0f);
+                #pragma unroll 1
+                for (int x0 = 0; x0 < DP; x0 += 16) {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kt;
+                    wmma::load_matrix_sync(a, Q16 + bi * 16 * LQ + x0, LQ);
+                    wmma::load_matrix_sync(kt, K16 + bj * 16 * LQ + x0, LQ);
+                    wmma::mma_sync(a_ij, a, kt, a_ij);
+                }
+                wmma::store_matrix_sync(F + bi * 16 * LF + bj * 16, a_ij, LF, wmma::mem_row_major);
+            }
+        }
+        if (out) {
+            // den[i] = s phi(q_i) . z: four lanes per row, fixed-order combine.
+            for (int i = tid >> 2; i < C; i += blockDim.x >> 2) {
+                float acc_z = 0.0f;
+                if (norm) {
+                    for (int x = tid & 3; x < DP; x += 4) acc_z = fmaf(to_float(Q16[i * LQ + x]), zs[x], acc_z);
+                }
+                acc_z += __shfl_xor_sync(0xffffffffu, acc_z, 1);
+                acc_z += __shfl_xor_sync(0xffffffffu, acc_z, 2);
+                if ((tid & 3) == 0) den[i] = acc_z;
+            }
+        }
+        __syncthreads();
+
+        // ---- (3) mask and round A, its row sums; z += colsum(phi(K)) -----
+        if (scores) {
+            // Row i, quarter q of the columns: four lanes per row again.
+            const int tc = C / 4;
+            for (int i = tid >> 2; i < C; i += blockDim.x >> 2) {
+                const int j0 = (tid & 3) * tc;
+                float sum = 0.0f;
+                for (int j = j0; j < j0 + tc; ++j) {
+                    if (j / 16 > i / 16) break;  // A V reads the lower block triangle only
+                    const float aij = j <= i ? F[i * LF + j] : 0.0f;
+                    sum += aij;
+                    A16[i * LA + j] = from_float<T>(aij);
+                }
+                sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+                sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+                if ((tid & 3) == 0) den[i] += sum;
+            }
+        }
+        if (causal) {
+            for (int d = tid; d < DP; d += blockDim.x) {
+                float acc_z = zs[d];
+                for (int j = 0; j < rows; ++j) acc_z += to_float(K16[j * LQ + d]);
+                zs[d] = acc_z;
+            }
+        }
+        __syncthreads();
+
+        // ---- (4) A V into the output fragments, outputs to F; S += K^T V --
+        if (out) {
+#pragma unroll
+            for (int k = 0; k < kOutFrags; ++k) {
+                const int t = warp + k * nwarps;
+                if (t >= out_tiles) continue;
+                const int bi = t / tiles_e, e0 = (t % tiles_e) * 16;
+                if (scores) {
+                    #pragma unroll 1
+                    for (int bj = 0; bj <= bi; ++bj) {
+                        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+                        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> v;
+                        wmma::load_matrix_sync(a, A16 + bi * 16 * LA + bj * 16, LA);
+                        wmma::load_matrix_sync(v, V16 + bj * 16 * LV + e0, LV);
+                        wmma::mma_sync(acc[k], a, v, acc[k]);
+                    }
+                }
+                wmma::store_matrix_sync(F + bi * 16 * LF + e0, acc[k], LF, wmma::mem_row_major);
+            }
+        }
+        if (causal) {
+            // Rows past the sequence end are zero in K16 and V16.
+#pragma unroll 1
             for (int j0 = 0; j0 < C; j0 += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-                wmma::load_matrix_sync(a, K16 + j0 * D + d0, D);
-                wmma::load_matrix_sync(b, V16 + j0 * MT + e0, MT);
-                wmma::mma_sync(acc, a, b, acc);
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> v;
+                if (share) wmma::load_matrix_sync(v, V16 + j0 * LV + e_own, LV);
+#pragma unroll
+                for (int k = 0; k < kStateFrags; ++k) {
+                    const int t = warp + k * nwarps;
+                    if (t >= state_tiles) continue;
+                    const int d0 = (t / tiles_e) * 16, e0 = (t % tiles_e) * 16;
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> kt;
+                    wmma::load_matrix_sync(kt, K16 + j0 * LQ + d0, LQ);
+                    if (!share) wmma::load_matrix_sync(v, V16 + j0 * LV + e0, LV);
+                    wmma::mma_sync(st[k], kt, v, st[k]);
+                }
             }
-            wmma::store_matrix_sync(S + d0 * MT + e0, acc, MT, wmma::mem_row_major);
+            if (out) {
+#pragma unroll
+                for (int k = 0; k < kStateFrags; ++k) {
+                    const int t = warp + k * nwarps;
+                    if (t >= state_tiles) continue;
+                    const int d0 = (t / tiles_e) * 16, e0 = (t % tiles_e) * 16;
+                    wmma::store_matrix_sync(scratch, st[k], 16, wmma::mem_row_major);
+                    __syncwarp();
+                    const float back = publish_tile<T>(scratch, S16 + d0 * LV + e0, LV);
+                    if (lane == 0) scales[t] = back;
+                    __syncwarp();
+                }
+            }
         }
-    } else {
-        (void)S; (void)K16; (void)V16; (void)D; (void)C; (void)MT;
+        __syncthreads();
+        if (out) {
+            pending_t0 = t0;
+            pending_rows = rows;
+        }
     }
-}
+    if (pending_rows > 0) write_outputs(pending_t0, pending_rows);
 
-// Causal scores of one chunk, lower block triangle only: A[i][j] (fp32, C x
-// C, ldm C) = sum_x Q16[i][x] * K16[j][x] for the 16 x 16 tiles with block
-// row >= block column; one warp per tile. Q16 and K16 are C x D row-major
-// (K16 read as the column-major B = K^T). Tiles above the diagonal are not
-// written (the readers never look at them).
-template <typename T>
-__device__ __forceinline__ void scores_mma(float* A, const T* Q16, const T* K16, int D, int C) {
-    if constexpr (WalkMma<T>::available) {
-        using namespace nvcuda;
-        const int warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-        const int tc = C / 16, tiles = tc * (tc + 1) / 2;
-        for (int t = warp; t < tiles; t += nwarps) {
-            // t -> (bi, bj) with bj <= bi, row by row of the lower triangle.
-            int bi = 0;
-            while ((bi + 1) * (bi + 2) / 2 <= t) ++bi;
-            const int bj = t - bi * (bi + 1) / 2;
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-            for (int x0 = 0; x0 < D; x0 += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-                wmma::load_matrix_sync(a, Q16 + bi * 16 * D + x0, D);
-                wmma::load_matrix_sync(b, K16 + bj * 16 * D + x0, D);
-                wmma::mma_sync(acc, a, b, acc);
+    // ---- final state of the walk --------------------------------------------
+    float* ss = nullptr;
+    float* sz = nullptr;
+    walk_state_sink(p, b, ss, sz);
+    if (ss != nullptr) {
+#pragma unroll
+        for (int k = 0; k < kStateFrags; ++k) {
+            const int t = warp + k * nwarps;
+            if (t >= state_tiles) continue;
+            const int d0 = (t / tiles_e) * 16, e0 = (t % tiles_e) * 16;
+            wmma::store_matrix_sync(scratch, st[k], 16, wmma::mem_row_major);
+            __syncwarp();
+            for (int i = lane; i < kScratch; i += 32) {
+                const int d = d0 + i / 16, e = e0 + i % 16;
+                if (d < D && e < mt) ss[(int64_t)d * M + m0 + e] = scratch[i];
             }
-            wmma::store_matrix_sync(A + bi * 16 * C + bj * 16, acc, C, wmma::mem_row_major);
+            __syncwarp();
         }
-    } else {
-        (void)A; (void)Q16; (void)K16; (void)D; (void)C;
-    }
-}
-
-// Intra-chunk numerators O (fp32, C x MT, ldm MT) = A16 V16 over the lower
-// block triangle: O[i][e] = sum_{j-block <= i-block} A16[i][j] * V16[j][e],
-// one warp per 16 x 16 output tile, j-blocks in increasing order. A16 is the
-// masked C x C score matrix rounded to T (zero above the diagonal inside the
-// diagonal blocks), V16 is C x MT row-major.
-template <typename T>
-__device__ __forceinline__ void scores_times_v_mma(float* O, const T* A16, const T* V16, int C, int MT) {
-    if constexpr (WalkMma<T>::available) {
-        using namespace nvcuda;
-        const int warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-        const int tiles_e = MT / 16, tiles = (C / 16) * tiles_e;
-        for (int t = warp; t < tiles; t += nwarps) {
-            const int bi = t / tiles_e, e0 = (t % tiles_e) * 16;
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-            for (int bj = 0; bj <= bi; ++bj) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-                wmma::load_matrix_sync(a, A16 + bi * 16 * C + bj * 16, C);
-                wmma::load_matrix_sync(b, V16 + bj * 16 * MT + e0, MT);
-                wmma::mma_sync(acc, a, b, acc);
-            }
-            wmma::store_matrix_sync(O + bi * 16 * MT + e0, acc, MT, wmma::mem_row_major);
+        if (b.tile == 0) {
+            for (int d = tid; d < D; d += blockDim.x) sz[d] = zs[d];
         }
-    } else {
-        (void)O; (void)A16; (void)V16; (void)C; (void)MT;
     }
 }
 

@@ -275,59 +275,76 @@ pub struct Tiling {
     pub m_tiles: usize,
 }
 
-/// Whether the walk runs its chunk products on tensor cores (the causal
-/// scores, `A V` and the state update; `phi(Q) S` stays on FMA): 16-bit
-/// inputs and D, chunk and value tile all multiples of 16 (mirrors
-/// `use_walk_mma` in `cuda/include/linattn/walk_mma.cuh`). Otherwise, and
-/// for f32, every product runs on fp32 FMA.
-pub fn uses_mma(dtype: DType, d: usize, chunk: usize, m_tile: usize) -> bool {
-    dtype != DType::F32 && d % 16 == 0 && chunk % 16 == 0 && m_tile % 16 == 0
+/// Whether the walk runs its chunk products on tensor cores: every 16-bit
+/// input does (`chunk_walk_mma` in `cuda/include/linattn/walk_mma.cuh`, D
+/// padded to a multiple of 16 inside the kernel); f32 runs the fp32 FMA walk.
+pub fn uses_mma(dtype: DType) -> bool {
+    dtype != DType::F32
 }
 
+/// Warps per walk block.
+const WARPS: usize = THREADS as usize / 32;
+/// The tensor-core walk keeps the fp32 state as accumulator fragments, at
+/// most this many 16 x 16 tiles per warp (`kStateFrags`): `DP * m_tile <=
+/// 4 * 8 * 256`, which with the output fragments keeps the kernel within
+/// its 128 registers.
+pub const MMA_STATE_FRAGS: usize = 4;
+/// Output accumulator fragments per warp of the tensor-core walk
+/// (`kOutFrags`): `chunk * m_tile <= 2 * 8 * 256`.
+pub const MMA_OUT_FRAGS: usize = 2;
+
 /// Dynamic shared memory of one walk block in bytes, in the order the
-/// kernel carves it: on the tensor-core path 16-bit phi(k), v, s*phi(q) and
-/// masked-score tiles, then the fp32 S slice, z, phi(q) and phi(k) tiles (odd
-/// row stride), v tile (the `A V` result on the tensor-core path), scores
-/// and normaliser.
+/// kernel carves it. Tensor-core walk (16-bit, `DP` = d rounded up to 16):
+/// 16-bit s*phi(q), phi(k) (C x DP+8 each), v (C x MT+8), the state copy
+/// (DP x MT+8) and masked scores (C x C+8), then fp32 scores/outputs (C x
+/// max(C, MT)+4), a 16 x 16 scratch per warp, z (DP), denominators (C) and
+/// the per-tile state scales. fp32 walk: the S slice, z, phi(q) and phi(k)
+/// tiles (odd row stride), v, scores and normaliser.
 pub fn walk_shared_bytes(dtype: DType, d: usize, chunk: usize, m_tile: usize) -> usize {
-    let dp = d | 1;
-    let floats = d * m_tile + d + 2 * chunk * dp + chunk * m_tile + chunk * chunk + chunk;
-    let halves = if uses_mma(dtype, d, chunk, m_tile) {
-        2 * chunk * d + chunk * m_tile + chunk * chunk
+    if uses_mma(dtype) {
+        let dp = d.next_multiple_of(16);
+        let halves = 2 * chunk * (dp + 8) + chunk * (m_tile + 8) + dp * (m_tile + 8) + chunk * (chunk + 8);
+        let floats = chunk * (chunk.max(m_tile) + 4) + WARPS * 256 + dp + chunk + (dp / 16) * m_tile.div_ceil(16);
+        halves * 2 + floats * 4
     } else {
-        0
-    };
-    floats * 4 + halves * 2
+        let dp = d | 1;
+        let floats = d * m_tile + d + 2 * chunk * dp + chunk * m_tile + chunk * chunk + chunk;
+        floats * 4
+    }
 }
 
 /// The tiling for key size `d` and value size `m` (both in 1..=256).
 ///
-/// Largest chunk first (fewer, larger products; less redundant score work per
-/// value tile), as long as a value tile of at least `min(m, 32)` columns still
-/// fits; value tiles are then balanced so none is nearly empty. For 16-bit
-/// inputs with `d` a multiple of 16, value tiles are multiples of 16 so the
-/// state update runs on tensor cores.
+/// Tensor-core walk (16-bit inputs): the fewest value tiles first (each
+/// tile recomputes the chunk's scores and reloads q and k), then the largest
+/// chunk; value tiles are multiples of 16 and within the per-warp fragment
+/// limits ([`MMA_STATE_FRAGS`], [`MMA_OUT_FRAGS`]).
+///
+/// fp32 walk: largest chunk first (fewer, larger products; less redundant
+/// score work per value tile), as long as a value tile of at least `min(m,
+/// 32)` columns still fits; value tiles are then balanced so none is nearly
+/// empty.
 pub fn tiling(dtype: DType, d: usize, m: usize) -> Tiling {
     let fits = |chunk, mt| walk_shared_bytes(dtype, d, chunk, mt) <= SHARED_BUDGET_BYTES;
-    if dtype != DType::F32 && d % 16 == 0 {
-        // Tensor-core tiling: the largest chunk whose 16-multiple value tile
-        // of at least min(m, 32) (rounded up to 16) columns fits.
-        let want = m.min(32).next_multiple_of(16);
-        for chunk in [64usize, 32, 16] {
-            let mt16 = (1..=m.div_ceil(16))
-                .rev()
-                .map(|k| 16 * k)
-                .find(|&mt| fits(chunk, mt));
-            if let Some(mt16) = mt16.filter(|&mt| mt >= want || chunk == 16) {
-                let m_tiles = m.div_ceil(mt16);
-                let m_tile = m.div_ceil(m_tiles).next_multiple_of(16);
-                return Tiling {
-                    chunk,
-                    m_tile,
-                    m_tiles,
-                };
+    if uses_mma(dtype) {
+        let dp = d.next_multiple_of(16);
+        let frag = WARPS * 256;
+        for mt in (16..=m.next_multiple_of(16)).rev().step_by(16) {
+            if dp * mt > MMA_STATE_FRAGS * frag {
+                continue;
+            }
+            for chunk in [64usize, 32, 16] {
+                if chunk * mt <= MMA_OUT_FRAGS * frag && fits(chunk, mt) {
+                    let m_tiles = m.div_ceil(mt);
+                    return Tiling {
+                        chunk,
+                        m_tile: m.div_ceil(m_tiles).next_multiple_of(16),
+                        m_tiles,
+                    };
+                }
             }
         }
+        unreachable!("chunk 16 with a 16-column value tile fits for every d <= 256");
     }
     for chunk in [64usize, 32, 16, 8] {
         if !fits(chunk, 1) {
@@ -338,11 +355,7 @@ pub fn tiling(dtype: DType, d: usize, m: usize) -> Tiling {
             continue;
         }
         let m_tiles = m.div_ceil(mt_max);
-        let mut m_tile = m.div_ceil(m_tiles);
-        // Not a tensor-core tiling: keep the kernel's predicate false too.
-        if uses_mma(dtype, d, chunk, m_tile) {
-            m_tile -= 1;
-        }
+        let m_tile = m.div_ceil(m_tiles);
         return Tiling {
             chunk,
             m_tile,
@@ -1337,13 +1350,15 @@ mod tests {
                     let t = tiling(dtype, d, m);
                     let bytes = walk_shared_bytes(dtype, d, t.chunk, t.m_tile);
                     assert!(bytes <= SHARED_BUDGET_BYTES, "d {d} m {m}: {t:?}");
-                    assert!(t.m_tile >= 1 && t.m_tile <= m.next_multiple_of(16));
+                    assert_eq!(t.m_tile % 16, 0, "d {d} m {m}: {t:?}");
+                    assert_eq!(t.chunk % 16, 0, "d {d} m {m}: {t:?}");
+                    assert!(t.m_tile <= m.next_multiple_of(16));
                     assert_eq!(t.m_tiles, m.div_ceil(t.m_tile), "d {d} m {m}");
                     assert!((t.m_tiles - 1) * t.m_tile < m);
-                    // Tensor cores wherever D allows 16-row tiles (and they fit).
-                    if d % 16 == 0 && d <= 128 {
-                        assert!(uses_mma(dtype, d, t.chunk, t.m_tile), "d {d} m {m}: {t:?}");
-                    }
+                    // Within the kernel's per-warp fragment arrays.
+                    let frags = |rows: usize| (rows / 16) * (t.m_tile / 16);
+                    assert!(frags(d.next_multiple_of(16)) <= MMA_STATE_FRAGS * WARPS, "{t:?}");
+                    assert!(frags(t.chunk) <= MMA_OUT_FRAGS * WARPS, "{t:?}");
                 }
                 let t = tiling(DType::F32, d, m);
                 let bytes = walk_shared_bytes(DType::F32, d, t.chunk, t.m_tile);
@@ -1360,32 +1375,28 @@ mod tests {
         }
         assert_eq!(tiling(DType::F32, 16, 16).chunk, 64);
         assert_eq!(tiling(DType::F32, 64, 64).m_tiles, 1);
-        assert!(!uses_mma(DType::F32, 64, 64, 64));
     }
 
     #[test]
     fn tensor_core_policy() {
-        // 16-bit inputs with D, chunk and value tile multiples of 16 only.
+        assert!(uses_mma(DType::F16) && uses_mma(DType::Bf16));
+        assert!(!uses_mma(DType::F32));
+        // The first anchor shape (D = M = 128): chunk 64, two 64-column
+        // value tiles (the state fragments cap D * MT at 8192).
         for dtype in [DType::F16, DType::Bf16] {
-            assert!(uses_mma(dtype, 64, 32, 32));
-            assert!(uses_mma(dtype, 128, 16, 32));
-            assert!(!uses_mma(dtype, 17, 32, 32));
-            assert!(!uses_mma(dtype, 64, 8, 32));
-            assert!(!uses_mma(dtype, 64, 32, 24));
-            // The extra 16-bit tiles: phi(k), v, s*phi(q) and the scores.
-            assert_eq!(
-                walk_shared_bytes(dtype, 64, 32, 32),
-                walk_shared_bytes(DType::F32, 64, 32, 32) + 2 * (2 * 32 * 64 + 32 * 32 + 32 * 32)
-            );
+            let t = tiling(dtype, 128, 128);
+            assert_eq!((t.chunk, t.m_tile, t.m_tiles), (64, 64, 2));
+            // D = M = 64: one value tile, chunk 64.
+            let t = tiling(dtype, 64, 64);
+            assert_eq!((t.chunk, t.m_tile, t.m_tiles), (64, 64, 1));
+            // D not a multiple of 16 is padded, not sent to the fp32 walk.
+            let t = tiling(dtype, 17, 5);
+            assert_eq!((t.chunk, t.m_tile, t.m_tiles), (64, 16, 1));
         }
-        assert!(!uses_mma(DType::F32, 64, 32, 32));
-        assert_eq!(
-            walk_shared_bytes(DType::F16, 64, 32, 24),
-            walk_shared_bytes(DType::F32, 64, 32, 24)
-        );
-        // The first anchor shape (D = M = 128) runs on tensor cores.
-        let t = tiling(DType::Bf16, 128, 128);
-        assert!(uses_mma(DType::Bf16, 128, t.chunk, t.m_tile), "{t:?}");
+        // The layout the kernel carves at D = M = 128, chunk 64, tile 64.
+        let halves = 2 * 64 * 136 + 64 * 72 + 128 * 72 + 64 * 72;
+        let floats = 64 * 68 + 8 * 256 + 128 + 64 + 8 * 4;
+        assert_eq!(walk_shared_bytes(DType::Bf16, 128, 64, 64), halves * 2 + floats * 4);
     }
 
     #[test]
