@@ -296,7 +296,13 @@ fn check_case<T: Element>(dev: &Device, c: &Case, rng: &mut Rng) -> Outputs {
         let tol = if exact { 1e-5 } else { 1e-2 };
         let (es, ez) = (rel_l2_error(&gs, &s), rel_l2_error(&gz, &z));
         if std::env::var_os("LINATTN_PRINT_ERRORS").is_some() {
-            eprintln!("STATE ERR {:?} d {} m {} {:?}: S {es:e} z {ez:e}", T::DTYPE, c.d, c.m, c.map);
+            eprintln!(
+                "STATE ERR {:?} d {} m {} {:?}: S {es:e} z {ez:e}",
+                T::DTYPE,
+                c.d,
+                c.m,
+                c.map
+            );
         }
         assert!(
             es < tol && ez < tol,
@@ -402,7 +408,13 @@ fn tensor_core_chunks_match_reference() {
             (Kind::Causal, 32, 48, 0, ScheduleChoice::Split { parts: 2 }),
             (Kind::Causal, 128, 128, 7, ScheduleChoice::Auto),
             (Kind::Causal, 17, 5, 3, ScheduleChoice::Walk),
-            (Kind::Causal, 100, 130, 1, ScheduleChoice::Split { parts: 3 }),
+            (
+                Kind::Causal,
+                100,
+                130,
+                1,
+                ScheduleChoice::Split { parts: 3 },
+            ),
             (Kind::Causal, 256, 256, 0, ScheduleChoice::Walk),
             (Kind::NonCausal, 40, 72, 9, ScheduleChoice::Auto),
         ] {

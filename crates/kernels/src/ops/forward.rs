@@ -303,8 +303,13 @@ pub const MMA_OUT_FRAGS: usize = 2;
 pub fn walk_shared_bytes(dtype: DType, d: usize, chunk: usize, m_tile: usize) -> usize {
     if uses_mma(dtype) {
         let dp = d.next_multiple_of(16);
-        let halves = 2 * chunk * (dp + 8) + chunk * (m_tile + 8) + dp * (m_tile + 8) + chunk * (chunk + 8);
-        let floats = chunk * (chunk.max(m_tile) + 4) + WARPS * 256 + dp + chunk + (dp / 16) * m_tile.div_ceil(16);
+        let halves =
+            2 * chunk * (dp + 8) + chunk * (m_tile + 8) + dp * (m_tile + 8) + chunk * (chunk + 8);
+        let floats = chunk * (chunk.max(m_tile) + 4)
+            + WARPS * 256
+            + dp
+            + chunk
+            + (dp / 16) * m_tile.div_ceil(16);
         halves * 2 + floats * 4
     } else {
         let dp = d | 1;
@@ -1357,7 +1362,10 @@ mod tests {
                     assert!((t.m_tiles - 1) * t.m_tile < m);
                     // Within the kernel's per-warp fragment arrays.
                     let frags = |rows: usize| (rows / 16) * (t.m_tile / 16);
-                    assert!(frags(d.next_multiple_of(16)) <= MMA_STATE_FRAGS * WARPS, "{t:?}");
+                    assert!(
+                        frags(d.next_multiple_of(16)) <= MMA_STATE_FRAGS * WARPS,
+                        "{t:?}"
+                    );
                     assert!(frags(t.chunk) <= MMA_OUT_FRAGS * WARPS, "{t:?}");
                 }
                 let t = tiling(DType::F32, d, m);
@@ -1396,7 +1404,10 @@ mod tests {
         // The layout the kernel carves at D = M = 128, chunk 64, tile 64.
         let halves = 2 * 64 * 136 + 64 * 72 + 128 * 72 + 64 * 72;
         let floats = 64 * 68 + 8 * 256 + 128 + 64 + 8 * 4;
-        assert_eq!(walk_shared_bytes(DType::Bf16, 128, 64, 64), halves * 2 + floats * 4);
+        assert_eq!(
+            walk_shared_bytes(DType::Bf16, 128, 64, 64),
+            halves * 2 + floats * 4
+        );
     }
 
     #[test]
