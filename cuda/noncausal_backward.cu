@@ -9,10 +9,11 @@
 //   noncausal_backward_dq_<t>:   dq;             grid: seq-heads x D tiles.
 //   noncausal_backward_dk_<t>:   dk, dS0, dz0;   grid: seq-heads x D tiles.
 //   noncausal_backward_dv_<t>:   dv;             grid: seq-heads x M tiles.
-// Block: 256 threads; dynamic shared memory as sized by the plan (<= 48 KiB).
+// Block: 256 threads; dynamic shared memory as sized by the plan
+// (<= SHARED_BUDGET_BYTES = 99 KiB; the executor opts in above 48 KiB).
 #include <cstdint>
 #include "linattn/params.h"
-#include "linattn/backward_walk.cuh"
+#include "linattn/backward_mma.cuh"
 
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_prep_f32(const LinattnBackwardParams p) {
     extern __shared__ float smem[];
