@@ -1,11 +1,13 @@
 // noncausal_backward.cu: gradients of non-causal linear attention: dq, dk, dv and
 // the initial state's gradient, feature map and normaliser differentiated
-// inside, fp32 accumulation for every dtype, deterministic (no atomics).
+// inside, fp32 accumulation for every dtype (wmma tensor cores for f16/bf16),
+// deterministic (no atomics).
 //
-// Launches, in order (plan: crates/kernels/src/ops/backward.rs; bodies and
-// math: linattn/backward_walk.cuh):
+// Launches, in order (plan: crates/kernels/src/ops/backward.rs; math and
+// fp32 FMA bodies: linattn/backward_walk.cuh; tensor-core bodies for
+// f16/bf16: linattn/backward_mma.cuh):
 //   noncausal_backward_prep_<t>: den_i, d den_i per token (normalised only);
-//       grid: seq-heads.
+//       grid: seq-heads x M tiles.
 //   noncausal_backward_dq_<t>:   dq;             grid: seq-heads x D tiles.
 //   noncausal_backward_dk_<t>:   dk, dS0, dz0;   grid: seq-heads x D tiles.
 //   noncausal_backward_dv_<t>:   dv;             grid: seq-heads x M tiles.

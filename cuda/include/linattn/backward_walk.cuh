@@ -26,8 +26,11 @@
 // run the same bodies: a first sweep sums the whole sequence's state, the
 // second sweep reads it out with no intra-chunk terms.
 //
-// Arithmetic is fp32 FMA in a fixed order for every dtype, so results are
-// bit-identical run to run (no atomics).
+// This file has the shared helpers and the fp32 FMA bodies (prep_fma,
+// dqk_fma for dq and dk, dv_fma), used for fp32 inputs; f16/bf16 run the
+// tensor-core bodies of linattn/backward_mma.cuh, which also dispatches.
+// Every body works in a fixed order, so results are bit-identical run to
+// run (no atomics).
 #pragma once
 #include <cstdint>
 #include "linattn/params.h"
