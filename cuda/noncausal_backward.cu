@@ -1,18 +1,21 @@
 // noncausal_backward.cu: gradients of non-causal linear attention: dq, dk, dv and
 // the initial state's gradient, feature map and normaliser differentiated
-// inside, fp32 accumulation for every dtype, deterministic (no atomics).
+// inside, fp32 accumulation for every dtype (wmma tensor cores for f16/bf16),
+// deterministic (no atomics).
 //
-// Launches, in order (plan: crates/kernels/src/ops/backward.rs; bodies and
-// math: linattn/backward_walk.cuh):
+// Launches, in order (plan: crates/kernels/src/ops/backward.rs; math and
+// fp32 FMA bodies: linattn/backward_walk.cuh; tensor-core bodies for
+// f16/bf16: linattn/backward_mma.cuh):
 //   noncausal_backward_prep_<t>: den_i, d den_i per token (normalised only);
-//       grid: seq-heads.
+//       grid: seq-heads x M tiles.
 //   noncausal_backward_dq_<t>:   dq;             grid: seq-heads x D tiles.
 //   noncausal_backward_dk_<t>:   dk, dS0, dz0;   grid: seq-heads x D tiles.
 //   noncausal_backward_dv_<t>:   dv;             grid: seq-heads x M tiles.
-// Block: 256 threads; dynamic shared memory as sized by the plan (<= 48 KiB).
+// Block: 256 threads; dynamic shared memory as sized by the plan
+// (<= SHARED_BUDGET_BYTES = 99 KiB; the executor opts in above 48 KiB).
 #include <cstdint>
 #include "linattn/params.h"
-#include "linattn/backward_walk.cuh"
+#include "linattn/backward_mma.cuh"
 
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_prep_f32(const LinattnBackwardParams p) {
     extern __shared__ float smem[];

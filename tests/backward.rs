@@ -3,19 +3,22 @@
 //! differences): N around the chunk, D = 1, 17, 64 and a multi-tile head,
 //! D != M, B*H = 1, both layouts and padded strides, every dtype, feature
 //! map, normalisation on/off, initial state and final-state gradient,
-//! varlen, split-and-resume, determinism and poisoned gradient buffers.
+//! varlen, split-and-resume, determinism and poisoned gradient buffers;
+//! the f16/bf16 tensor-core walks around each pass's chunk with D, M not
+//! multiples of 16, over several tiles, and f16 beyond its range.
+//! `-- --nocapture` prints every measured relative error.
 
 mod common;
 
 use common::{devices, layout, span, to_dtype, to_f64, tolerance};
 use half::{bf16, f16};
 use linattn_kernels::ops::backward::{
-    causal_backward, noncausal_backward, tiling, BackwardInputs, BackwardStates, Grads,
+    causal_backward, noncausal_backward, tiling, tiling_for, BackwardInputs, BackwardStates, Grads,
 };
 use linattn_kernels::ops::forward::{
     AttentionOptions, AttentionShape, Kind, StateMut, StateRef, Strides,
 };
-use linattn_kernels::{Device, Element, FeatureMap};
+use linattn_kernels::{DType, Device, Element, FeatureMap};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
 use linattn_reference::{Gradients, Layout, LinearAttentionOptions, State, View};
 
@@ -37,6 +40,9 @@ struct Case {
     initial: bool,
     d_final: bool,
     cu: Option<Vec<usize>>,
+    /// Factor on the initial state (S and z): large values stress the
+    /// 16-bit rounding of states and of dnum = G / den.
+    init_amp: f64,
 }
 
 impl Case {
@@ -56,6 +62,7 @@ impl Case {
             initial: false,
             d_final: false,
             cu: None,
+            init_amp: 1.0,
         }
     }
 
@@ -136,7 +143,7 @@ fn states_f32(st: &[State]) -> (Vec<f32>, Vec<f32>) {
     )
 }
 
-fn random_states(c: &Case, rng: &mut Rng, z_lo: f64) -> Vec<State> {
+fn random_states(c: &Case, rng: &mut Rng, z_lo: f64, amp: f64) -> Vec<State> {
     (0..c.seq_heads())
         .map(|_| State {
             d: c.d,
@@ -145,12 +152,12 @@ fn random_states(c: &Case, rng: &mut Rng, z_lo: f64) -> Vec<State> {
             s: rng
                 .normal_vec(c.d * c.m)
                 .iter()
-                .map(|&x| x as f32 as f64)
+                .map(|&x| (x * amp) as f32 as f64)
                 .collect(),
             z: rng
                 .uniform_vec(c.d, z_lo, 3.0)
                 .iter()
-                .map(|&x| x as f32 as f64)
+                .map(|&x| (x * amp) as f32 as f64)
                 .collect(),
         })
         .collect()
@@ -173,12 +180,12 @@ fn inputs<T: Element>(c: &Case, rng: &mut Rng) -> Inputs<T> {
     let v: Vec<T> = gen(span(&shape, &shape.v, c.m), false);
     let d_o: Vec<T> = gen(span(&shape, &shape.o, c.m), false);
     let init = if c.initial {
-        random_states(c, rng, 0.5)
+        random_states(c, rng, 0.5, c.init_amp)
     } else {
         Vec::new()
     };
     let d_final = if c.d_final {
-        random_states(c, rng, -1.0)
+        random_states(c, rng, -1.0, 1.0)
     } else {
         Vec::new()
     };
@@ -393,6 +400,7 @@ fn check_case<T: Element>(dev: &Device, c: &Case, rng: &mut Rng) -> Got<T> {
     ] {
         let (g, w) = gather(c, buf, w, s, dim, &format!("{what} {name}"));
         let err = rel_l2_error(&g, &w);
+        eprintln!("{what}: {name} rel error {err:.2e}");
         assert!(err < tol, "{what}: {name} rel error {err:e} >= {tol:e}");
     }
     let ws: Vec<f64> = want.d_initial.iter().flat_map(|s| s.s.clone()).collect();
@@ -405,6 +413,7 @@ fn check_case<T: Element>(dev: &Device, c: &Case, rng: &mut Rng) -> Got<T> {
             "{what}: {name} not fully written"
         );
         let err = rel_l2_error(&g, &w);
+        eprintln!("{what}: {name} rel error {err:.2e}");
         assert!(err < tol, "{what}: {name} rel error {err:e} >= {tol:e}");
     }
     got
@@ -533,6 +542,86 @@ fn multi_tile_heads_match_reference_and_are_deterministic() {
             );
         }
     }
+}
+
+/// The tensor-core walks (f16, bf16): D and M not multiples of 16 (padded
+/// inside the kernels), N around the chunk of every pass, padded strides,
+/// every feature map, normalised or not.
+#[test]
+fn mma_walks_match_reference_around_chunks() {
+    use FeatureMap::*;
+    for kind in [Kind::Causal, Kind::NonCausal] {
+        let mut cases = Vec::new();
+        for (d, m) in [(40, 24), (17, 33)] {
+            let t = tiling_for(DType::Bf16, d, m);
+            let mut ns: Vec<usize> = [t.prep.chunk, t.dqk.chunk, t.dv.chunk]
+                .iter()
+                .flat_map(|&c| [c - 1, c, c + 1, 2 * c + 3])
+                .collect();
+            ns.sort_unstable();
+            ns.dedup();
+            for n in ns {
+                cases.push(Case::new(kind, 1, 1, n, d, m).with(|c| {
+                    c.initial = true;
+                    c.d_final = true;
+                }));
+            }
+        }
+        cases.push(Case::new(kind, 2, 1, 70, 5, 3).with(|c| {
+            c.map = Relu;
+            c.normalize = false;
+            c.pad = 3;
+        }));
+        cases.push(Case::new(kind, 1, 2, 50, 16, 32).with(|c| {
+            c.map = Identity;
+            c.bnhd = true;
+            c.scale = 0.25;
+        }));
+        run_cases::<f16>(&cases, test_seed() ^ 8);
+        run_cases::<bf16>(&cases, test_seed() ^ 9);
+    }
+}
+
+/// Heads that spread every tensor-core pass over several blocks, and
+/// bit-identical results run to run.
+#[test]
+fn multi_tile_mma_heads_match_reference_and_are_deterministic() {
+    let (d, m) = (200, 250);
+    let t = tiling_for(DType::Bf16, d, m);
+    assert!(
+        t.prep.tiles > 1 && t.dqk.tiles > 1 && t.dv.tiles > 1,
+        "{t:?}"
+    );
+    let seed = test_seed() ^ 10;
+    for dev in devices() {
+        for kind in [Kind::Causal, Kind::NonCausal] {
+            let c = Case::new(kind, 1, 1, 40, d, m).with(|c| {
+                c.initial = true;
+                c.d_final = true;
+            });
+            let a = check_case::<bf16>(&dev, &c, &mut Rng::new(seed));
+            let b = check_case::<bf16>(&dev, &c, &mut Rng::new(seed));
+            assert!(a == b, "{}: {kind:?}: two runs differ", dev.describe());
+            check_case::<f16>(&dev, &c, &mut Rng::new(seed));
+        }
+    }
+}
+
+/// f16 keeps its accuracy where unscaled 16-bit operands would not: a
+/// state of ~1e6 (beyond f16's 65504) with dnum = G / den ~ 1e-6 (below
+/// f16's smallest normal, 6.1e-5), and a long normalised sequence.
+#[test]
+fn f16_states_neither_overflow_nor_underflow() {
+    let mut cases = Vec::new();
+    for kind in [Kind::Causal, Kind::NonCausal] {
+        cases.push(Case::new(kind, 1, 1, 150, 24, 20).with(|c| {
+            c.initial = true;
+            c.d_final = true;
+            c.init_amp = 1e6;
+        }));
+    }
+    cases.push(Case::new(Kind::Causal, 1, 1, 3000, 16, 16));
+    run_cases::<f16>(&cases, test_seed() ^ 11);
 }
 
 #[test]

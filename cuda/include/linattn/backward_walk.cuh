@@ -26,8 +26,11 @@
 // run the same bodies: a first sweep sums the whole sequence's state, the
 // second sweep reads it out with no intra-chunk terms.
 //
-// Arithmetic is fp32 FMA in a fixed order for every dtype, so results are
-// bit-identical run to run (no atomics).
+// This file has the shared helpers and the fp32 FMA bodies (prep_fma,
+// dqk_fma for dq and dk, dv_fma), used for fp32 inputs; f16/bf16 run the
+// tensor-core bodies of linattn/backward_mma.cuh, which also dispatches.
+// Every body works in a fixed order, so results are bit-identical run to
+// run (no atomics).
 #pragma once
 #include <cstdint>
 #include "linattn/params.h"
@@ -125,7 +128,7 @@ __device__ __forceinline__ T* rows_of_mut(linattn_ptr base, const Coords& c, int
 // Shared: S (d x odd(tile)) | z (d) | qh, kh (C x odd(d) each) |
 //         v (C x odd(tile)) | A (C x C) | qh . z_prev (C).
 template <typename T>
-__device__ __forceinline__ void prep(const LinattnBackwardParams& p, float* smem) {
+__device__ __forceinline__ void prep_fma(const LinattnBackwardParams& p, float* smem) {
     const Coords c = coords(p);
     const int tid = threadIdx.x, nthreads = blockDim.x;
     const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
@@ -271,11 +274,17 @@ __device__ __forceinline__ void load_dnum(const LinattnBackwardParams& p, const 
 }
 
 // ---------------------------------------------------------------------------
-// dq: forward walk, blocks tile D (rows d0 .. d0 + tile of S).
-// Shared: S (tile x odd(m)) | z (tile) | kh (C x tile) | v (C x odd(m)) |
+// dq (forward prefix walk) and dk (reverse suffix walk), one body; blocks
+// tile D (rows d0 .. d0 + tile of S or dS). kDk selects dk, which also
+// writes the initial state's gradient (dS0 rows, dz0) at the end.
+//   dq: X = kh, absorbs S += kh^T v, z += kh; emits
+//       dqh_i = S_prev dnum_i + dden_i z_prev + sum_{j<=i} B_ij kh_j.
+//   dk: X = qh, absorbs dS += qh^T dnum, dz += dden qh; emits
+//       dkh_j = dS_next v_j + dz_next + sum_{i>=j} B_ij qh_i.
+// Shared: S (tile x odd(m)) | z (tile) | X (C x tile) | v (C x odd(m)) |
 //         dnum (C x odd(m)) | B (C x C) | dden (C).
-template <typename T>
-__device__ __forceinline__ void dq_walk(const LinattnBackwardParams& p, float* smem) {
+template <typename T, bool kDk>
+__device__ __forceinline__ void dqk_fma(const LinattnBackwardParams& p, float* smem) {
     const Coords c = coords(p);
     const int tid = threadIdx.x, nthreads = blockDim.x;
     const int D = (int)p.d, M = (int)p.m, C = p.chunk, MP = odd(M);
@@ -284,44 +293,58 @@ __device__ __forceinline__ void dq_walk(const LinattnBackwardParams& p, float* s
     const bool causal = p.causal != 0;
     float* Ss = smem;
     float* zs = Ss + DT * MP;
-    float* Ks = zs + DT;
-    float* Vs = Ks + C * DT;
+    float* Xs = zs + DT;
+    float* Vs = Xs + C * DT;
     float* Gs = Vs + C * MP;
     float* Bs = Gs + C * MP;
     float* dd = Bs + C * C;
+    const float* s_in = ptr<const float>(kDk ? p.d_final_s : p.state_in_s);
+    const float* z_in = ptr<const float>(kDk ? p.d_final_z : p.state_in_z);
     for (int i = tid; i < dt * M; i += nthreads) {
         const int x = i / M, e = i - x * M;
-        Ss[x * MP + e] = p.state_in_s != 0 ? ptr<const float>(p.state_in_s)[(c.sh * D + d0 + x) * M + e] : 0.0f;
+        Ss[x * MP + e] = s_in != nullptr ? s_in[(c.sh * D + d0 + x) * M + e] : 0.0f;
     }
-    for (int x = tid; x < dt; x += nthreads)
-        zs[x] = p.state_in_z != 0 ? ptr<const float>(p.state_in_z)[c.sh * D + d0 + x] : 0.0f;
+    for (int x = tid; x < dt; x += nthreads) zs[x] = z_in != nullptr ? z_in[c.sh * D + d0 + x] : 0.0f;
     const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride) + d0;
     const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride) + d0;
     const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride);
     const T* gb = rows_of<T>(p.d_o, c, p.o_batch_stride, p.o_head_stride);
-    T* dqb = rows_of_mut<T>(p.dq, c, p.q_batch_stride, p.q_head_stride) + d0;
+    T* outb = kDk ? rows_of_mut<T>(p.dk, c, p.k_batch_stride, p.k_head_stride) + d0
+                  : rows_of_mut<T>(p.dq, c, p.q_batch_stride, p.q_head_stride) + d0;
+    const T* xb = kDk ? qb : kb;
+    const int64_t xstride = kDk ? p.q_token_stride : p.k_token_stride;
+    const float xscale = kDk ? p.scale : 1.0f;
+    const float* Ps = kDk ? Vs : Gs;  // S's partner in the emitted product
+    const float* Us = kDk ? Gs : Vs;  // X's partner in the state update
     __syncthreads();
 
+    const int64_t last = last_chunk(c.r.len, C);
     for (int sweep = causal ? 1 : 0; sweep < 2; ++sweep) {
-        const bool absorb = causal || sweep == 0;  // carry kh v^T into the state
+        const bool absorb = causal || sweep == 0;
         const bool emit = sweep == 1;
-        for (int64_t c0 = 0; c0 < c.r.len; c0 += C) {
+        // dq needs dnum to emit and v to absorb; dk the other way round.
+        const bool load_g = kDk ? absorb : emit;
+        const bool load_v = kDk ? emit : absorb;
+        for (int64_t c0 = kDk ? last : 0; kDk ? c0 >= 0 : c0 < c.r.len; c0 += kDk ? -C : C) {
             const int rows = (int)(c.r.len - c0 < C ? c.r.len - c0 : C);
             const int64_t t0 = c.r.start + c0;
             if (absorb) {
                 for (int i = tid; i < rows * dt; i += nthreads) {
                     const int j = i / dt, x = i - j * dt;
-                    Ks[j * DT + x] = phi(to_float(kb[(t0 + j) * p.k_token_stride + x]), fm);
+                    Xs[j * DT + x] = phi(to_float(xb[(t0 + j) * xstride + x]), fm) * xscale;
                 }
+            }
+            if (load_v) {
                 for (int i = tid; i < rows * M; i += nthreads) {
                     const int j = i / M, e = i - j * M;
                     Vs[j * MP + e] = to_float(vb[(t0 + j) * p.v_token_stride + e]);
                 }
             }
-            if (emit) load_dnum<T>(p, c, gb, t0, rows, 0, M, MP, Gs, dd);
+            if (load_g) load_dnum<T>(p, c, gb, t0, rows, 0, M, MP, Gs, dd);
             __syncthreads();
             if (emit) {
                 if (causal) {
+                    // B_ij = dnum_i . v_j + dden_i for j <= i.
                     for (int i = tid; i < rows * rows; i += nthreads) {
                         const int ii = i / rows, j = i - ii * rows;
                         float b = 0.0f;
@@ -337,18 +360,27 @@ __device__ __forceinline__ void dq_walk(const LinattnBackwardParams& p, float* s
                     __syncthreads();
                 }
                 for (int i = tid; i < rows * dt; i += nthreads) {
-                    const int ii = i / dt, x = i - ii * dt;
+                    const int j = i / dt, x = i - j * dt;
                     const float* s = Ss + x * MP;
-                    const float* g = Gs + ii * MP;
+                    const float* pr = Ps + j * MP;
                     float acc = 0.0f;
 #pragma unroll 4
-                    for (int e = 0; e < M; ++e) acc = fmaf(s[e], g[e], acc);
-                    acc = fmaf(dd[ii], zs[x], acc);
-                    if (causal) {
-                        for (int j = 0; j <= ii; ++j) acc = fmaf(Bs[ii * C + j], Ks[j * DT + x], acc);
+                    for (int e = 0; e < M; ++e) acc = fmaf(s[e], pr[e], acc);
+                    if constexpr (kDk) {
+                        acc += zs[x];
+                        if (causal) {
+                            for (int ii = j; ii < rows; ++ii) acc = fmaf(Bs[ii * C + j], Xs[ii * DT + x], acc);
+                        }
+                        const int64_t off = (t0 + j) * p.k_token_stride + x;
+                        outb[off] = from_float<T>(phi_prime(to_float(kb[off]), fm) * acc);
+                    } else {
+                        acc = fmaf(dd[j], zs[x], acc);
+                        if (causal) {
+                            for (int jj = 0; jj <= j; ++jj) acc = fmaf(Bs[j * C + jj], Xs[jj * DT + x], acc);
+                        }
+                        const int64_t off = (t0 + j) * p.q_token_stride + x;
+                        outb[off] = from_float<T>(p.scale * phi_prime(to_float(qb[off]), fm) * acc);
                     }
-                    const int64_t off = (t0 + ii) * p.q_token_stride + x;
-                    dqb[off] = from_float<T>(p.scale * phi_prime(to_float(qb[off]), fm) * acc);
                 }
                 if (causal) __syncthreads();  // S and z are read above, updated below
             }
@@ -357,124 +389,22 @@ __device__ __forceinline__ void dq_walk(const LinattnBackwardParams& p, float* s
                     const int x = i / M, e = i - x * M;
                     float acc = Ss[x * MP + e];
 #pragma unroll 4
-                    for (int j = 0; j < rows; ++j) acc = fmaf(Ks[j * DT + x], Vs[j * MP + e], acc);
+                    for (int j = 0; j < rows; ++j) acc = fmaf(Xs[j * DT + x], Us[j * MP + e], acc);
                     Ss[x * MP + e] = acc;
                 }
                 for (int x = tid; x < dt; x += nthreads) {
                     float acc = zs[x];
-                    for (int j = 0; j < rows; ++j) acc += Ks[j * DT + x];
+                    for (int j = 0; j < rows; ++j) {
+                        if constexpr (kDk) acc = fmaf(dd[j], Xs[j * DT + x], acc);
+                        else acc += Xs[j * DT + x];
+                    }
                     zs[x] = acc;
                 }
             }
             __syncthreads();
         }
     }
-}
-
-// ---------------------------------------------------------------------------
-// dk: reverse walk, blocks tile D (rows d0 .. d0 + tile of dS); writes the
-// initial state's gradient (dS0 rows, dz0) at the end.
-// Shared: dS (tile x odd(m)) | dz (tile) | qh (C x tile) | v (C x odd(m)) |
-//         dnum (C x odd(m)) | B (C x C) | dden (C).
-template <typename T>
-__device__ __forceinline__ void dk_walk(const LinattnBackwardParams& p, float* smem) {
-    const Coords c = coords(p);
-    const int tid = threadIdx.x, nthreads = blockDim.x;
-    const int D = (int)p.d, M = (int)p.m, C = p.chunk, MP = odd(M);
-    const int DT = p.tile, d0 = c.tile * DT, dt = D - d0 < DT ? D - d0 : DT;
-    const int fm = p.feature_map;
-    const bool causal = p.causal != 0;
-    float* Ss = smem;
-    float* zs = Ss + DT * MP;
-    float* Qs = zs + DT;
-    float* Vs = Qs + C * DT;
-    float* Gs = Vs + C * MP;
-    float* Bs = Gs + C * MP;
-    float* dd = Bs + C * C;
-    for (int i = tid; i < dt * M; i += nthreads) {
-        const int x = i / M, e = i - x * M;
-        Ss[x * MP + e] = p.d_final_s != 0 ? ptr<const float>(p.d_final_s)[(c.sh * D + d0 + x) * M + e] : 0.0f;
-    }
-    for (int x = tid; x < dt; x += nthreads)
-        zs[x] = p.d_final_z != 0 ? ptr<const float>(p.d_final_z)[c.sh * D + d0 + x] : 0.0f;
-    const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride) + d0;
-    const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride) + d0;
-    const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride);
-    const T* gb = rows_of<T>(p.d_o, c, p.o_batch_stride, p.o_head_stride);
-    T* dkb = rows_of_mut<T>(p.dk, c, p.k_batch_stride, p.k_head_stride) + d0;
-    __syncthreads();
-
-    const int64_t last = last_chunk(c.r.len, C);
-    for (int sweep = causal ? 1 : 0; sweep < 2; ++sweep) {
-        const bool absorb = causal || sweep == 0;  // carry qh dnum^T into the state
-        const bool emit = sweep == 1;
-        for (int64_t c0 = last; c0 >= 0; c0 -= C) {
-            const int rows = (int)(c.r.len - c0 < C ? c.r.len - c0 : C);
-            const int64_t t0 = c.r.start + c0;
-            if (absorb) {
-                for (int i = tid; i < rows * dt; i += nthreads) {
-                    const int j = i / dt, x = i - j * dt;
-                    Qs[j * DT + x] = phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * p.scale;
-                }
-                load_dnum<T>(p, c, gb, t0, rows, 0, M, MP, Gs, dd);
-            }
-            if (emit) {
-                for (int i = tid; i < rows * M; i += nthreads) {
-                    const int j = i / M, e = i - j * M;
-                    Vs[j * MP + e] = to_float(vb[(t0 + j) * p.v_token_stride + e]);
-                }
-            }
-            __syncthreads();
-            if (emit) {
-                if (causal) {
-                    for (int i = tid; i < rows * rows; i += nthreads) {
-                        const int ii = i / rows, j = i - ii * rows;
-                        float b = 0.0f;
-                        if (j <= ii) {
-                            const float* g = Gs + ii * MP;
-                            const float* vv = Vs + j * MP;
-#pragma unroll 4
-                            for (int e = 0; e < M; ++e) b = fmaf(g[e], vv[e], b);
-                            b += dd[ii];
-                        }
-                        Bs[ii * C + j] = b;
-                    }
-                    __syncthreads();
-                }
-                for (int i = tid; i < rows * dt; i += nthreads) {
-                    const int j = i / dt, x = i - j * dt;
-                    const float* s = Ss + x * MP;
-                    const float* vv = Vs + j * MP;
-                    float acc = 0.0f;
-#pragma unroll 4
-                    for (int e = 0; e < M; ++e) acc = fmaf(s[e], vv[e], acc);
-                    acc += zs[x];
-                    if (causal) {
-                        for (int ii = j; ii < rows; ++ii) acc = fmaf(Bs[ii * C + j], Qs[ii * DT + x], acc);
-                    }
-                    const int64_t off = (t0 + j) * p.k_token_stride + x;
-                    dkb[off] = from_float<T>(phi_prime(to_float(kb[off]), fm) * acc);
-                }
-                if (causal) __syncthreads();  // dS and dz are read above, updated below
-            }
-            if (absorb) {
-                for (int i = tid; i < dt * M; i += nthreads) {
-                    const int x = i / M, e = i - x * M;
-                    float acc = Ss[x * MP + e];
-#pragma unroll 4
-                    for (int ii = 0; ii < rows; ++ii) acc = fmaf(Qs[ii * DT + x], Gs[ii * MP + e], acc);
-                    Ss[x * MP + e] = acc;
-                }
-                for (int x = tid; x < dt; x += nthreads) {
-                    float acc = zs[x];
-                    for (int ii = 0; ii < rows; ++ii) acc = fmaf(dd[ii], Qs[ii * DT + x], acc);
-                    zs[x] = acc;
-                }
-            }
-            __syncthreads();
-        }
-    }
-    if (p.d_initial_s != 0) {
+    if (kDk && p.d_initial_s != 0) {
         float* ss = ptr<float>(p.d_initial_s);
         float* sz = ptr<float>(p.d_initial_z);
         for (int i = tid; i < dt * M; i += nthreads) {
@@ -490,7 +420,7 @@ __device__ __forceinline__ void dk_walk(const LinattnBackwardParams& p, float* s
 // Shared: dS (d x odd(tile)) | qh (C x odd(d)) | kh (C x odd(d)) |
 //         dnum (C x odd(tile)) | A (C x C).
 template <typename T>
-__device__ __forceinline__ void dv_walk(const LinattnBackwardParams& p, float* smem) {
+__device__ __forceinline__ void dv_fma(const LinattnBackwardParams& p, float* smem) {
     const Coords c = coords(p);
     const int tid = threadIdx.x, nthreads = blockDim.x;
     const int D = (int)p.d, M = (int)p.m, C = p.chunk, DP = odd(D);

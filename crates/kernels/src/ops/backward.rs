@@ -169,13 +169,163 @@ fn pick(dim: usize, floats: impl Fn(usize, usize) -> usize) -> PassTiling {
     }
 }
 
-/// The tiling for key size `d` and value size `m` (both in 1..=256), every
-/// pass within [`SHARED_BUDGET_BYTES`].
+/// The fp32 (FMA) tiling for key size `d` and value size `m` (both in
+/// 1..=256), every pass within [`SHARED_BUDGET_BYTES`].
 pub fn tiling(d: usize, m: usize) -> BackwardTiling {
     BackwardTiling {
         prep: pick(m, |c, t| prep_shared_floats(d, c, t)),
         dqk: pick(d, |c, t| dqk_shared_floats(m, c, t)),
         dv: pick(m, |c, t| dv_shared_floats(d, c, t)),
+    }
+}
+
+/// Whether a dtype's backward runs its chunk products on tensor cores
+/// (`cuda/include/linattn/backward_mma.cuh`): f16 and bf16, any D and M
+/// (padded to multiples of 16 inside the kernels). fp32 stays on FMA.
+pub fn uses_mma(dtype: DType) -> bool {
+    dtype != DType::F32
+}
+
+/// Chunk sizes the tensor-core walks try, largest first.
+const MMA_CHUNKS: [usize; 3] = [64, 32, 16];
+
+/// Bytes of shared memory buffers laid out in order, each starting on a
+/// 128-byte boundary (mirrors `Carve` in `backward_mma.cuh`).
+fn carve(parts: &[usize]) -> usize {
+    parts
+        .iter()
+        .fold(0, |off: usize, &n| off.next_multiple_of(128) + n)
+}
+
+fn pad16(n: usize) -> usize {
+    n.next_multiple_of(16)
+}
+
+/// Shared memory of the tensor-core prep kernel in bytes (buffers in the
+/// order of `prep_mma`): S (fp32, `D16 x (tile + 4)`), z, S rounded to 16
+/// bits (`D16 x (tile + 8)`), phi(q) and phi(k) (`chunk x (D16 + 8)` each),
+/// v (`chunk x (tile + 8)`), A (`chunk x (chunk + 8)`), an fp32 scratch
+/// (`chunk x (max(chunk, tile) + 4)`), two per-row vectors and the tile
+/// scales. `tile` and `chunk` are multiples of 16; D16 = D rounded up to 16.
+pub fn prep_mma_bytes(d: usize, chunk: usize, tile: usize) -> usize {
+    let d16 = pad16(d);
+    carve(&[
+        d16 * (tile + 4) * 4,
+        d16 * 4,
+        d16 * (tile + 8) * 2,
+        chunk * (d16 + 8) * 2,
+        chunk * (d16 + 8) * 2,
+        chunk * (tile + 8) * 2,
+        chunk * (chunk + 8) * 2,
+        chunk * (chunk.max(tile) + 4) * 4,
+        chunk * 4,
+        chunk * 4,
+        (d16 / 16) * (tile / 16) * 4,
+        (chunk / 16) * (chunk / 16) * 4,
+    ])
+}
+
+/// Shared memory of the tensor-core dq and dk kernels in bytes (order of
+/// `dqk_mma`): S rows (fp32, `tile x (M16 + 4)`), z, S rounded
+/// (`tile x (M16 + 8)`), the phi tile (`chunk x (tile + 8)`), v and dnum
+/// (`chunk x (M16 + 8)` each), B (`chunk x (chunk + 8)`), the fp32 scratch,
+/// den, d den and the tile scales.
+pub fn dqk_mma_bytes(m: usize, chunk: usize, tile: usize) -> usize {
+    let m16 = pad16(m);
+    carve(&[
+        tile * (m16 + 4) * 4,
+        tile * 4,
+        tile * (m16 + 8) * 2,
+        chunk * (tile + 8) * 2,
+        chunk * (m16 + 8) * 2,
+        chunk * (m16 + 8) * 2,
+        chunk * (chunk + 8) * 2,
+        chunk * (chunk.max(tile) + 4) * 4,
+        chunk * 4,
+        chunk * 4,
+        (tile / 16) * (m16 / 16) * 4,
+        (chunk / 16) * (m16 / 16) * 4,
+        (chunk / 16) * (chunk / 16) * 4,
+    ])
+}
+
+/// Shared memory of the tensor-core dv kernel in bytes (order of
+/// `dv_mma`): dS (fp32, `D16 x (tile + 4)`), dS rounded (`D16 x (tile +
+/// 8)`), phi(q) and phi(k) (`chunk x (D16 + 8)` each), dnum
+/// (`chunk x (tile + 8)`), A (`chunk x (chunk + 8)`), the fp32 scratch, den
+/// and the tile scales.
+pub fn dv_mma_bytes(d: usize, chunk: usize, tile: usize) -> usize {
+    let d16 = pad16(d);
+    carve(&[
+        d16 * (tile + 4) * 4,
+        d16 * (tile + 8) * 2,
+        chunk * (d16 + 8) * 2,
+        chunk * (d16 + 8) * 2,
+        chunk * (tile + 8) * 2,
+        chunk * (chunk + 8) * 2,
+        chunk * (chunk.max(tile) + 4) * 4,
+        chunk * 4,
+        (d16 / 16) * (tile / 16) * 4,
+        (chunk / 16) * (tile / 16) * 4,
+        (chunk / 16) * (chunk / 16) * 4,
+    ])
+}
+
+/// The tensor-core tiling of one pass over `dim`: tiles and chunks are
+/// multiples of 16. Fewest tiles first (each tile re-reads the chunk's
+/// inputs and recomputes its C x C product), then the largest chunk; the
+/// tile is then the smallest multiple of 16 that keeps that tile count.
+fn pick_mma(dim: usize, bytes: impl Fn(usize, usize) -> usize) -> PassTiling {
+    let dim16 = pad16(dim);
+    let mut best: Option<PassTiling> = None;
+    for chunk in MMA_CHUNKS {
+        let Some(max_tile) = (1..=dim16 / 16)
+            .rev()
+            .map(|t| t * 16)
+            .find(|&t| bytes(chunk, t) <= SHARED_BUDGET_BYTES)
+        else {
+            continue;
+        };
+        let tiles = dim.div_ceil(max_tile);
+        if best.is_none_or(|b| tiles < b.tiles) {
+            best = Some(PassTiling {
+                chunk,
+                tile: pad16(dim.div_ceil(tiles)),
+                tiles,
+            });
+        }
+    }
+    // Chunk 16 with a tile of 16 fits for every d, m <= 256.
+    best.unwrap_or(PassTiling {
+        chunk: 16,
+        tile: 16,
+        tiles: dim.div_ceil(16),
+    })
+}
+
+/// The tiling of a call in `dtype`: [`tiling`] for fp32, the tensor-core
+/// tiling (multiples of 16) for f16 and bf16.
+pub fn tiling_for(dtype: DType, d: usize, m: usize) -> BackwardTiling {
+    if !uses_mma(dtype) {
+        return tiling(d, m);
+    }
+    BackwardTiling {
+        prep: pick_mma(m, |c, t| prep_mma_bytes(d, c, t)),
+        dqk: pick_mma(d, |c, t| dqk_mma_bytes(m, c, t)),
+        dv: pick_mma(m, |c, t| dv_mma_bytes(d, c, t)),
+    }
+}
+
+/// Dynamic shared memory of one pass in bytes for this dtype and tiling.
+pub fn shared_bytes(dtype: DType, pass: Pass, d: usize, m: usize, pt: PassTiling) -> usize {
+    let (c, t) = (pt.chunk, pt.tile);
+    match (uses_mma(dtype), pass) {
+        (false, Pass::Prep) => prep_shared_floats(d, c, t) * 4,
+        (false, Pass::Dq | Pass::Dk) => dqk_shared_floats(m, c, t) * 4,
+        (false, Pass::Dv) => dv_shared_floats(d, c, t) * 4,
+        (true, Pass::Prep) => prep_mma_bytes(d, c, t),
+        (true, Pass::Dq | Pass::Dk) => dqk_mma_bytes(m, c, t),
+        (true, Pass::Dv) => dv_mma_bytes(d, c, t),
     }
 }
 
@@ -314,7 +464,7 @@ pub fn validate(
             }
         }
     }
-    let tiling = tiling(shape.d, shape.m);
+    let tiling = tiling_for(dtype, shape.d, shape.m);
     let sh = problem.seq_heads();
     let grid_ok = [tiling.prep.tiles, tiling.dqk.tiles, tiling.dv.tiles]
         .iter()
@@ -467,59 +617,46 @@ pub fn plan(
     let bytes =
         |p: u64, s: &Strides, dim: usize| (p, span(sp, s, dim).unwrap_or(0).saturating_mul(es));
     let t = bp.tiling;
-    let launch =
-        |pass: Pass, pt: PassTiling, floats: usize, writes: Vec<(u64, usize)>| BackwardLaunch {
-            pass,
-            plan: LaunchPlan {
-                module: module(kind),
-                kernel: kernel_name(kind, pass, dtype),
-                grid: [(sh * pt.tiles) as u32, 1, 1],
-                block: [THREADS, 1, 1],
-                shared_bytes: (floats * 4) as u32,
-                params: LinattnBackwardParams {
-                    chunk: pt.chunk as i32,
-                    tile: pt.tile as i32,
-                    tiles: pt.tiles as i32,
-                    ..base
-                },
+    let launch = |pass: Pass, pt: PassTiling, writes: Vec<(u64, usize)>| BackwardLaunch {
+        pass,
+        plan: LaunchPlan {
+            module: module(kind),
+            kernel: kernel_name(kind, pass, dtype),
+            grid: [(sh * pt.tiles) as u32, 1, 1],
+            block: [THREADS, 1, 1],
+            shared_bytes: shared_bytes(dtype, pass, d, m, pt) as u32,
+            params: LinattnBackwardParams {
+                chunk: pt.chunk as i32,
+                tile: pt.tile as i32,
+                tiles: pt.tiles as i32,
+                ..base
             },
-            writes: writes
-                .into_iter()
-                .filter(|w| w.0 != 0 && w.1 != 0)
-                .collect(),
-        };
+        },
+        writes: writes
+            .into_iter()
+            .filter(|w| w.0 != 0 && w.1 != 0)
+            .collect(),
+    };
     let mut out = Vec::with_capacity(4);
     if bp.normalize {
         out.push(launch(
             Pass::Prep,
             t.prep,
-            prep_shared_floats(d, t.prep.chunk, t.prep.tile),
             vec![(work_den, rows * 4), (work_dden, t.prep.tiles * rows * 4)],
         ));
     }
-    out.push(launch(
-        Pass::Dq,
-        t.dqk,
-        dqk_shared_floats(m, t.dqk.chunk, t.dqk.tile),
-        vec![bytes(ptrs.dq, &sp.q, d)],
-    ));
+    out.push(launch(Pass::Dq, t.dqk, vec![bytes(ptrs.dq, &sp.q, d)]));
     let (sn, zn) = (problem.state_s_len() * 4, problem.state_z_len() * 4);
     out.push(launch(
         Pass::Dk,
         t.dqk,
-        dqk_shared_floats(m, t.dqk.chunk, t.dqk.tile),
         vec![
             bytes(ptrs.dk, &sp.k, d),
             (ptrs.d_initial_s, sn),
             (ptrs.d_initial_z, zn),
         ],
     ));
-    out.push(launch(
-        Pass::Dv,
-        t.dv,
-        dv_shared_floats(d, t.dv.chunk, t.dv.tile),
-        vec![bytes(ptrs.dv, &sp.v, m)],
-    ));
+    out.push(launch(Pass::Dv, t.dv, vec![bytes(ptrs.dv, &sp.v, m)]));
     out
 }
 
@@ -1123,11 +1260,68 @@ mod tests {
     }
 
     #[test]
+    fn mma_tiling_fits_shared_memory_for_every_size() {
+        for dtype in [DType::F16, DType::Bf16] {
+            for d in 1..=forward::MAX_DIM {
+                for m in [1, 2, 15, 16, 17, 31, 64, 100, 128, 255, 256] {
+                    let t = tiling_for(dtype, d, m);
+                    for (pass, pt, dim) in [
+                        (Pass::Prep, t.prep, m),
+                        (Pass::Dq, t.dqk, d),
+                        (Pass::Dv, t.dv, m),
+                    ] {
+                        assert!(shared_bytes(dtype, pass, d, m, pt) <= SHARED_BUDGET_BYTES);
+                        assert_eq!(pt.chunk % 16, 0, "d {d} m {m} {pt:?}");
+                        assert_eq!(pt.tile % 16, 0, "d {d} m {m} {pt:?}");
+                        assert!(pt.tile >= 16 && pt.tile <= pad16(dim), "d {d} m {m} {pt:?}");
+                        assert_eq!(pt.tiles, dim.div_ceil(pt.tile), "d {d} m {m} {pt:?}");
+                        assert!((pt.tiles - 1) * pt.tile < dim);
+                    }
+                }
+            }
+        }
+        // fp32 keeps the FMA tiling.
+        assert_eq!(tiling_for(DType::F32, 100, 130), tiling(100, 130));
+        assert!(!uses_mma(DType::F32) && uses_mma(DType::F16) && uses_mma(DType::Bf16));
+        // Small heads: one block per sequence-head and pass, chunk 64.
+        let t = tiling_for(DType::Bf16, 64, 64);
+        assert_eq!((t.prep.tiles, t.dqk.tiles, t.dv.tiles), (1, 1, 1));
+        assert_eq!((t.prep.chunk, t.dqk.chunk, t.dv.chunk), (64, 64, 64));
+        // The first anchor shape (D = M = 128): two tiles per pass.
+        let t = tiling_for(DType::Bf16, 128, 128);
+        for pt in [t.prep, t.dqk, t.dv] {
+            assert_eq!((pt.tile, pt.tiles), (64, 2), "{t:?}");
+        }
+        // No more tiles than the FMA tiling at D = M = 64, 128 (at 256 the
+        // 16-bit copies and the scratch cost more: 6-8 tiles against 5).
+        for dim in [64, 128] {
+            let (a, b) = (tiling_for(DType::F16, dim, dim), tiling(dim, dim));
+            assert!(
+                a.dqk.tiles <= b.dqk.tiles && a.dv.tiles <= b.dv.tiles,
+                "{a:?} {b:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn carve_aligns_every_buffer_to_128_bytes() {
+        assert_eq!(carve(&[]), 0);
+        assert_eq!(carve(&[1]), 1);
+        assert_eq!(carve(&[1, 1]), 129);
+        assert_eq!(carve(&[128, 4, 256]), 512);
+        // Every tile offset the kernels form is 32-byte aligned when the
+        // row strides are multiples of 8 halves / 4 floats.
+        assert_eq!((16 * (64 + 8) * 2) % 32, 0);
+        assert_eq!((16 * (64 + 4) * 4) % 32, 0);
+    }
+
+    #[test]
     fn plans_have_the_expected_launches() {
         let shape = AttentionShape::bhnd(2, 3, 100, 40, 24);
         let (lens, glens) = full_lens(&shape);
         let opts = AttentionOptions::default();
-        let bp = validate("t", DType::F32, &shape, None, &opts, &lens, &glens).unwrap();
+        let bp = validate("t", DType::Bf16, &shape, None, &opts, &lens, &glens).unwrap();
+        assert_eq!(bp.tiling, tiling_for(DType::Bf16, 40, 24));
         let pt = bp.tiling.prep.tiles;
         assert_eq!(workspace_len(&bp), (1 + pt) * 2 * 100 * 3);
         let ptrs = RawBackward {

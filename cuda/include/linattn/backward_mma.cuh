@@ -1,0 +1,618 @@
+// Tensor-core bodies of the four backward walks (linattn/backward_walk.cuh
+// has the math, the shared helpers and the fp32 FMA bodies), for 16-bit
+// inputs (f16, bf16), on nvcuda::wmma 16x16x16 fragments with fp32
+// accumulation. Every chunk product runs on tensor cores:
+//
+//   prep: A = qh kh^T, num = qh S + A v, S += kh^T v
+//   dq:   B = dnum v^T, dqh = dnum S^T + B kh, S += kh^T v (G exact in
+//         T, the 1 / den of dnum = G / den applied to the fp32 products)
+//   dk:   B = dnum v^T, dkh = v dS^T + B^T qh, dS += qh^T dnum
+//   dv:   A = qh kh^T, dv = kh dS + A^T dnum, dS += qh^T dnum
+//
+// Operands are staged in shared memory as T, zero-padded to multiples of 16
+// (D, M, the chunk C and the state tile, so any D, M in 1..=256 works); row
+// strides are padded by 8 elements (16-bit) or 4 (fp32) against bank
+// conflicts, which keeps every wmma pointer 32-byte aligned and every ldm a
+// multiple of 8 / 4. The state slice stays fp32 in shared memory and is
+// updated by accumulator fragments loaded from and stored back to it; where
+// it (or dnum, A, B) feeds a product it is rounded to T. For __half each
+// 16x16 tile of such a rounded operand carries its own power-of-two scale
+// (largest magnitude brought into [2^14, 2^15)), undone on the fp32 partial
+// product of that tile with element-wise fragment ops: a state that grows
+// with N, or a dnum = G / den that shrinks with it, neither overflows nor
+// falls into f16 subnormals. bf16 has fp32's range and is never scaled.
+//
+// Fixed tile order everywhere (one warp per output tile, k-tiles in
+// increasing order), no atomics: bit-identical run to run.
+//
+// Shared memory: each buffer starts on a 128-byte boundary, in the order
+// listed at each body (mirrors `carve` and the *_mma_bytes functions in
+// crates/kernels/src/ops/backward.rs).
+#pragma once
+#include <mma.h>
+#include <type_traits>
+#include "linattn/backward_walk.cuh"
+
+namespace linattn {
+namespace bwd {
+
+template <typename T> struct Mma {
+    static constexpr bool available = false;
+    static constexpr bool scaled = false;
+};
+template <> struct Mma<__half> {
+    static constexpr bool available = true;
+    static constexpr bool scaled = true;
+};
+template <> struct Mma<__nv_bfloat16> {
+    static constexpr bool available = true;
+    static constexpr bool scaled = false;
+};
+
+__device__ __forceinline__ int pad16(int n) { return (n + 15) & ~15; }
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+// Carves the dynamic shared memory into buffers, each on a 128-byte boundary.
+struct Carve {
+    char* base;
+    unsigned off;
+    template <typename U>
+    __device__ __forceinline__ U* take(int n) {
+        off = (off + 127u) & ~127u;
+        U* q = reinterpret_cast<U*>(base + off);
+        off += (unsigned)n * (unsigned)sizeof(U);
+        return q;
+    }
+};
+
+// dst[r][c] (row stride ld) = value(r, c) rounded to T for r < rows and
+// c < cols, zero elsewhere in R16 x C16.
+template <typename T, typename F>
+__device__ __forceinline__ void stage(T* dst, int ld, int R16, int C16, int rows, int cols, F value) {
+    for (int i = threadIdx.x; i < R16 * C16; i += blockDim.x) {
+        const int r = i / C16, c = i - r * C16;
+        dst[r * ld + c] = from_float<T>(r < rows && c < cols ? value(r, c) : 0.0f);
+    }
+}
+
+// Rounds the R16 x C16 fp32 matrix value(r, c) to T into dst (row stride
+// ld), one warp per 16 x 16 tile. For __half, tile t = tr * (C16 / 16) + tc
+// is multiplied by 2^k (largest magnitude into [2^14, 2^15)) and inv[t] =
+// 2^-k; for bf16 the values are rounded as they are and inv is unused.
+template <typename T, typename F>
+__device__ __forceinline__ void round_tiles(T* dst, int ld, int R16, int C16, float* inv, F value) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const int tc = C16 >> 4, tiles = (R16 >> 4) * tc;
+    for (int t = warp; t < tiles; t += nwarps) {
+        const int r0 = (t / tc) * 16, c0 = (t - (t / tc) * tc) * 16;
+        float v[8];
+        float mx = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int idx = lane + 32 * i;
+            v[i] = value(r0 + (idx >> 4), c0 + (idx & 15));
+            mx = fmaxf(mx, fabsf(v[i]));
+        }
+        float s = 1.0f;
+        if constexpr (Mma<T>::scaled) {
+            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            int k = 0;
+            if (mx > 0.0f) {
+                k = 14 - (((__float_as_int(mx) >> 23) & 0xff) - 127);
+                k = k < -100 ? -100 : (k > 100 ? 100 : k);
+            }
+            s = __int_as_float((127 + k) << 23);
+            if (lane == 0) inv[t] = __int_as_float((127 - k) << 23);
+        } else {
+            (void)inv;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int idx = lane + 32 * i;
+            dst[(r0 + (idx >> 4)) * ld + c0 + (idx & 15)] = from_float<T>(v[i] * s);
+        }
+    }
+}
+
+// Which k-tiles an output row-tile r sums over.
+enum class KRange { All, UpToRow, FromRow };
+
+// A scale table for one operand of gemm: the inverse scale of tile (i, j)
+// of the operand as stored is at inv[i * si + j * sj] (nullptr: unscaled).
+struct Scales {
+    const float* inv;
+    int si;
+    int sj;
+};
+
+// out (fp32, row stride ldo), tiles (r, c) in RT x CT:
+//   out = [out +] sum_k opA(r, k) opB(k, c)
+// ARow: A is stored row-major with tile (r, k) at A + r*16*lda + k*16;
+// otherwise A^T is stored (tile (k, r) row-major, read as col_major).
+// BRow: B row-major, tile (k, c) at B + k*16*ldb + c*16; otherwise B^T is
+// stored (tile (c, k) row-major, read as col_major). sa / sb are indexed by
+// the stored tile's (row, column). lower_only skips tiles with c > r.
+// One warp per output tile in the order t = r * CT + c, so two calls with
+// the same RT x CT give each tile to the same warp (callers accumulating
+// into a tile written by the previous call only need __syncwarp).
+template <typename T, bool ARow, bool BRow>
+__device__ __forceinline__ void gemm(float* out, int ldo, int RT, int CT, int KT, bool accumulate, bool lower_only,
+                                     KRange kr, const T* A, int lda, Scales sa, const T* B, int ldb, Scales sb) {
+    using namespace nvcuda;
+    using LA = typename std::conditional<ARow, wmma::row_major, wmma::col_major>::type;
+    using LB = typename std::conditional<BRow, wmma::row_major, wmma::col_major>::type;
+    const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    for (int t = warp; t < RT * CT; t += nwarps) {
+        const int r = t / CT, c = t - r * CT;
+        if (lower_only && c > r) continue;
+        float* o = out + r * 16 * ldo + c * 16;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        if (accumulate) {
+            wmma::load_matrix_sync(acc, o, ldo, wmma::mem_row_major);
+        } else {
+            wmma::fill_fragment(acc, 0.0f);
+        }
+        const int k0 = kr == KRange::FromRow ? r : 0;
+        const int k1 = kr == KRange::UpToRow ? imin(r + 1, KT) : KT;
+        // Not unrolled: keeps the fragments of one k-step live, not several.
+#pragma unroll 1
+        for (int k = k0; k < k1; ++k) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> b;
+            wmma::load_matrix_sync(a, ARow ? A + r * 16 * lda + k * 16 : A + k * 16 * lda + r * 16, lda);
+            wmma::load_matrix_sync(b, BRow ? B + k * 16 * ldb + c * 16 : B + c * 16 * ldb + k * 16, ldb);
+            if constexpr (Mma<T>::scaled) {
+                float f = 1.0f;
+                if (sa.inv != nullptr) f *= ARow ? sa.inv[r * sa.si + k * sa.sj] : sa.inv[k * sa.si + r * sa.sj];
+                if (sb.inv != nullptr) f *= BRow ? sb.inv[k * sb.si + c * sb.sj] : sb.inv[c * sb.si + k * sb.sj];
+                wmma::fragment<wmma::accumulator, 16, 16, 16, float> part;
+                wmma::fill_fragment(part, 0.0f);
+                wmma::mma_sync(part, a, b, part);
+                // Same fragment type: element i of part and acc is the same (row, column).
+                for (int i = 0; i < part.num_elements; ++i) acc.x[i] = fmaf(part.x[i], f, acc.x[i]);
+            } else {
+                wmma::mma_sync(acc, a, b, acc);
+            }
+        }
+        wmma::store_matrix_sync(o, acc, ldo, wmma::mem_row_major);
+    }
+}
+
+// den_j (1 without normalisation) and d den_j (0 without; skipped when dd is
+// null) for the C rows of a chunk; rows >= `rows` get 1 and 0.
+__device__ __forceinline__ void load_norm(const LinattnBackwardParams& p, const Coords& c, int64_t t0, int rows,
+                                          int C, float* den, float* dd) {
+    const float* wden = ptr<const float>(p.work_den);
+    const float* wdden = ptr<const float>(p.work_dden);
+    const int64_t nrows = work_rows(p);
+    for (int j = threadIdx.x; j < C; j += blockDim.x) {
+        float dn = 1.0f, d2 = 0.0f;
+        if (j < rows && p.normalize != 0) {
+            const int64_t row = work_row(p, c, t0 + j);
+            float go = 0.0f;
+            for (int t = 0; t < p.prep_tiles; ++t) go += wdden[t * nrows + row];
+            dn = wden[row];
+            d2 = -__fdividef(__fdividef(go, dn), dn);
+        }
+        den[j] = dn;
+        if (dd != nullptr) dd[j] = d2;
+    }
+}
+
+// No scale table (an operand staged straight from the inputs).
+__device__ __forceinline__ Scales no_scales() { return Scales{nullptr, 0, 0}; }
+
+// ---------------------------------------------------------------------------
+// prep on tensor cores; blocks tile M (tile MT, a multiple of 16).
+// Shared: S (D16 x MT+4, fp32) | z (D16) | S16 (D16 x MT+8) | qh, kh (C x
+//         D16+8 each) | v (C x MT+8) | A16 (C x C+8) | F (C x max(C,MT)+4,
+//         fp32: A, then num) | qh . z (C) | row sums of A (C) | scales of
+//         S16 ((D16/16)(MT/16)) and A16 ((C/16)^2).
+template <typename T>
+__device__ __forceinline__ void prep_mma(const LinattnBackwardParams& p, float* smem) {
+    const Coords c = coords(p);
+    const int tid = threadIdx.x, nthreads = blockDim.x;
+    const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
+    const int D = (int)p.d, M = (int)p.m, C = p.chunk, D16 = pad16(D);
+    const int MT = p.tile, m0 = c.tile * MT, mt = imin(M - m0, MT);
+    const int LS = MT + 4, L16 = MT + 8, LD = D16 + 8, LC = C + 8, LF = imax(C, MT) + 4;
+    const int CT = C / 16, MTT = MT / 16, DTT = D16 / 16;
+    const int fm = p.feature_map;
+    const bool causal = p.causal != 0;
+    Carve cv{reinterpret_cast<char*>(smem), 0u};
+    float* Ss = cv.take<float>(D16 * LS);
+    float* zs = cv.take<float>(D16);
+    T* S16 = cv.take<T>(D16 * L16);
+    T* Q16 = cv.take<T>(C * LD);
+    T* K16 = cv.take<T>(C * LD);
+    T* V16 = cv.take<T>(C * L16);
+    T* A16 = cv.take<T>(C * LC);
+    float* F = cv.take<float>(C * LF);
+    float* qz = cv.take<float>(C);
+    float* asum = cv.take<float>(C);
+    float* sS = cv.take<float>(DTT * MTT);
+    float* sA = cv.take<float>(CT * CT);
+    const float* s_in = ptr<const float>(p.state_in_s);
+    for (int i = tid; i < D16 * MT; i += nthreads) {
+        const int x = i / MT, e = i - x * MT;
+        Ss[x * LS + e] = s_in != nullptr && x < D && e < mt ? s_in[(c.sh * D + x) * M + m0 + e] : 0.0f;
+    }
+    for (int x = tid; x < D16; x += nthreads)
+        zs[x] = p.state_in_z != 0 && x < D ? ptr<const float>(p.state_in_z)[c.sh * D + x] : 0.0f;
+    const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
+    const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
+    const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride) + m0;
+    const T* gb = rows_of<T>(p.d_o, c, p.o_batch_stride, p.o_head_stride) + m0;
+    float* wden = ptr<float>(p.work_den);
+    float* wgo = ptr<float>(p.work_dden) + (int64_t)c.tile * work_rows(p);
+    __syncthreads();
+
+    for (int sweep = causal ? 1 : 0; sweep < 2; ++sweep) {
+        const bool absorb = causal || sweep == 0;
+        const bool emit = sweep == 1;
+        for (int64_t c0 = 0; c0 < c.r.len; c0 += C) {
+            const int rows = (int)(c.r.len - c0 < C ? c.r.len - c0 : C);
+            const int64_t t0 = c.r.start + c0;
+            if (emit) {
+                stage<T>(Q16, LD, C, D16, rows, D, [&](int j, int x) {
+                    return phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * p.scale;
+                });
+                if (causal || c0 == 0) round_tiles<T>(S16, L16, D16, MT, sS, [&](int x, int e) { return Ss[x * LS + e]; });
+            }
+            if (absorb) {
+                stage<T>(K16, LD, C, D16, rows, D,
+                         [&](int j, int x) { return phi(to_float(kb[(t0 + j) * p.k_token_stride + x]), fm); });
+                stage<T>(V16, L16, C, MT, rows, mt,
+                         [&](int j, int e) { return to_float(vb[(t0 + j) * p.v_token_stride + e]); });
+            }
+            __syncthreads();
+            if (emit) {
+                for (int i = tid; i < C; i += nthreads) {
+                    const T* q = Q16 + i * LD;
+                    float a = 0.0f;
+                    for (int x = 0; x < D; ++x) a = fmaf(to_float(q[x]), zs[x], a);
+                    qz[i] = a;
+                }
+                if (causal) {
+                    gemm<T, true, false>(F, LF, CT, CT, DTT, false, true, KRange::All, Q16, LD, no_scales(), K16, LD,
+                                         no_scales());
+                    __syncthreads();
+                    round_tiles<T>(A16, LC, C, C, sA,
+                                   [&](int i, int j) { return j <= i && i < rows ? F[i * LF + j] : 0.0f; });
+                    for (int i = tid; i < rows; i += nthreads) {
+                        float s = 0.0f;
+                        for (int j = 0; j <= i; ++j) s += F[i * LF + j];
+                        asum[i] = s;
+                    }
+                    __syncthreads();
+                }
+                gemm<T, true, true>(F, LF, CT, MTT, DTT, false, false, KRange::All, Q16, LD, no_scales(), S16, L16,
+                                    Scales{sS, MTT, 1});
+                if (causal) {
+                    __syncwarp();
+                    gemm<T, true, true>(F, LF, CT, MTT, CT, true, false, KRange::UpToRow, A16, LC, Scales{sA, CT, 1},
+                                        V16, L16, no_scales());
+                }
+                __syncthreads();
+                for (int i = warp; i < rows; i += nwarps) {
+                    const float* num = F + i * LF;
+                    const T* grow = gb + (t0 + i) * p.o_token_stride;
+                    float go = 0.0f;
+                    for (int e = lane; e < mt; e += 32) go = fmaf(to_float(grow[e]), num[e], go);
+                    go = warp_sum(go);
+                    if (lane == 0) {
+                        const int64_t row = work_row(p, c, t0 + i);
+                        wgo[row] = go;
+                        if (c.tile == 0) wden[row] = qz[i] + (causal ? asum[i] : 0.0f) + p.eps;
+                    }
+                }
+            }
+            if (absorb) {
+                // F, qz and asum are not touched here; S16 is a copy of S.
+                gemm<T, false, true>(Ss, LS, DTT, MTT, CT, true, false, KRange::All, K16, LD, no_scales(), V16, L16,
+                                     no_scales());
+                for (int x = tid; x < D; x += nthreads) {
+                    float acc = zs[x];
+                    for (int j = 0; j < rows; ++j) acc += to_float(K16[j * LD + x]);
+                    zs[x] = acc;
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// dq (forward walk) and dk (reverse walk) on tensor cores; blocks tile D
+// (tile DT, a multiple of 16). kDk selects dk.
+// Shared: S or dS rows (DT x M16+4, fp32) | z or dz (DT) | S16 (DT x M16+8)
+//         | X16 (C x DT+8: kh for dq, qh for dk) | v (C x M16+8) | dnum
+//         (C x M16+8) | B16 (C x C+8) | F (C x max(C,DT)+4, fp32: B, then
+//         the gradient rows) | den (C) | d den (C) | scales of S16
+//         ((DT/16)(M16/16)), dnum ((C/16)(M16/16)) and B16 ((C/16)^2).
+template <typename T, bool kDk>
+__device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* smem) {
+    const Coords c = coords(p);
+    const int tid = threadIdx.x, nthreads = blockDim.x;
+    const int D = (int)p.d, M = (int)p.m, C = p.chunk, M16 = pad16(M);
+    const int DT = p.tile, d0 = c.tile * DT, dt = imin(D - d0, DT);
+    const int LS = M16 + 4, L16 = M16 + 8, LX = DT + 8, LC = C + 8, LF = imax(C, DT) + 4;
+    const int CT = C / 16, MTT = M16 / 16, DTT = DT / 16;
+    const int fm = p.feature_map;
+    const bool causal = p.causal != 0;
+    Carve cv{reinterpret_cast<char*>(smem), 0u};
+    float* Ss = cv.take<float>(DT * LS);
+    float* zs = cv.take<float>(DT);
+    T* S16 = cv.take<T>(DT * L16);
+    T* X16 = cv.take<T>(C * LX);
+    T* V16 = cv.take<T>(C * L16);
+    T* G16 = cv.take<T>(C * L16);
+    T* B16 = cv.take<T>(C * LC);
+    float* F = cv.take<float>(C * LF);
+    float* den = cv.take<float>(C);
+    float* dd = cv.take<float>(C);
+    float* sS = cv.take<float>(DTT * MTT);
+    float* sG = cv.take<float>(CT * MTT);
+    float* sB = cv.take<float>(CT * CT);
+    const float* s_in = ptr<const float>(kDk ? p.d_final_s : p.state_in_s);
+    const float* z_in = ptr<const float>(kDk ? p.d_final_z : p.state_in_z);
+    for (int i = tid; i < DT * M16; i += nthreads) {
+        const int x = i / M16, e = i - x * M16;
+        Ss[x * LS + e] = s_in != nullptr && x < dt && e < M ? s_in[(c.sh * D + d0 + x) * M + e] : 0.0f;
+    }
+    for (int x = tid; x < DT; x += nthreads) zs[x] = z_in != nullptr && x < dt ? z_in[c.sh * D + d0 + x] : 0.0f;
+    const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride) + d0;
+    const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride) + d0;
+    const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride);
+    const T* gb = rows_of<T>(p.d_o, c, p.o_batch_stride, p.o_head_stride);
+    T* outb = kDk ? rows_of_mut<T>(p.dk, c, p.k_batch_stride, p.k_head_stride) + d0
+                  : rows_of_mut<T>(p.dq, c, p.q_batch_stride, p.q_head_stride) + d0;
+    const int64_t xstride = kDk ? p.q_token_stride : p.k_token_stride;  // rows of X16's source
+    const T* xb = kDk ? qb : kb;
+    const float xscale = kDk ? p.scale : 1.0f;
+    __syncthreads();
+
+    const int64_t last = last_chunk(c.r.len, C);
+    for (int sweep = causal ? 1 : 0; sweep < 2; ++sweep) {
+        const bool absorb = causal || sweep == 0;
+        const bool emit = sweep == 1;
+        // dq needs dnum to emit, dk to absorb; v the other way round.
+        const bool need_g = kDk ? absorb : emit;
+        const bool need_v = kDk ? emit : absorb;
+        for (int64_t c0 = kDk ? last : 0; kDk ? c0 >= 0 : c0 < c.r.len; c0 += kDk ? -C : C) {
+            const int rows = (int)(c.r.len - c0 < C ? c.r.len - c0 : C);
+            const int64_t t0 = c.r.start + c0;
+            if (absorb) {
+                stage<T>(X16, LX, C, DT, rows, dt, [&](int j, int x) {
+                    return phi(to_float(xb[(t0 + j) * xstride + x]), fm) * xscale;
+                });
+            }
+            if (need_v || (emit && causal)) {
+                stage<T>(V16, L16, C, M16, rows, M,
+                         [&](int j, int e) { return to_float(vb[(t0 + j) * p.v_token_stride + e]); });
+            }
+            if (need_g || (emit && causal)) load_norm(p, c, t0, rows, C, den, dd);
+            if (emit && (causal || c0 == (kDk ? last : 0)))
+                round_tiles<T>(S16, L16, DT, M16, sS, [&](int x, int e) { return Ss[x * LS + e]; });
+            __syncthreads();
+            if (need_g || (emit && causal)) {
+                // dk: dnum = G / den (the token index is summed over in
+                // dS += qh^T dnum). dq: G itself, exact in T; every
+                // product it feeds has the token on its rows, so 1 / den is
+                // applied to the fp32 results instead.
+                round_tiles<T>(G16, L16, C, M16, sG, [&](int j, int e) {
+                    if (j >= rows || e >= M) return 0.0f;
+                    const float g = to_float(gb[(t0 + j) * p.o_token_stride + e]);
+                    return kDk ? __fdividef(g, den[j]) : g;
+                });
+                __syncthreads();
+            }
+            if (emit) {
+                if (causal) {
+                    // B = dnum v^T (+ d den per row), lower block triangle.
+                    gemm<T, true, false>(F, LF, CT, CT, MTT, false, true, KRange::All, G16, L16, Scales{sG, MTT, 1},
+                                         V16, L16, no_scales());
+                    __syncthreads();
+                    round_tiles<T>(B16, LC, C, C, sB, [&](int i, int j) {
+                        if (j > i || i >= rows) return 0.0f;
+                        return (kDk ? F[i * LF + j] : __fdividef(F[i * LF + j], den[i])) + dd[i];
+                    });
+                    __syncthreads();
+                }
+                if constexpr (kDk) {
+                    // dkh = v dS^T + B^T qh (i >= j)
+                    gemm<T, true, false>(F, LF, CT, DTT, MTT, false, false, KRange::All, V16, L16, no_scales(), S16, L16,
+                                         Scales{sS, MTT, 1});
+                    if (causal) {
+                        __syncwarp();
+                        gemm<T, false, true>(F, LF, CT, DTT, CT, true, false, KRange::FromRow, B16, LC,
+                                             Scales{sB, CT, 1}, X16, LX, no_scales());
+                    }
+                } else {
+                    // dqh = (G S^T) / den + B kh (j <= i)
+                    gemm<T, true, false>(F, LF, CT, DTT, MTT, false, false, KRange::All, G16, L16, Scales{sG, MTT, 1},
+                                         S16, L16, Scales{sS, MTT, 1});
+                    __syncthreads();
+                    for (int i = tid; i < C * DT; i += nthreads) {
+                        const int j = i / DT, x = i - j * DT;
+                        F[j * LF + x] = __fdividef(F[j * LF + x], den[j]);
+                    }
+                    if (causal) {
+                        __syncthreads();
+                        gemm<T, true, true>(F, LF, CT, DTT, CT, true, false, KRange::UpToRow, B16, LC,
+                                            Scales{sB, CT, 1}, X16, LX, no_scales());
+                    }
+                }
+                __syncthreads();
+                for (int i = tid; i < rows * dt; i += nthreads) {
+                    const int j = i / dt, x = i - j * dt;
+                    if constexpr (kDk) {
+                        const int64_t off = (t0 + j) * p.k_token_stride + x;
+                        outb[off] = from_float<T>(phi_prime(to_float(kb[off]), fm) * (F[j * LF + x] + zs[x]));
+                    } else {
+                        const int64_t off = (t0 + j) * p.q_token_stride + x;
+                        const float acc = fmaf(dd[j], zs[x], F[j * LF + x]);
+                        outb[off] = from_float<T>(p.scale * phi_prime(to_float(qb[off]), fm) * acc);
+                    }
+                }
+                if (causal) __syncthreads();  // z is read above, updated below
+            }
+            if (absorb) {
+                if constexpr (kDk) {
+                    // dS += qh^T dnum, dz += qh^T d den
+                    gemm<T, false, true>(Ss, LS, DTT, MTT, CT, true, false, KRange::All, X16, LX, no_scales(), G16, L16,
+                                         Scales{sG, MTT, 1});
+                    for (int x = tid; x < dt; x += nthreads) {
+                        float acc = zs[x];
+                        for (int j = 0; j < rows; ++j) acc = fmaf(dd[j], to_float(X16[j * LX + x]), acc);
+                        zs[x] = acc;
+                    }
+                } else {
+                    // S += kh^T v, z += kh^T 1
+                    gemm<T, false, true>(Ss, LS, DTT, MTT, CT, true, false, KRange::All, X16, LX, no_scales(), V16, L16,
+                                         no_scales());
+                    for (int x = tid; x < dt; x += nthreads) {
+                        float acc = zs[x];
+                        for (int j = 0; j < rows; ++j) acc += to_float(X16[j * LX + x]);
+                        zs[x] = acc;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    if (kDk && p.d_initial_s != 0) {
+        float* ss = ptr<float>(p.d_initial_s);
+        float* sz = ptr<float>(p.d_initial_z);
+        for (int i = tid; i < dt * M; i += nthreads) {
+            const int x = i / M, e = i - x * M;
+            ss[(c.sh * D + d0 + x) * M + e] = Ss[x * LS + e];
+        }
+        for (int x = tid; x < dt; x += nthreads) sz[c.sh * D + d0 + x] = zs[x];
+    }
+}
+
+// ---------------------------------------------------------------------------
+// dv on tensor cores (reverse walk); blocks tile M (tile MT, a multiple of 16).
+// Shared: dS (D16 x MT+4, fp32) | S16 (D16 x MT+8) | qh, kh (C x D16+8
+//         each) | dnum (C x MT+8) | A16 (C x C+8) | F (C x max(C,MT)+4,
+//         fp32: A, then dv) | den (C) | scales of S16 ((D16/16)(MT/16)),
+//         dnum ((C/16)(MT/16)) and A16 ((C/16)^2).
+template <typename T>
+__device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* smem) {
+    const Coords c = coords(p);
+    const int tid = threadIdx.x, nthreads = blockDim.x;
+    const int D = (int)p.d, M = (int)p.m, C = p.chunk, D16 = pad16(D);
+    const int MT = p.tile, m0 = c.tile * MT, mt = imin(M - m0, MT);
+    const int LS = MT + 4, L16 = MT + 8, LD = D16 + 8, LC = C + 8, LF = imax(C, MT) + 4;
+    const int CT = C / 16, MTT = MT / 16, DTT = D16 / 16;
+    const int fm = p.feature_map;
+    const bool causal = p.causal != 0;
+    Carve cv{reinterpret_cast<char*>(smem), 0u};
+    float* Ss = cv.take<float>(D16 * LS);
+    T* S16 = cv.take<T>(D16 * L16);
+    T* Q16 = cv.take<T>(C * LD);
+    T* K16 = cv.take<T>(C * LD);
+    T* G16 = cv.take<T>(C * L16);
+    T* A16 = cv.take<T>(C * LC);
+    float* F = cv.take<float>(C * LF);
+    float* den = cv.take<float>(C);
+    float* sS = cv.take<float>(DTT * MTT);
+    float* sG = cv.take<float>(CT * MTT);
+    float* sA = cv.take<float>(CT * CT);
+    const float* s_in = ptr<const float>(p.d_final_s);
+    for (int i = tid; i < D16 * MT; i += nthreads) {
+        const int x = i / MT, e = i - x * MT;
+        Ss[x * LS + e] = s_in != nullptr && x < D && e < mt ? s_in[(c.sh * D + x) * M + m0 + e] : 0.0f;
+    }
+    const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
+    const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
+    const T* gb = rows_of<T>(p.d_o, c, p.o_batch_stride, p.o_head_stride) + m0;
+    T* dvb = rows_of_mut<T>(p.dv, c, p.v_batch_stride, p.v_head_stride) + m0;
+    __syncthreads();
+
+    const int64_t last = last_chunk(c.r.len, C);
+    for (int sweep = causal ? 1 : 0; sweep < 2; ++sweep) {
+        const bool absorb = causal || sweep == 0;
+        const bool emit = sweep == 1;
+        for (int64_t c0 = last; c0 >= 0; c0 -= C) {
+            const int rows = (int)(c.r.len - c0 < C ? c.r.len - c0 : C);
+            const int64_t t0 = c.r.start + c0;
+            if (absorb) {
+                stage<T>(Q16, LD, C, D16, rows, D, [&](int j, int x) {
+                    return phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * p.scale;
+                });
+            }
+            if (absorb) load_norm(p, c, t0, rows, C, den, nullptr);
+            if (emit) {
+                stage<T>(K16, LD, C, D16, rows, D,
+                         [&](int j, int x) { return phi(to_float(kb[(t0 + j) * p.k_token_stride + x]), fm); });
+                if (causal || c0 == last)
+                    round_tiles<T>(S16, L16, D16, MT, sS, [&](int x, int e) { return Ss[x * LS + e]; });
+            }
+            __syncthreads();
+            if (absorb) {
+                round_tiles<T>(G16, L16, C, MT, sG, [&](int j, int e) {
+                    return j < rows && e < mt ? __fdividef(to_float(gb[(t0 + j) * p.o_token_stride + e]), den[j]) : 0.0f;
+                });
+                if (!(emit && causal)) __syncthreads();
+            }
+            if (emit) {
+                if (causal) {
+                    gemm<T, true, false>(F, LF, CT, CT, DTT, false, true, KRange::All, Q16, LD, no_scales(), K16, LD,
+                                         no_scales());
+                    __syncthreads();
+                    round_tiles<T>(A16, LC, C, C, sA,
+                                   [&](int i, int j) { return j <= i && i < rows ? F[i * LF + j] : 0.0f; });
+                    __syncthreads();
+                }
+                // dv = kh dS + A^T dnum (i >= j)
+                gemm<T, true, true>(F, LF, CT, MTT, DTT, false, false, KRange::All, K16, LD, no_scales(), S16, L16,
+                                    Scales{sS, MTT, 1});
+                if (causal) {
+                    __syncwarp();
+                    gemm<T, false, true>(F, LF, CT, MTT, CT, true, false, KRange::FromRow, A16, LC, Scales{sA, CT, 1},
+                                         G16, L16, Scales{sG, MTT, 1});
+                }
+                __syncthreads();
+                for (int i = tid; i < rows * mt; i += nthreads) {
+                    const int j = i / mt, e = i - j * mt;
+                    dvb[(t0 + j) * p.v_token_stride + e] = from_float<T>(F[j * LF + e]);
+                }
+            }
+            if (absorb) {
+                // dS += qh^T dnum (F is not touched; S16 is a copy of dS).
+                gemm<T, false, true>(Ss, LS, DTT, MTT, CT, true, false, KRange::All, Q16, LD, no_scales(), G16, L16,
+                                     Scales{sG, MTT, 1});
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The entry points' bodies: tensor cores for 16-bit inputs, FMA for fp32.
+template <typename T>
+__device__ __forceinline__ void prep(const LinattnBackwardParams& p, float* smem) {
+    if constexpr (Mma<T>::available) prep_mma<T>(p, smem);
+    else prep_fma<T>(p, smem);
+}
+template <typename T>
+__device__ __forceinline__ void dq_walk(const LinattnBackwardParams& p, float* smem) {
+    if constexpr (Mma<T>::available) dqk_mma<T, false>(p, smem);
+    else dqk_fma<T, false>(p, smem);
+}
+template <typename T>
+__device__ __forceinline__ void dk_walk(const LinattnBackwardParams& p, float* smem) {
+    if constexpr (Mma<T>::available) dqk_mma<T, true>(p, smem);
+    else dqk_fma<T, true>(p, smem);
+}
+template <typename T>
+__device__ __forceinline__ void dv_walk(const LinattnBackwardParams& p, float* smem) {
+    if constexpr (Mma<T>::available) dv_mma<T>(p, smem);
+    else dv_fma<T>(p, smem);
+}
+
+}  // namespace bwd
+}  // namespace linattn
