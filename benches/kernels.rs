@@ -1,7 +1,10 @@
 //! GPU kernels at the anchor shapes of `docs/benchmarks.md` (bf16, D = M):
-//! causal forward (auto schedule) and the decode step. Criterion reports time
-//! and bytes/s (q, k, v, o for the forward; the state read + write for
-//! decode); the memory floor of each shape is printed next to it.
+//! causal forward (auto schedule), causal forward + backward (what a
+//! training step runs; FLA's published numbers are for this pair) and the
+//! decode step. Criterion reports time and bytes/s (q, k, v, o for the
+//! forward; q, k, v, o, dO, dq, dk, dv for forward + backward; the state
+//! read + write for decode); the memory floor of each shape is printed next
+//! to it.
 //!
 //! Without a GPU (or without kernels built by nvcc) this says so and benches
 //! nothing on the device: the emulator is far too slow for these shapes. The
@@ -9,6 +12,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
+use linattn_kernels::ops::backward::{causal_backward, BackwardInputs, BackwardStates, Grads};
 use linattn_kernels::ops::decode::{decode_step, DecodeShape};
 use linattn_kernels::ops::forward::{
     causal_forward, AttentionOptions, AttentionShape, Qkv, StateIo,
@@ -78,6 +82,66 @@ fn bench(c: &mut Criterion) {
                         None,
                         &AttentionOptions::default(),
                         StateIo::none(),
+                    )
+                    .unwrap();
+                    dev.synchronize().unwrap();
+                })
+            },
+        );
+    }
+    g.finish();
+    let mut g = c.benchmark_group("causal_fwd_bwd_bf16");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_secs(2));
+    for (b, t, h, d) in ANCHORS {
+        let n = b * t * h * d;
+        let x = dev.upload(&vec![bf16::from_f32(0.01); n]).unwrap();
+        let d_o = dev.upload(&vec![bf16::from_f32(0.01); n]).unwrap();
+        let mut o = dev.upload(&vec![bf16::ZERO; n]).unwrap();
+        let mut dq = dev.upload(&vec![bf16::ZERO; n]).unwrap();
+        let mut dk = dev.upload(&vec![bf16::ZERO; n]).unwrap();
+        let mut dv = dev.upload(&vec![bf16::ZERO; n]).unwrap();
+        let shape = AttentionShape::bnhd(b, h, t, d, d);
+        // Compulsory traffic: q, k, v, o, dO, dq, dk, dv once each.
+        let bytes = 8 * n * 2;
+        eprintln!(
+            "fwd+bwd B{b} T{t} H{h} D{d}: memory floor {:.3} ms at {:.1} TB/s",
+            bytes as f64 / COPY_BW * 1e3,
+            COPY_BW / 1e12
+        );
+        g.throughput(Throughput::Bytes(bytes as u64));
+        g.bench_function(
+            BenchmarkId::from_parameter(format!("B{b}_T{t}_H{h}_D{d}")),
+            |it| {
+                it.iter(|| {
+                    let opts = AttentionOptions::default();
+                    let qkv = Qkv {
+                        q: &x,
+                        k: &x,
+                        v: &x,
+                    };
+                    causal_forward(&dev, qkv, &mut o, &shape, None, &opts, StateIo::none())
+                        .unwrap();
+                    let inputs = BackwardInputs {
+                        q: &x,
+                        k: &x,
+                        v: &x,
+                        d_o: &d_o,
+                    };
+                    let grads = Grads {
+                        dq: &mut dq,
+                        dk: &mut dk,
+                        dv: &mut dv,
+                    };
+                    causal_backward(
+                        &dev,
+                        inputs,
+                        grads,
+                        &shape,
+                        None,
+                        &opts,
+                        BackwardStates::none(),
                     )
                     .unwrap();
                     dev.synchronize().unwrap();

@@ -1,57 +1,108 @@
 #!/usr/bin/env bash
-# One call on a machine with a GPU: build the kernels with nvcc, run every
-# test on the GPU (and the emulator), compute-sanitizer memcheck + racecheck
-# on a small case, a device-to-device copy bandwidth, the kernel benches, and
-# (where Python with torch is installed) torch SDPA and flash-linear-attention
-# at the same shapes. Ends with one table. Usage: scripts/gpu-check.sh
+# One call on a machine with a GPU: every test on the GPU (and the emulator),
+# compute-sanitizer memcheck + racecheck on a small case, a device-to-device
+# copy bandwidth, the kernel benches (forward, forward + backward, decode),
+# and, where Python with torch is installed, flash-linear-attention and torch
+# SDPA at the same shapes. Ends with one table (also in $OUT/table.md).
+#
+# Two modes:
+#   cargo:  the machine has cargo: build with nvcc (no spills allowed), then
+#           run through cargo.
+#   bundle: no cargo (the lent GPU machines): run the executables that
+#           scripts/gpu-bundle.sh built elsewhere into ./.gpu-bundle.
+# Usage: scripts/gpu-check.sh   (LINATTN_GPU_CHECK_MODE=cargo|bundle forces one)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 out=${OUT:-$root/target/gpu-check}
 mkdir -p "$out"
+bundle=$root/.gpu-bundle
+mode=${LINATTN_GPU_CHECK_MODE:-}
+if [ -z "$mode" ]; then
+  if command -v cargo >/dev/null; then mode=cargo
+  elif [ -d "$bundle/bin" ]; then mode=bundle
+  else
+    echo "gpu-check: no cargo here and no .gpu-bundle: run scripts/gpu-bundle.sh on a machine with cargo and carry .gpu-bundle" >&2
+    exit 2
+  fi
+fi
 declare -a table
 row() { table+=("$(printf '| %-34s | %-10s | %s |' "$1" "$2" "$3")"); }
 
-# nvcc: $NVCC, the PyPI install script, or PATH.
-if [ -z "${NVCC:-}" ]; then
-  if command -v nvcc >/dev/null; then NVCC=$(command -v nvcc); else NVCC=$(scripts/install-nvcc.sh | tail -n1); fi
-fi
-export NVCC
-bindir=$(dirname "$NVCC")
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader > "$out/gpu.txt" 2>&1
 row "GPU" "info" "$(head -n1 "$out/gpu.txt")"
+row "mode" "$mode" "$(git -C "$root" log -1 --format='%h %s' 2>/dev/null | cut -c1-60)"
 
-# 1. Build (no spills allowed at the default archs).
-if LINATTN_DENY_SPILLS=1 cargo build --release -p linattn-kernels > "$out/build.log" 2>&1; then
-  row "build (nvcc, no spills)" "ok" "$("$NVCC" --version | tail -n1)"
+# 1. Build (cargo mode) or the bundle's embedded ptxas report (bundle mode).
+if [ "$mode" = cargo ]; then
+  if [ -z "${NVCC:-}" ]; then
+    if command -v nvcc >/dev/null; then NVCC=$(command -v nvcc); else NVCC=$(scripts/install-nvcc.sh | tail -n1); fi
+  fi
+  export NVCC
+  if LINATTN_DENY_SPILLS=1 cargo build --release -p linattn-kernels > "$out/build.log" 2>&1 &&
+     cargo build --release --bin linattn >> "$out/build.log" 2>&1; then
+    row "build (nvcc, no spills)" "ok" "$("$NVCC" --version | tail -n1)"
+  else
+    row "build (nvcc, no spills)" "FAIL" "see $out/build.log"
+  fi
+  cli=$root/target/release/linattn
 else
-  row "build (nvcc, no spills)" "FAIL" "see $out/build.log"
+  # Tests find the CLI and the sources by the paths they were built under.
+  read -r _ built_root < <(grep '^repo_root' "$bundle/paths")
+  read -r _ built_target < <(grep '^target_dir' "$bundle/paths")
+  if [ ! -e "$built_root" ]; then mkdir -p "$(dirname "$built_root")" && ln -s "$root" "$built_root"; fi
+  if [ ! -e "$built_target/release/linattn" ]; then
+    mkdir -p "$built_target/release" && cp "$bundle/bin/linattn" "$built_target/release/linattn"
+  fi
+  cli=$bundle/bin/linattn
+  row "build" "bundle" "built elsewhere with LINATTN_DENY_SPILLS=1 (see linattn info)"
 fi
+"$cli" info > "$out/info.txt" 2>&1
+row "linattn info" "$([ -s "$out/info.txt" ] && echo ok || echo FAIL)" "$(grep -m1 -i 'device\|gpu' "$out/info.txt" | cut -c1-80)"
 
 # 2. All tests: tests/common::devices() includes the GPU when present.
-if cargo test --release --workspace > "$out/tests.log" 2>&1; then
-  row "cargo test (GPU + emulator)" "ok" "$(grep -c '^test .* ok$' "$out/tests.log") tests"
+if [ "$mode" = cargo ]; then
+  if cargo test --release --workspace > "$out/tests.log" 2>&1; then
+    row "cargo test (GPU + emulator)" "ok" "$(grep -c '^test .* ok$' "$out/tests.log") tests"
+  else
+    row "cargo test (GPU + emulator)" "FAIL" "see $out/tests.log"
+  fi
 else
-  row "cargo test (GPU + emulator)" "FAIL" "see $out/tests.log"
+  : > "$out/tests.log"
+  failed=""
+  for t in "$bundle"/bin/tests/*; do
+    echo "=== $(basename "$t")" >> "$out/tests.log"
+    (cd "$root" && "$t" >> "$out/tests.log" 2>&1) || failed="$failed $(basename "$t")"
+  done
+  if [ -z "$failed" ]; then
+    row "tests (GPU + emulator)" "ok" "$(grep -c '^test .* ok$' "$out/tests.log") tests"
+  else
+    row "tests (GPU + emulator)" "FAIL" "$failed (see $out/tests.log)"
+  fi
 fi
+grep -q "GPU skipped" "$out/tests.log" && row "tests on the GPU" "SKIPPED" "$(grep -m1 'GPU skipped' "$out/tests.log")"
 
-# 3. compute-sanitizer on a small case (the forward/decode tests' binaries).
-san=$(command -v compute-sanitizer || ls "$bindir"/../../*/bin/compute-sanitizer 2>/dev/null | head -n1)
-if [ -n "$san" ]; then
+# 3. compute-sanitizer on a small case (the forward tests' executable).
+san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -n1)
+if [ "$mode" = cargo ]; then
   cargo test --release --test forward --no-run > /dev/null 2>&1
-  bin=$(ls -t target/release/deps/forward-* | grep -v '\.d$' | head -n1)
+  fwd=$(ls -t target/release/deps/forward-* 2>/dev/null | grep -v '\.d$' | head -n1)
+else
+  fwd=$bundle/bin/tests/forward
+fi
+if [ -n "$san" ] && [ -x "$fwd" ]; then
   for tool in memcheck racecheck; do
-    if "$san" --tool "$tool" --error-exitcode 1 "$bin" split_and_resume deterministic > "$out/san-$tool.log" 2>&1; then
+    if "$san" --tool "$tool" --error-exitcode 1 "$fwd" split_and_resume deterministic > "$out/san-$tool.log" 2>&1; then
       row "compute-sanitizer $tool" "ok" "split_and_resume, deterministic"
     else
       row "compute-sanitizer $tool" "FAIL" "see $out/san-$tool.log"
     fi
   done
 else
-  row "compute-sanitizer" "skipped" "not installed"
+  row "compute-sanitizer" "skipped" "${san:-not installed}"
 fi
 
-# 4. Device-to-device copy bandwidth (1 GiB, via torch if present).
+# 4. Device-to-device copy bandwidth (1 GiB each way, via torch if present).
 bw=$(python3 - <<'PY' 2>/dev/null
 import torch
 x = torch.empty(1 << 29, dtype=torch.int16, device="cuda"); y = torch.empty_like(x)
@@ -60,20 +111,43 @@ torch.cuda.synchronize(); s = torch.cuda.Event(enable_timing=True); e = torch.cu
 s.record()
 for _ in range(20): y.copy_(x)
 e.record(); torch.cuda.synchronize()
-print(f"{2 * x.numel() * 2 * 20 / (s.elapsed_time(e) / 1e3) / 1e12:.2f} TB/s")
+print(f"{2 * x.numel() * 2 * 20 / (s.elapsed_time(e) / 1e3) / 1e12:.2f} TB/s (read + write)")
 PY
 )
 row "D2D copy bandwidth" "${bw:+ok}" "${bw:-torch not available}"
 
-# 5. Kernel benches (criterion prints time and GB/s per anchor shape).
-if cargo bench --bench kernels > "$out/bench.log" 2>&1; then
-  while read -r line; do row "bench $(echo "$line" | awk '{print $1}')" "time" "$(echo "$line" | cut -d' ' -f2-)"; done \
-    < <(grep -E '^[a-z_0-9]+/B' -A1 "$out/bench.log" | paste - - | sed -E 's/ +/ /g' | awk '{print $1, $4, $5, $6, $7}')
+# 5. Kernel benches (criterion prints time and throughput per anchor shape).
+if [ "$mode" = cargo ]; then
+  cargo bench --bench kernels > "$out/bench.log" 2>&1
 else
-  row "cargo bench kernels" "FAIL" "see $out/bench.log"
+  "$bundle/bin/kernels-bench" --bench > "$out/bench.log" 2>&1
+fi
+if [ $? -eq 0 ]; then
+  while read -r line; do row "bench $(echo "$line" | awk '{print $1}')" "time" "$(echo "$line" | cut -d' ' -f2-)"; done \
+    < <(python3 - "$out/bench.log" <<'PY'
+import re, sys
+name = None
+for line in open(sys.argv[1]):
+    m = re.match(r"^([a-z_0-9]+/B\S+)", line)
+    if m:
+        name = m.group(1)
+    t = re.search(r"time:\s+\[\S+ \S+ (\S+ \S+) \S+ \S+\]", line)
+    if t and name:
+        print(name, t.group(1)); continue
+    b = re.search(r"thrpt:\s+\[\S+ \S+ (\S+ \S+) \S+ \S+\]", line)
+    if b and name:
+        print(name, "throughput", b.group(1)); name = None
+PY
+)
+else
+  row "kernel benches" "FAIL" "see $out/bench.log"
 fi
 
-# 6. Peers at the same shapes, where installed.
+# 6. Peers at the same shapes, where installed: FLA from the carried wheels.
+if ls "$bundle"/whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fla-site "$bundle"/whl/*.whl \
+    > "$out/fla-install.log" 2>&1 && export PYTHONPATH=/tmp/fla-site${PYTHONPATH:+:$PYTHONPATH}
+fi
 python3 - > "$out/peers.txt" 2>&1 <<'PY'
 import torch, torch.nn.functional as F
 shapes = [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4, 4096, 64, 128), (8, 2048, 32, 256), (8, 1024, 8, 64)]
@@ -85,19 +159,35 @@ def bench(f):
     e.record(); torch.cuda.synchronize(); return s.elapsed_time(e) / 10
 try:
     from fla.ops.linear_attn import chunk_linear_attn
-except Exception:
+except Exception as err:
+    print("# FLA unavailable:", err)
     chunk_linear_attn = None
 for b, t, h, d in shapes:
-    q = torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16)
-    sd = bench(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), is_causal=True))
-    fl = f"{bench(lambda: chunk_linear_attn(q, q, q)):.3f}" if chunk_linear_attn else "n/a"
-    print(f"B{b}_T{t}_H{h}_D{d} sdpa {sd:.3f} ms fla {fl} ms")
+    q = torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn_like(q)
+    qt = q.detach().transpose(1, 2)
+    sd = bench(lambda: F.scaled_dot_product_attention(qt, qt, qt, is_causal=True))
+    fl = flb = "n/a"
+    if chunk_linear_attn is not None:
+        # FLA applies no feature map (callers do); ours is fused in.
+        fl = f"{bench(lambda: chunk_linear_attn(q.detach(), q.detach(), q.detach())):.3f}"
+        def fwd_bwd():
+            o, _ = chunk_linear_attn(q, q, q)
+            o.backward(do)
+        flb = f"{bench(fwd_bwd):.3f}"
+    print(f"B{b}_T{t}_H{h}_D{d} sdpa {sd:.3f} ms fla {fl} ms fla_fwd_bwd {flb} ms")
 PY
 if [ $? -eq 0 ]; then
-  while read -r s _ sd _ _ fl _; do row "peers $s" "ms" "torch SDPA causal $sd, FLA chunk_linear_attn $fl"; done < "$out/peers.txt"
+  grep -v '^#' "$out/peers.txt" | while read -r s _ sd _ _ fl _ _ flb _; do echo "$s|$sd|$fl|$flb"; done > "$out/peers.rows"
+  while IFS='|' read -r s sd fl flb; do
+    row "peers $s" "ms" "torch SDPA causal fwd $sd, FLA chunk_linear_attn fwd $fl, fwd+bwd $flb"
+  done < "$out/peers.rows"
+  grep -q '^#' "$out/peers.txt" && row "FLA" "missing" "$(grep -m1 '^#' "$out/peers.txt" | cut -c3-90)"
 else
   row "peers (torch SDPA, FLA)" "skipped" "$(tail -n1 "$out/peers.txt")"
 fi
 
-printf '| %-34s | %-10s | %s |\n|---|---|---|\n' "check" "result" "detail"
-printf '%s\n' "${table[@]}"
+{
+  printf '| %-34s | %-10s | %s |\n|---|---|---|\n' "check" "result" "detail"
+  printf '%s\n' "${table[@]}"
+} | tee "$out/table.md"

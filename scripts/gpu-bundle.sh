@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Builds, on a machine with cargo (and nvcc, or the PyPI one this installs),
+# everything scripts/gpu-check.sh needs on a GPU machine that has neither
+# cargo nor a network, into ./.gpu-bundle (ignored by git; carry it there):
+#   bin/tests/<name>   release test executables that can reach a GPU
+#                      (fatbins embedded, debug info stripped)
+#   bin/kernels-bench  the criterion kernels bench
+#   bin/linattn        the CLI (`info` prints the embedded ptxas report)
+#   whl/               flash-linear-attention + fla-core wheels (the peer)
+#   paths              repo root and target dir the executables were built
+#                      under (tests find the CLI and sources by those paths;
+#                      gpu-check.sh links them to the carried copies)
+# Usage: scripts/gpu-bundle.sh   (then carry `.gpu-bundle`, run gpu-check.sh)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+if [ -z "${NVCC:-}" ]; then
+  if command -v nvcc >/dev/null; then NVCC=$(command -v nvcc); else NVCC=$(scripts/install-nvcc.sh | tail -n1); fi
+fi
+export NVCC LINATTN_DENY_SPILLS=1
+out=.gpu-bundle
+rm -rf "$out"
+mkdir -p "$out/bin/tests" "$out/whl"
+
+# Executables from cargo's JSON messages: (target name, path) per test binary.
+artifacts() {
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    kind = m["target"]["kind"][0]
+    if m["profile"]["test"] or kind == "bench":
+        print(m["target"]["name"], kind, m["executable"])
+'
+}
+
+# The packages whose tests can run on a GPU (the reference and the emulator
+# crates never touch one; CI runs them everywhere).
+cargo test --release --no-run --message-format=json -p linattn -p linattn-kernels -p linattn-model \
+  2> "$out/build.log" | artifacts > "$out/tests.txt"
+while read -r name kind path; do
+  dest="$out/bin/tests/$name"
+  [ "$kind" = lib ] && dest="$out/bin/tests/lib-$name"
+  [ "$kind" = bin ] && continue
+  cp "$path" "$dest"
+done < "$out/tests.txt"
+cargo bench --bench kernels --no-run --message-format=json 2>> "$out/build.log" | artifacts |
+  while read -r _ kind path; do [ "$kind" = bench ] && cp "$path" "$out/bin/kernels-bench"; done
+cargo build --release --bin linattn 2>> "$out/build.log"
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+cp "$target_dir/release/linattn" "$out/bin/linattn"
+strip --strip-debug "$out"/bin/tests/* "$out/bin/kernels-bench" "$out/bin/linattn"
+printf 'repo_root %s\ntarget_dir %s\n' "$root" "$target_dir" > "$out/paths"
+
+# The peer: flash-linear-attention is pure Python on Triton; torch, triton,
+# transformers and einops are already in the GPU image.
+python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux2014_x86_64 --platform any -d "$out/whl" \
+  flash-linear-attention==0.6.0 fla-core==0.6.0 || echo "gpu-bundle: no FLA wheels (offline?); the peer column will say so" >&2
+
+du -sh "$out" "$out"/bin/tests "$out/whl" >&2
+size=$(du -sm "$out" | cut -f1)
+if [ "$size" -gt 60 ]; then
+  echo "gpu-bundle: $size MiB is over what the device tool carries (64 MiB with the tree)" >&2
+  exit 1
+fi
+echo "$out"
