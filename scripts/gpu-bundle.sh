@@ -2,6 +2,9 @@
 # Builds, on a machine with cargo (and nvcc, or the PyPI one this installs),
 # everything scripts/gpu-check.sh needs on a GPU machine that has neither
 # cargo nor a network, into ./.gpu-bundle (ignored by git; carry it there):
+#   bin.tar.xz         the executables below; they share most of their bytes
+#                      (embedded fatbins, the emulator), so xz with a window
+#                      larger than one of them packs ~230 MB into ~5 MB
 #   bin/tests/<name>   release test executables that can reach a GPU
 #                      (fatbins embedded, debug info stripped)
 #   bin/kernels-bench  the criterion kernels bench
@@ -56,6 +59,8 @@ target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import js
 cp "$target_dir/release/linattn" "$out/bin/linattn"
 strip --strip-debug "$out"/bin/tests/* "$out/bin/kernels-bench" "$out/bin/linattn"
 printf 'repo_root %s\ntarget_dir %s\n' "$root" "$target_dir" > "$out/paths"
+tar -C "$out" -cf - bin | xz -9e -T1 --lzma2=preset=9e,dict=192MiB > "$out/bin.tar.xz"
+rm -rf "$out/bin"
 
 # The peer: flash-linear-attention is pure Python on Triton; torch, triton,
 # transformers and einops are already in the GPU image.
@@ -63,7 +68,7 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
   --platform manylinux2014_x86_64 --platform any -d "$out/whl" \
   flash-linear-attention==0.6.0 fla-core==0.6.0 || echo "gpu-bundle: no FLA wheels (offline?); the peer column will say so" >&2
 
-du -sh "$out" "$out"/bin/tests "$out/whl" >&2
+du -sh "$out" "$out/bin.tar.xz" "$out/whl" >&2
 size=$(du -sm "$out" | cut -f1)
 if [ "$size" -gt 60 ]; then
   echo "gpu-bundle: $size MiB is over what the device tool carries (64 MiB with the tree)" >&2
