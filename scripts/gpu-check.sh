@@ -49,7 +49,9 @@ if [ "$mode" = cargo ]; then
 else
   bin=$bundle/bin
   if [ ! -d "$bin" ]; then
-    mkdir -p /tmp/linattn-bundle && xz -dc "$bundle/bin.tar.xz" | tar -C /tmp/linattn-bundle -xf - && bin=/tmp/linattn-bundle/bin
+    # Python's lzma, in case the image has no xz.
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+      "$bundle/bin.tar.xz" /tmp/linattn-bundle && bin=/tmp/linattn-bundle/bin
   fi
   # Tests find the CLI and the sources by the paths they were built under.
   read -r _ built_root < <(grep '^repo_root' "$bundle/paths")
