@@ -47,6 +47,23 @@ fn gpu() -> Option<Device> {
     }
 }
 
+/// Prints an anchor shape's memory floor (`bytes` of compulsory traffic at
+/// [`COPY_BW`]), sets the group's throughput and names the benchmark.
+fn anchor(
+    what: &str,
+    (b, t, h, d): (usize, usize, usize, usize),
+    bytes: usize,
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+) -> BenchmarkId {
+    eprintln!(
+        "{what} B{b} T{t} H{h} D{d}: memory floor {:.3} ms at {:.1} TB/s",
+        bytes as f64 / COPY_BW * 1e3,
+        COPY_BW / 1e12
+    );
+    g.throughput(Throughput::Bytes(bytes as u64));
+    BenchmarkId::from_parameter(format!("B{b}_T{t}_H{h}_D{d}"))
+}
+
 fn bench(c: &mut Criterion) {
     let Some(dev) = gpu() else { return };
     let mut g = c.benchmark_group("causal_forward_bf16");
@@ -58,36 +75,27 @@ fn bench(c: &mut Criterion) {
         let x = dev.upload(&vec![bf16::from_f32(0.01); n]).unwrap();
         let mut o = dev.upload(&vec![bf16::ZERO; n]).unwrap();
         let shape = AttentionShape::bnhd(b, h, t, d, d);
-        let bytes = 4 * n * 2;
-        eprintln!(
-            "B{b} T{t} H{h} D{d}: memory floor {:.3} ms at {:.1} TB/s",
-            bytes as f64 / COPY_BW * 1e3,
-            COPY_BW / 1e12
-        );
-        g.throughput(Throughput::Bytes(bytes as u64));
-        g.bench_function(
-            BenchmarkId::from_parameter(format!("B{b}_T{t}_H{h}_D{d}")),
-            |it| {
-                it.iter(|| {
-                    let qkv = Qkv {
-                        q: &x,
-                        k: &x,
-                        v: &x,
-                    };
-                    causal_forward(
-                        &dev,
-                        qkv,
-                        &mut o,
-                        &shape,
-                        None,
-                        &AttentionOptions::default(),
-                        StateIo::none(),
-                    )
-                    .unwrap();
-                    dev.synchronize().unwrap();
-                })
-            },
-        );
+        let id = anchor("forward", (b, t, h, d), 4 * n * 2, &mut g);
+        g.bench_function(id, |it| {
+            it.iter(|| {
+                let qkv = Qkv {
+                    q: &x,
+                    k: &x,
+                    v: &x,
+                };
+                causal_forward(
+                    &dev,
+                    qkv,
+                    &mut o,
+                    &shape,
+                    None,
+                    &AttentionOptions::default(),
+                    StateIo::none(),
+                )
+                .unwrap();
+                dev.synchronize().unwrap();
+            })
+        });
     }
     g.finish();
     let mut g = c.benchmark_group("causal_fwd_bwd_bf16");
@@ -104,50 +112,40 @@ fn bench(c: &mut Criterion) {
         let mut dv = dev.upload(&vec![bf16::ZERO; n]).unwrap();
         let shape = AttentionShape::bnhd(b, h, t, d, d);
         // Compulsory traffic: q, k, v, o, dO, dq, dk, dv once each.
-        let bytes = 8 * n * 2;
-        eprintln!(
-            "fwd+bwd B{b} T{t} H{h} D{d}: memory floor {:.3} ms at {:.1} TB/s",
-            bytes as f64 / COPY_BW * 1e3,
-            COPY_BW / 1e12
-        );
-        g.throughput(Throughput::Bytes(bytes as u64));
-        g.bench_function(
-            BenchmarkId::from_parameter(format!("B{b}_T{t}_H{h}_D{d}")),
-            |it| {
-                it.iter(|| {
-                    let opts = AttentionOptions::default();
-                    let qkv = Qkv {
-                        q: &x,
-                        k: &x,
-                        v: &x,
-                    };
-                    causal_forward(&dev, qkv, &mut o, &shape, None, &opts, StateIo::none())
-                        .unwrap();
-                    let inputs = BackwardInputs {
-                        q: &x,
-                        k: &x,
-                        v: &x,
-                        d_o: &d_o,
-                    };
-                    let grads = Grads {
-                        dq: &mut dq,
-                        dk: &mut dk,
-                        dv: &mut dv,
-                    };
-                    causal_backward(
-                        &dev,
-                        inputs,
-                        grads,
-                        &shape,
-                        None,
-                        &opts,
-                        BackwardStates::none(),
-                    )
-                    .unwrap();
-                    dev.synchronize().unwrap();
-                })
-            },
-        );
+        let id = anchor("fwd+bwd", (b, t, h, d), 8 * n * 2, &mut g);
+        g.bench_function(id, |it| {
+            it.iter(|| {
+                let opts = AttentionOptions::default();
+                let qkv = Qkv {
+                    q: &x,
+                    k: &x,
+                    v: &x,
+                };
+                causal_forward(&dev, qkv, &mut o, &shape, None, &opts, StateIo::none()).unwrap();
+                let inputs = BackwardInputs {
+                    q: &x,
+                    k: &x,
+                    v: &x,
+                    d_o: &d_o,
+                };
+                let grads = Grads {
+                    dq: &mut dq,
+                    dk: &mut dk,
+                    dv: &mut dv,
+                };
+                causal_backward(
+                    &dev,
+                    inputs,
+                    grads,
+                    &shape,
+                    None,
+                    &opts,
+                    BackwardStates::none(),
+                )
+                .unwrap();
+                dev.synchronize().unwrap();
+            })
+        });
     }
     g.finish();
     let mut g = c.benchmark_group("decode_step_bf16");
