@@ -5,7 +5,8 @@
 //! map, normalisation on/off, initial state and final-state gradient,
 //! varlen, split-and-resume, determinism and poisoned gradient buffers;
 //! the f16/bf16 tensor-core walks around each pass's chunk with D, M not
-//! multiples of 16, over several tiles, and f16 beyond its range.
+//! multiples of 16, over several tiles, and f16 beyond its range; the
+//! merged dk + dv walk of small 16-bit heads and its fallback.
 //! `-- --nocapture` prints every measured relative error.
 
 mod common;

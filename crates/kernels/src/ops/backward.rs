@@ -17,7 +17,9 @@
 //! Launches (see `cuda/include/linattn/backward_walk.cuh`): `prep` (den and
 //! the partial `dL/do . num` per token and M tile into an fp32 workspace,
 //! normalised calls only), then `dq` and `dk` with blocks tiling D, and `dv`
-//! with blocks tiling M, so each gradient element has exactly one writer;
+//! with blocks tiling M, so each gradient element has exactly one writer
+//! (for small f16/bf16 heads one merged `dkv` walk, one block per
+//! sequence-head owning the whole dS, replaces dk and dv: [`merged_dkv`]);
 //! the only cross-block sum (the prep partials) is added in tile order.
 //!
 //! Layers, as in every op module: validation ([`validate`]), a plain-Rust
