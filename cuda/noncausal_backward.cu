@@ -11,6 +11,9 @@
 //   noncausal_backward_dq_<t>:   dq;             grid: seq-heads x D tiles.
 //   noncausal_backward_dk_<t>:   dk, dS0, dz0;   grid: seq-heads x D tiles.
 //   noncausal_backward_dv_<t>:   dv;             grid: seq-heads x M tiles.
+//   or, in place of dk and dv for small f16/bf16 heads (plan's policy):
+//   noncausal_backward_dkv_<t>:  dk, dv, dS0, dz0 in one reverse walk;
+//       grid: seq-heads (t = f16, bf16 only).
 // Block: 256 threads; dynamic shared memory as sized by the plan
 // (<= SHARED_BUDGET_BYTES = 99 KiB; the executor opts in above 48 KiB).
 #include <cstdint>
@@ -64,4 +67,12 @@ extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_dv_f16(c
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_dv_bf16(const LinattnBackwardParams p) {
     extern __shared__ float smem[];
     linattn::bwd::dv_walk<__nv_bfloat16>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_dkv_f16(const LinattnBackwardParams p) {
+    extern __shared__ float smem[];
+    linattn::bwd::dkv_walk<__half>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_dkv_bf16(const LinattnBackwardParams p) {
+    extern __shared__ float smem[];
+    linattn::bwd::dkv_walk<__nv_bfloat16>(p, smem);
 }

@@ -5,7 +5,8 @@
 //! map, normalisation on/off, initial state and final-state gradient,
 //! varlen, split-and-resume, determinism and poisoned gradient buffers;
 //! the f16/bf16 tensor-core walks around each pass's chunk with D, M not
-//! multiples of 16, over several tiles, and f16 beyond its range.
+//! multiples of 16, over several tiles, and f16 beyond its range; the
+//! merged dk + dv walk of small 16-bit heads and its fallback.
 //! `-- --nocapture` prints every measured relative error.
 
 mod common;
@@ -555,6 +556,9 @@ fn mma_walks_match_reference_around_chunks() {
         for (d, m) in [(40, 24), (17, 33)] {
             let t = tiling_for(DType::Bf16, d, m);
             let mut ns: Vec<usize> = [t.prep.chunk, t.dqk.chunk, t.dv.chunk]
+                .into_iter()
+                .chain(t.dkv.map(|p| p.chunk))
+                .collect::<Vec<_>>()
                 .iter()
                 .flat_map(|&c| [c - 1, c, c + 1, 2 * c + 3])
                 .collect();
@@ -582,6 +586,54 @@ fn mma_walks_match_reference_around_chunks() {
     }
 }
 
+/// The merged dk + dv walk (f16/bf16 heads small enough for one block to
+/// own the whole dS): D = M = 64 at its chunk (N around it, and a varlen
+/// batch with an empty sequence that hands d_final through), every
+/// optional input, bit-identical run to run. The 16-bit cases above run
+/// it too (their heads are small); the multi-tile test below covers the
+/// separate dk and dv walks.
+#[test]
+fn merged_dkv_walk_matches_reference_and_is_deterministic() {
+    for (d, m) in [
+        (17, 9),
+        (16, 16),
+        (40, 24),
+        (17, 33),
+        (5, 3),
+        (16, 32),
+        (24, 20),
+        (9, 6),
+    ] {
+        assert!(tiling_for(DType::Bf16, d, m).dkv.is_some(), "{d} x {m}");
+        assert!(tiling_for(DType::F16, d, m).dkv.is_some(), "{d} x {m}");
+    }
+    let (d, m) = (64, 64);
+    let t = tiling_for(DType::Bf16, d, m);
+    let pt = t.dkv.expect("64 x 64 takes the merged walk");
+    let seed = test_seed() ^ 12;
+    for dev in devices() {
+        for kind in [Kind::Causal, Kind::NonCausal] {
+            for n in [pt.chunk + 1, 2 * pt.chunk + 3] {
+                let c = Case::new(kind, 1, 2, n, d, m).with(|c| {
+                    c.initial = true;
+                    c.d_final = true;
+                });
+                let a = check_case::<bf16>(&dev, &c, &mut Rng::new(seed));
+                let b = check_case::<bf16>(&dev, &c, &mut Rng::new(seed));
+                assert!(a == b, "{}: {kind:?}: two runs differ", dev.describe());
+                // Padded rows (the padding stays NaN, so not compared above).
+                check_case::<f16>(&dev, &c.clone().with(|c| c.pad = 1), &mut Rng::new(seed));
+            }
+            let c = Case::new(kind, 1, 2, 70, d, m).with(|c| {
+                c.cu = Some(vec![0, 3, 3, 70]);
+                c.d_final = true;
+                c.map = FeatureMap::Relu;
+            });
+            check_case::<bf16>(&dev, &c, &mut Rng::new(seed ^ 1));
+        }
+    }
+}
+
 /// Heads that spread every tensor-core pass over several blocks, and
 /// bit-identical results run to run.
 #[test]
@@ -589,7 +641,7 @@ fn multi_tile_mma_heads_match_reference_and_are_deterministic() {
     let (d, m) = (200, 250);
     let t = tiling_for(DType::Bf16, d, m);
     assert!(
-        t.prep.tiles > 1 && t.dqk.tiles > 1 && t.dv.tiles > 1,
+        t.prep.tiles > 1 && t.dqk.tiles > 1 && t.dv.tiles > 1 && t.dkv.is_none(),
         "{t:?}"
     );
     let seed = test_seed() ^ 10;

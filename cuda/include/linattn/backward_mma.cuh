@@ -8,6 +8,7 @@
 //         T, the 1 / den of dnum = G / den applied to the fp32 products)
 //   dk:   B = dnum v^T, dkh = v dS^T + B^T qh, dS += qh^T dnum
 //   dv:   A = qh kh^T, dv = kh dS + A^T dnum, dS += qh^T dnum
+//   dkv:  dk and dv in one reverse walk over the whole dS (small heads)
 //
 // Operands are staged in shared memory as T, zero-padded to multiples of 16
 // (D, M, the chunk C and the state tile, so any D, M in 1..=256 works); row
@@ -592,6 +593,166 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
 }
 
 // ---------------------------------------------------------------------------
+// dk and dv in one reverse walk (small heads): one block per sequence-head
+// owns the whole suffix state dS (D16 x M16) and dz, so it writes every dk
+// and dv element of its sequence-head (still exactly one writer each) and
+// reads q, k, v, dL/do once instead of twice (dk_walk and dv_walk). Chosen
+// by `ops::backward::tiling_for` when dk and dv would each run one block
+// per sequence-head anyway and this body fits the shared budget.
+//   B = dnum v^T (+ d den per row), dkh = v dS^T + B^T qh (i >= j),
+//   A = qh kh^T,                    dv  = kh dS + A^T dnum (i >= j),
+//   dS += qh^T dnum, dz += qh^T d den.
+// Every product, every rounding and every sum is the one of dqk_mma<T,
+// true> and dv_mma with a single tile, in the same order.
+// Shared: dS (D16 x M16+4, fp32) | dz (D16) | dS16 (D16 x M16+8) | qh, kh
+//         (C x D16+8 each) | v, dnum (C x M16+8 each) | P16 (C x C+8: B,
+//         then A) | F (C x max(C,D16,M16)+4, fp32: B, dkh, A, then dv) |
+//         den, d den (C each) | scales of dS16 ((D16/16)(M16/16)), dnum
+//         ((C/16)(M16/16)) and P16 ((C/16)^2).
+template <typename T>
+__device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* smem) {
+    const Coords c = coords(p);
+    const int tid = threadIdx.x, nthreads = blockDim.x;
+    const int D = (int)p.d, M = (int)p.m, C = p.chunk, D16 = pad16(D), M16 = pad16(M);
+    const int LS = M16 + 4, L16 = M16 + 8, LD = D16 + 8, LC = C + 8, LF = imax(C, imax(D16, M16)) + 4;
+    const int CT = C / 16, MTT = M16 / 16, DTT = D16 / 16;
+    const int fm = p.feature_map;
+    const bool causal = p.causal != 0;
+    Carve cv{reinterpret_cast<char*>(smem), 0u};
+    float* Ss = cv.take<float>(D16 * LS);
+    float* zs = cv.take<float>(D16);
+    T* S16 = cv.take<T>(D16 * L16);
+    T* Q16 = cv.take<T>(C * LD);
+    T* K16 = cv.take<T>(C * LD);
+    T* V16 = cv.take<T>(C * L16);
+    T* G16 = cv.take<T>(C * L16);
+    T* P16 = cv.take<T>(C * LC);
+    float* F = cv.take<float>(C * LF);
+    float* den = cv.take<float>(C);
+    float* dd = cv.take<float>(C);
+    float* sS = cv.take<float>(DTT * MTT);
+    float* sG = cv.take<float>(CT * MTT);
+    float* sP = cv.take<float>(CT * CT);
+    const float* s_in = ptr<const float>(p.d_final_s);
+    const float* z_in = ptr<const float>(p.d_final_z);
+    for (int i = tid; i < D16 * M16; i += nthreads) {
+        const int x = i / M16, e = i - x * M16;
+        Ss[x * LS + e] = s_in != nullptr && x < D && e < M ? s_in[(c.sh * D + x) * M + e] : 0.0f;
+    }
+    for (int x = tid; x < D16; x += nthreads) zs[x] = z_in != nullptr && x < D ? z_in[c.sh * D + x] : 0.0f;
+    const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
+    const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
+    const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride);
+    const T* gb = rows_of<T>(p.d_o, c, p.o_batch_stride, p.o_head_stride);
+    T* dkb = rows_of_mut<T>(p.dk, c, p.k_batch_stride, p.k_head_stride);
+    T* dvb = rows_of_mut<T>(p.dv, c, p.v_batch_stride, p.v_head_stride);
+    __syncthreads();
+
+    const int64_t last = last_chunk(c.r.len, C);
+    for (int sweep = causal ? 1 : 0; sweep < 2; ++sweep) {
+        const bool absorb = causal || sweep == 0;
+        const bool emit = sweep == 1;
+        for (int64_t c0 = last; c0 >= 0; c0 -= C) {
+            const int rows = (int)(c.r.len - c0 < C ? c.r.len - c0 : C);
+            const int64_t t0 = c.r.start + c0;
+            // Causal walks absorb every chunk, so dnum and d den are loaded
+            // whenever they are needed (absorb, and B when emitting).
+            if (absorb) {
+                stage<T>(Q16, LD, C, D16, rows, D, [&](int j, int x) {
+                    return phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * p.scale;
+                });
+                load_norm(p, c, t0, rows, C, den, dd);
+            }
+            if (emit) {
+                stage<T>(K16, LD, C, D16, rows, D,
+                         [&](int j, int x) { return phi(to_float(kb[(t0 + j) * p.k_token_stride + x]), fm); });
+                stage<T>(V16, L16, C, M16, rows, M,
+                         [&](int j, int e) { return to_float(vb[(t0 + j) * p.v_token_stride + e]); });
+                if (causal || c0 == last)
+                    round_tiles<T>(S16, L16, D16, M16, sS, [&](int x, int e) { return Ss[x * LS + e]; });
+            }
+            __syncthreads();
+            if (absorb) {
+                round_tiles<T>(G16, L16, C, M16, sG, [&](int j, int e) {
+                    return j < rows && e < M ? __fdividef(to_float(gb[(t0 + j) * p.o_token_stride + e]), den[j]) : 0.0f;
+                });
+                __syncthreads();
+            }
+            if (emit) {
+                if (causal) {
+                    // B = dnum v^T (+ d den per row), lower block triangle.
+                    gemm<T, true, false>(F, LF, CT, CT, MTT, false, true, KRange::All, G16, L16, Scales{sG, MTT, 1},
+                                         V16, L16, no_scales());
+                    __syncthreads();
+                    round_tiles<T>(P16, LC, C, C, sP, [&](int i, int j) {
+                        return j > i || i >= rows ? 0.0f : F[i * LF + j] + dd[i];
+                    });
+                    __syncthreads();
+                }
+                // dkh = v dS^T + B^T qh (i >= j)
+                gemm<T, true, false>(F, LF, CT, DTT, MTT, false, false, KRange::All, V16, L16, no_scales(), S16, L16,
+                                     Scales{sS, MTT, 1});
+                if (causal) {
+                    __syncwarp();
+                    gemm<T, false, true>(F, LF, CT, DTT, CT, true, false, KRange::FromRow, P16, LC, Scales{sP, CT, 1},
+                                         Q16, LD, no_scales());
+                }
+                __syncthreads();
+                for (int i = tid; i < rows * D; i += nthreads) {
+                    const int j = i / D, x = i - j * D;
+                    const int64_t off = (t0 + j) * p.k_token_stride + x;
+                    dkb[off] = from_float<T>(phi_prime(to_float(kb[off]), fm) * (F[j * LF + x] + zs[x]));
+                }
+                __syncthreads();  // F, P16 and dz are reused below
+                if (causal) {
+                    // A = qh kh^T, lower block triangle.
+                    gemm<T, true, false>(F, LF, CT, CT, DTT, false, true, KRange::All, Q16, LD, no_scales(), K16, LD,
+                                         no_scales());
+                    __syncthreads();
+                    round_tiles<T>(P16, LC, C, C, sP,
+                                   [&](int i, int j) { return j <= i && i < rows ? F[i * LF + j] : 0.0f; });
+                    __syncthreads();
+                }
+                // dv = kh dS + A^T dnum (i >= j)
+                gemm<T, true, true>(F, LF, CT, MTT, DTT, false, false, KRange::All, K16, LD, no_scales(), S16, L16,
+                                    Scales{sS, MTT, 1});
+                if (causal) {
+                    __syncwarp();
+                    gemm<T, false, true>(F, LF, CT, MTT, CT, true, false, KRange::FromRow, P16, LC, Scales{sP, CT, 1},
+                                         G16, L16, Scales{sG, MTT, 1});
+                }
+                __syncthreads();
+                for (int i = tid; i < rows * M; i += nthreads) {
+                    const int j = i / M, e = i - j * M;
+                    dvb[(t0 + j) * p.v_token_stride + e] = from_float<T>(F[j * LF + e]);
+                }
+            }
+            if (absorb) {
+                // dS += qh^T dnum, dz += qh^T d den (F is not touched; S16
+                // is a copy of dS; dz was last read before the sync above).
+                gemm<T, false, true>(Ss, LS, DTT, MTT, CT, true, false, KRange::All, Q16, LD, no_scales(), G16, L16,
+                                     Scales{sG, MTT, 1});
+                for (int x = tid; x < D; x += nthreads) {
+                    float acc = zs[x];
+                    for (int j = 0; j < rows; ++j) acc = fmaf(dd[j], to_float(Q16[j * LD + x]), acc);
+                    zs[x] = acc;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    if (p.d_initial_s != 0) {
+        float* ss = ptr<float>(p.d_initial_s);
+        float* sz = ptr<float>(p.d_initial_z);
+        for (int i = tid; i < D * M; i += nthreads) {
+            const int x = i / M, e = i - x * M;
+            ss[(c.sh * D + x) * M + e] = Ss[x * LS + e];
+        }
+        for (int x = tid; x < D; x += nthreads) sz[c.sh * D + x] = zs[x];
+    }
+}
+
+// ---------------------------------------------------------------------------
 // The entry points' bodies: tensor cores for 16-bit inputs, FMA for fp32.
 template <typename T>
 __device__ __forceinline__ void prep(const LinattnBackwardParams& p, float* smem) {
@@ -612,6 +773,13 @@ template <typename T>
 __device__ __forceinline__ void dv_walk(const LinattnBackwardParams& p, float* smem) {
     if constexpr (Mma<T>::available) dv_mma<T>(p, smem);
     else dv_fma<T>(p, smem);
+}
+// The merged dk + dv walk exists for 16-bit inputs only (fp32 runs dk_walk
+// and dv_walk).
+template <typename T>
+__device__ __forceinline__ void dkv_walk(const LinattnBackwardParams& p, float* smem) {
+    static_assert(Mma<T>::available, "dkv_walk: f16 and bf16 only");
+    dkv_mma<T>(p, smem);
 }
 
 }  // namespace bwd

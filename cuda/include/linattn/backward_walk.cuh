@@ -21,6 +21,9 @@
 //   dv   (blocks tile M): reverse walk of dS[:, m-tile]:
 //        dv_j = dS_next^T kh_j + sum_{i>=j in chunk} dnum_i A_ij, A_ij = qh_i . kh_j.
 //
+//   dkv  (f16/bf16 small heads, in place of dk and dv; backward_mma.cuh):
+//        one reverse walk, one block per sequence-head owning the whole dS.
+//
 // Tiling D for dq/dk and M for dv means every gradient element is produced
 // by exactly one block: no cross-block reduction of gradients. The non-causal kernels
 // run the same bodies: a first sweep sums the whole sequence's state, the

@@ -17,7 +17,9 @@
 //! Launches (see `cuda/include/linattn/backward_walk.cuh`): `prep` (den and
 //! the partial `dL/do . num` per token and M tile into an fp32 workspace,
 //! normalised calls only), then `dq` and `dk` with blocks tiling D, and `dv`
-//! with blocks tiling M, so each gradient element has exactly one writer;
+//! with blocks tiling M, so each gradient element has exactly one writer
+//! (for small f16/bf16 heads one merged `dkv` walk, one block per
+//! sequence-head owning the whole dS, replaces dk and dv: [`merged_dkv`]);
 //! the only cross-block sum (the prep partials) is added in tile order.
 //!
 //! Layers, as in every op module: validation ([`validate`]), a plain-Rust
@@ -52,6 +54,10 @@ pub enum Pass {
     Dk,
     /// dv; blocks tile M.
     Dv,
+    /// dk, dv and the initial state's gradient in one reverse walk, one
+    /// block per sequence-head owning the whole dS (f16/bf16 small heads,
+    /// in place of [`Pass::Dk`] and [`Pass::Dv`]; see [`merged_dkv`]).
+    Dkv,
 }
 
 fn module(kind: Kind) -> &'static str {
@@ -61,13 +67,17 @@ fn module(kind: Kind) -> &'static str {
     }
 }
 
-/// The kernel symbol of a pass for a dtype.
-pub fn kernel_name(kind: Kind, pass: Pass, dtype: DType) -> &'static str {
+/// The kernel symbol of a pass for a dtype (`None`: no such kernel, the
+/// merged [`Pass::Dkv`] walk exists for f16 and bf16 only).
+pub fn kernel_name(kind: Kind, pass: Pass, dtype: DType) -> Option<&'static str> {
     use DType::*;
     use Pass::*;
     macro_rules! names {
         ($($k:ident $p:ident $t:ident => $n:literal),* $(,)?) => {
-            match (kind, pass, dtype) { $((Kind::$k, $p, $t) => $n,)* }
+            match (kind, pass, dtype) {
+                $((Kind::$k, $p, $t) => Some($n),)*
+                (_, Dkv, F32) => None,
+            }
         };
     }
     names!(
@@ -95,6 +105,10 @@ pub fn kernel_name(kind: Kind, pass: Pass, dtype: DType) -> &'static str {
         NonCausal Dv F32 => "noncausal_backward_dv_f32",
         NonCausal Dv F16 => "noncausal_backward_dv_f16",
         NonCausal Dv Bf16 => "noncausal_backward_dv_bf16",
+        Causal Dkv F16 => "causal_backward_dkv_f16",
+        Causal Dkv Bf16 => "causal_backward_dkv_bf16",
+        NonCausal Dkv F16 => "noncausal_backward_dkv_f16",
+        NonCausal Dkv Bf16 => "noncausal_backward_dkv_bf16",
     )
 }
 
@@ -118,6 +132,9 @@ pub struct BackwardTiling {
     pub dqk: PassTiling,
     /// The dv kernel (tiles along M).
     pub dv: PassTiling,
+    /// The merged dk + dv walk (one tile: the whole head) when the policy
+    /// [`merged_dkv`] picks it; the dk and dv kernels are then not launched.
+    pub dkv: Option<PassTiling>,
 }
 
 /// Shared memory of the prep kernel in floats: the state columns
@@ -176,6 +193,7 @@ pub fn tiling(d: usize, m: usize) -> BackwardTiling {
         prep: pick(m, |c, t| prep_shared_floats(d, c, t)),
         dqk: pick(d, |c, t| dqk_shared_floats(m, c, t)),
         dv: pick(m, |c, t| dv_shared_floats(d, c, t)),
+        dkv: None,
     }
 }
 
@@ -271,6 +289,65 @@ pub fn dv_mma_bytes(d: usize, chunk: usize, tile: usize) -> usize {
     ])
 }
 
+/// Shared memory of the merged tensor-core dk + dv kernel in bytes (order
+/// of `dkv_mma`): dS (fp32, `D16 x (M16 + 4)`), dz, dS rounded
+/// (`D16 x (M16 + 8)`), phi(q) and phi(k) (`chunk x (D16 + 8)` each), v and
+/// dnum (`chunk x (M16 + 8)` each), one C x C operand (`chunk x (chunk +
+/// 8)`: B, then A), the fp32 scratch (`chunk x (max(chunk, D16, M16) + 4)`),
+/// den, d den and the tile scales.
+pub fn dkv_mma_bytes(d: usize, m: usize, chunk: usize) -> usize {
+    let (d16, m16) = (pad16(d), pad16(m));
+    carve(&[
+        d16 * (m16 + 4) * 4,
+        d16 * 4,
+        d16 * (m16 + 8) * 2,
+        chunk * (d16 + 8) * 2,
+        chunk * (d16 + 8) * 2,
+        chunk * (m16 + 8) * 2,
+        chunk * (m16 + 8) * 2,
+        chunk * (chunk + 8) * 2,
+        chunk * (chunk.max(d16).max(m16) + 4) * 4,
+        chunk * 4,
+        chunk * 4,
+        (d16 / 16) * (m16 / 16) * 4,
+        (chunk / 16) * (m16 / 16) * 4,
+        (chunk / 16) * (chunk / 16) * 4,
+    ])
+}
+
+/// Smallest chunk the merged dk + dv walk is used with.
+const MIN_MERGED_CHUNK: usize = 32;
+
+/// The policy for the merged dk + dv walk: `Some` (chunk, the whole head as
+/// one tile) for f16/bf16 when the separate dk and dv kernels would each
+/// run one block per sequence-head anyway (`dqk.tiles == dv.tiles == 1`: the
+/// merge costs no parallelism) and the merged body fits
+/// [`SHARED_BUDGET_BYTES`] with a chunk of at least 32 (the largest such
+/// chunk); `None` otherwise (fp32, and heads whose whole dS with its 16-bit
+/// copy does not fit next to the chunk's operands, e.g. D = M = 128).
+/// Merged, a call reads q, k, v and dL/do once for dk and dv instead of
+/// twice (`docs/benchmarks.md`, "Backward").
+pub fn merged_dkv(
+    dtype: DType,
+    d: usize,
+    m: usize,
+    dqk: PassTiling,
+    dv: PassTiling,
+) -> Option<PassTiling> {
+    if !uses_mma(dtype) || dqk.tiles != 1 || dv.tiles != 1 {
+        return None;
+    }
+    MMA_CHUNKS
+        .into_iter()
+        .filter(|&c| c >= MIN_MERGED_CHUNK)
+        .find(|&c| dkv_mma_bytes(d, m, c) <= SHARED_BUDGET_BYTES)
+        .map(|chunk| PassTiling {
+            chunk,
+            tile: pad16(d),
+            tiles: 1,
+        })
+}
+
 /// The tensor-core tiling of one pass over `dim`: tiles and chunks are
 /// multiples of 16. Fewest tiles first (each tile re-reads the chunk's
 /// inputs and recomputes its C x C product), then the largest chunk; the
@@ -309,10 +386,13 @@ pub fn tiling_for(dtype: DType, d: usize, m: usize) -> BackwardTiling {
     if !uses_mma(dtype) {
         return tiling(d, m);
     }
+    let dqk = pick_mma(d, |c, t| dqk_mma_bytes(m, c, t));
+    let dv = pick_mma(m, |c, t| dv_mma_bytes(d, c, t));
     BackwardTiling {
         prep: pick_mma(m, |c, t| prep_mma_bytes(d, c, t)),
-        dqk: pick_mma(d, |c, t| dqk_mma_bytes(m, c, t)),
-        dv: pick_mma(m, |c, t| dv_mma_bytes(d, c, t)),
+        dqk,
+        dv,
+        dkv: merged_dkv(dtype, d, m, dqk, dv),
     }
 }
 
@@ -326,6 +406,7 @@ pub fn shared_bytes(dtype: DType, pass: Pass, d: usize, m: usize, pt: PassTiling
         (true, Pass::Prep) => prep_mma_bytes(d, c, t),
         (true, Pass::Dq | Pass::Dk) => dqk_mma_bytes(m, c, t),
         (true, Pass::Dv) => dv_mma_bytes(d, c, t),
+        (_, Pass::Dkv) => dkv_mma_bytes(d, m, c),
     }
 }
 
@@ -550,7 +631,8 @@ pub struct BackwardLaunch {
     pub writes: Vec<(u64, usize)>,
 }
 
-/// Builds the launches (prep when normalising, then dq, dk, dv).
+/// Builds the launches (prep when normalising, then dq, then dk and dv, or
+/// the merged dk + dv walk when the tiling has one).
 pub fn plan(
     kind: Kind,
     dtype: DType,
@@ -621,7 +703,8 @@ pub fn plan(
         pass,
         plan: LaunchPlan {
             module: module(kind),
-            kernel: kernel_name(kind, pass, dtype),
+            kernel: kernel_name(kind, pass, dtype)
+                .expect("the tiling picks the merged walk only where it exists"),
             grid: [(sh * pt.tiles) as u32, 1, 1],
             block: [THREADS, 1, 1],
             shared_bytes: shared_bytes(dtype, pass, d, m, pt) as u32,
@@ -647,6 +730,19 @@ pub fn plan(
     }
     out.push(launch(Pass::Dq, t.dqk, vec![bytes(ptrs.dq, &sp.q, d)]));
     let (sn, zn) = (problem.state_s_len() * 4, problem.state_z_len() * 4);
+    if let Some(pt) = t.dkv {
+        out.push(launch(
+            Pass::Dkv,
+            pt,
+            vec![
+                bytes(ptrs.dk, &sp.k, d),
+                bytes(ptrs.dv, &sp.v, m),
+                (ptrs.d_initial_s, sn),
+                (ptrs.d_initial_z, zn),
+            ],
+        ));
+        return out;
+    }
     out.push(launch(
         Pass::Dk,
         t.dqk,
@@ -1304,6 +1400,54 @@ mod tests {
     }
 
     #[test]
+    fn merged_dkv_policy() {
+        for dtype in [DType::F16, DType::Bf16] {
+            for d in 1..=forward::MAX_DIM {
+                for m in [1, 2, 15, 16, 17, 31, 33, 64, 65, 80, 100, 128, 200, 256] {
+                    let t = tiling_for(dtype, d, m);
+                    let fits = |c: usize| dkv_mma_bytes(d, m, c) <= SHARED_BUDGET_BYTES;
+                    let any_fits = [64, 32].into_iter().any(fits);
+                    let want = t.dqk.tiles == 1 && t.dv.tiles == 1 && any_fits;
+                    assert_eq!(t.dkv.is_some(), want, "{dtype:?} d {d} m {m} {t:?}");
+                    if let Some(pt) = t.dkv {
+                        assert_eq!((pt.tiles, pt.tile), (1, pad16(d)));
+                        assert!(pt.chunk >= MIN_MERGED_CHUNK && pt.chunk % 16 == 0);
+                        assert!(fits(pt.chunk), "d {d} m {m} {pt:?}");
+                        // The largest chunk that fits.
+                        assert!(pt.chunk == 64 || !fits(64), "d {d} m {m} {pt:?}");
+                        assert_eq!(
+                            shared_bytes(dtype, Pass::Dkv, d, m, pt),
+                            dkv_mma_bytes(d, m, pt.chunk)
+                        );
+                        assert!(kernel_name(Kind::Causal, Pass::Dkv, dtype).is_some());
+                    }
+                }
+            }
+        }
+        // Small heads merge, at chunk 64 up to D = M = 64.
+        for dim in [1, 16, 17, 40, 64] {
+            let t = tiling_for(DType::Bf16, dim, dim).dkv.expect("merged");
+            assert_eq!(t.chunk, 64, "{dim}");
+        }
+        assert!(tiling_for(DType::F16, 40, 24).dkv.is_some());
+        // The first anchor shape (D = M = 128): the whole dS (fp32 + 16-bit
+        // copy, 102 KB) alone exceeds the 99 KiB budget; separate walks.
+        assert!(dkv_mma_bytes(128, 128, 16) > SHARED_BUDGET_BYTES);
+        assert!(tiling_for(DType::Bf16, 128, 128).dkv.is_none());
+        assert!(tiling_for(DType::Bf16, 200, 250).dkv.is_none());
+        // fp32 never merges (no FMA body), and has no such kernel.
+        for (d, m) in [(1, 1), (16, 16), (64, 64)] {
+            assert!(tiling_for(DType::F32, d, m).dkv.is_none());
+            assert!(tiling(d, m).dkv.is_none());
+        }
+        assert_eq!(kernel_name(Kind::NonCausal, Pass::Dkv, DType::F32), None);
+        assert_eq!(
+            kernel_name(Kind::NonCausal, Pass::Dkv, DType::F16),
+            Some("noncausal_backward_dkv_f16")
+        );
+    }
+
+    #[test]
     fn carve_aligns_every_buffer_to_128_bytes() {
         assert_eq!(carve(&[]), 0);
         assert_eq!(carve(&[1]), 1);
@@ -1337,10 +1481,40 @@ mod tests {
             workspace: 11 << 20,
             ..Default::default()
         };
+        // A small head: dk and dv in one merged walk.
+        let t = bp.tiling;
+        let dkv = t.dkv.expect("40 x 24 takes the merged walk");
         let l = plan(Kind::Causal, DType::Bf16, &bp, &opts, &ptrs);
         let passes: Vec<Pass> = l.iter().map(|l| l.pass).collect();
+        assert_eq!(passes, [Pass::Prep, Pass::Dq, Pass::Dkv]);
+        assert_eq!(l[2].plan.kernel, "causal_backward_dkv_bf16");
+        assert_eq!(l[2].plan.grid, [6, 1, 1]);
+        assert_eq!(l[2].plan.params.chunk as usize, dkv.chunk);
+        assert_eq!(l[2].plan.params.tiles, 1);
+        assert_eq!(
+            l[2].plan.shared_bytes as usize,
+            dkv_mma_bytes(40, 24, dkv.chunk)
+        );
+        assert_eq!(
+            l[2].writes,
+            [
+                (7 << 20, 2 * 3 * 100 * 40 * 2),
+                (8 << 20, 2 * 3 * 100 * 24 * 2),
+                (9 << 20, 6 * 40 * 24 * 4),
+                (10 << 20, 6 * 40 * 4)
+            ]
+        );
+        for x in &l {
+            assert!(x.plan.shared_bytes as usize <= SHARED_BUDGET_BYTES);
+        }
+        // The same shape in fp32: separate dk and dv walks.
+        let bp32 = validate("t", DType::F32, &shape, None, &opts, &lens, &glens).unwrap();
+        assert!(bp32.tiling.dkv.is_none());
+        let l = plan(Kind::Causal, DType::F32, &bp32, &opts, &ptrs);
+        let passes: Vec<Pass> = l.iter().map(|l| l.pass).collect();
         assert_eq!(passes, [Pass::Prep, Pass::Dq, Pass::Dk, Pass::Dv]);
-        assert_eq!(l[0].plan.kernel, "causal_backward_prep_bf16");
+        assert_eq!(l[0].plan.kernel, "causal_backward_prep_f32");
+        let pt = bp32.tiling.prep.tiles;
         assert_eq!(l[0].plan.grid, [(6 * pt) as u32, 1, 1]);
         assert_eq!(l[0].plan.params.work_dden, (11 << 20) + 2 * 100 * 3 * 4);
         assert_eq!(
@@ -1348,7 +1522,7 @@ mod tests {
             [(11 << 20, 2400), ((11 << 20) + 2400, pt * 2400)]
         );
         assert!(l.iter().all(|x| x.plan.params.prep_tiles as usize == pt));
-        let t = bp.tiling;
+        let t = bp32.tiling;
         assert_eq!(l[1].plan.grid, [(6 * t.dqk.tiles) as u32, 1, 1]);
         assert_eq!(l[3].plan.grid, [(6 * t.dv.tiles) as u32, 1, 1]);
         assert_eq!(l[3].plan.params.tile as usize, t.dv.tile);
@@ -1356,7 +1530,7 @@ mod tests {
         assert_eq!(
             l[2].writes,
             [
-                (7 << 20, 2 * 3 * 100 * 40 * 2),
+                (7 << 20, 2 * 3 * 100 * 40 * 4),
                 (9 << 20, 6 * 40 * 24 * 4),
                 (10 << 20, 6 * 40 * 4)
             ]
