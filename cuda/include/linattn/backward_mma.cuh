@@ -204,6 +204,37 @@ __device__ __forceinline__ void load_norm(const LinattnBackwardParams& p, const 
 // No scale table (an operand staged straight from the inputs).
 __device__ __forceinline__ Scales no_scales() { return Scales{nullptr, 0, 0}; }
 
+// One chunk's dv, shared by dv_mma and dkv_mma: F = kh dS (+ A^T dnum over
+// i >= j when causal, with A = qh kh^T, lower block triangle, rounded into
+// A16 with tile scales sA), then rows x cols of it written from `out` (the
+// chunk's first row) with row stride `stride`. Ends with F read out.
+template <typename T>
+__device__ __forceinline__ void dv_chunk(float* F, int LF, int CT, int MTT, int DTT, bool causal, int rows, int cols,
+                                         const T* Q16, const T* K16, int LD, T* A16, int LC, float* sA, const T* S16,
+                                         int L16, const float* sS, const T* G16, const float* sG, T* out,
+                                         int64_t stride) {
+    const int C = CT * 16;
+    if (causal) {
+        gemm<T, true, false>(F, LF, CT, CT, DTT, false, true, KRange::All, Q16, LD, no_scales(), K16, LD, no_scales());
+        __syncthreads();
+        round_tiles<T>(A16, LC, C, C, sA, [&](int i, int j) { return j <= i && i < rows ? F[i * LF + j] : 0.0f; });
+        __syncthreads();
+    }
+    // dv = kh dS + A^T dnum (i >= j)
+    gemm<T, true, true>(F, LF, CT, MTT, DTT, false, false, KRange::All, K16, LD, no_scales(), S16, L16,
+                        Scales{sS, MTT, 1});
+    if (causal) {
+        __syncwarp();
+        gemm<T, false, true>(F, LF, CT, MTT, CT, true, false, KRange::FromRow, A16, LC, Scales{sA, CT, 1}, G16, L16,
+                             Scales{sG, MTT, 1});
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
+        const int j = i / cols, e = i - j * cols;
+        out[j * stride + e] = from_float<T>(F[j * LF + e]);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // prep on tensor cores; blocks tile M (tile MT, a multiple of 16).
 // Shared: S (D16 x MT+4, fp32) | z (D16) | S16 (D16 x MT+8) | qh, kh (C x
@@ -560,27 +591,8 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
                 if (!(emit && causal)) __syncthreads();
             }
             if (emit) {
-                if (causal) {
-                    gemm<T, true, false>(F, LF, CT, CT, DTT, false, true, KRange::All, Q16, LD, no_scales(), K16, LD,
-                                         no_scales());
-                    __syncthreads();
-                    round_tiles<T>(A16, LC, C, C, sA,
-                                   [&](int i, int j) { return j <= i && i < rows ? F[i * LF + j] : 0.0f; });
-                    __syncthreads();
-                }
-                // dv = kh dS + A^T dnum (i >= j)
-                gemm<T, true, true>(F, LF, CT, MTT, DTT, false, false, KRange::All, K16, LD, no_scales(), S16, L16,
-                                    Scales{sS, MTT, 1});
-                if (causal) {
-                    __syncwarp();
-                    gemm<T, false, true>(F, LF, CT, MTT, CT, true, false, KRange::FromRow, A16, LC, Scales{sA, CT, 1},
-                                         G16, L16, Scales{sG, MTT, 1});
-                }
-                __syncthreads();
-                for (int i = tid; i < rows * mt; i += nthreads) {
-                    const int j = i / mt, e = i - j * mt;
-                    dvb[(t0 + j) * p.v_token_stride + e] = from_float<T>(F[j * LF + e]);
-                }
+                dv_chunk<T>(F, LF, CT, MTT, DTT, causal, rows, mt, Q16, K16, LD, A16, LC, sA, S16, L16, sS, G16, sG,
+                            dvb + t0 * p.v_token_stride, p.v_token_stride);
             }
             if (absorb) {
                 // dS += qh^T dnum (F is not touched; S16 is a copy of dS).
@@ -704,28 +716,9 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                     dkb[off] = from_float<T>(phi_prime(to_float(kb[off]), fm) * (F[j * LF + x] + zs[x]));
                 }
                 __syncthreads();  // F, P16 and dz are reused below
-                if (causal) {
-                    // A = qh kh^T, lower block triangle.
-                    gemm<T, true, false>(F, LF, CT, CT, DTT, false, true, KRange::All, Q16, LD, no_scales(), K16, LD,
-                                         no_scales());
-                    __syncthreads();
-                    round_tiles<T>(P16, LC, C, C, sP,
-                                   [&](int i, int j) { return j <= i && i < rows ? F[i * LF + j] : 0.0f; });
-                    __syncthreads();
-                }
-                // dv = kh dS + A^T dnum (i >= j)
-                gemm<T, true, true>(F, LF, CT, MTT, DTT, false, false, KRange::All, K16, LD, no_scales(), S16, L16,
-                                    Scales{sS, MTT, 1});
-                if (causal) {
-                    __syncwarp();
-                    gemm<T, false, true>(F, LF, CT, MTT, CT, true, false, KRange::FromRow, P16, LC, Scales{sP, CT, 1},
-                                         G16, L16, Scales{sG, MTT, 1});
-                }
-                __syncthreads();
-                for (int i = tid; i < rows * M; i += nthreads) {
-                    const int j = i / M, e = i - j * M;
-                    dvb[(t0 + j) * p.v_token_stride + e] = from_float<T>(F[j * LF + e]);
-                }
+                // A = qh kh^T (causal), then dv = kh dS + A^T dnum.
+                dv_chunk<T>(F, LF, CT, MTT, DTT, causal, rows, M, Q16, K16, LD, P16, LC, sP, S16, L16, sS, G16, sG,
+                            dvb + t0 * p.v_token_stride, p.v_token_stride);
             }
             if (absorb) {
                 // dS += qh^T dnum, dz += qh^T d den (F is not touched; S16
