@@ -189,12 +189,35 @@ fn pick(dim: usize, floats: impl Fn(usize, usize) -> usize) -> PassTiling {
 /// The fp32 (FMA) tiling for key size `d` and value size `m` (both in
 /// 1..=256), every pass within [`SHARED_BUDGET_BYTES`].
 pub fn tiling(d: usize, m: usize) -> BackwardTiling {
+    if let Some(t) = nominal_tiling(d, m) {
+        return t;
+    }
     BackwardTiling {
         prep: pick(m, |c, t| prep_shared_floats(d, c, t)),
         dqk: pick(d, |c, t| dqk_shared_floats(m, c, t)),
         dv: pick(m, |c, t| dv_shared_floats(d, c, t)),
         dkv: None,
     }
+}
+
+/// Sizes outside 1..=256 (which validation rejects before any launch) get a
+/// nominal tiling, so the public tiling helpers never panic or overflow.
+fn nominal_tiling(d: usize, m: usize) -> Option<BackwardTiling> {
+    let ok = |x: usize| (1..=forward::MAX_DIM).contains(&x);
+    if ok(d) && ok(m) {
+        return None;
+    }
+    let pass = PassTiling {
+        chunk: 16,
+        tile: 16,
+        tiles: 1,
+    };
+    Some(BackwardTiling {
+        prep: pass,
+        dqk: pass,
+        dv: pass,
+        dkv: None,
+    })
 }
 
 /// Whether a dtype's backward runs its chunk products on tensor cores
@@ -383,6 +406,9 @@ fn pick_mma(dim: usize, bytes: impl Fn(usize, usize) -> usize) -> PassTiling {
 /// The tiling of a call in `dtype`: [`tiling`] for fp32, the tensor-core
 /// tiling (multiples of 16) for f16 and bf16.
 pub fn tiling_for(dtype: DType, d: usize, m: usize) -> BackwardTiling {
+    if let Some(t) = nominal_tiling(d, m) {
+        return t;
+    }
     if !uses_mma(dtype) {
         return tiling(d, m);
     }
@@ -1331,6 +1357,17 @@ mod tests {
                 d_initial: None,
             },
         )
+    }
+
+    #[test]
+    fn tiling_of_out_of_range_sizes_does_not_panic() {
+        // Validation rejects these before any launch; the public tiling
+        // helpers must still answer without panicking (or overflowing).
+        for (d, m) in [(0, 0), (0, 7), (300, 5), (5, 1000), (usize::MAX / 4, 1)] {
+            for dtype in [DType::F32, DType::F16, DType::Bf16] {
+                let _ = tiling_for(dtype, d, m);
+            }
+        }
     }
 
     #[test]

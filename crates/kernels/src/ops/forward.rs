@@ -318,7 +318,9 @@ pub fn walk_shared_bytes(dtype: DType, d: usize, chunk: usize, m_tile: usize) ->
     }
 }
 
-/// The tiling for key size `d` and value size `m` (both in 1..=256).
+/// The tiling for key size `d` and value size `m` (both in 1..=256; other
+/// sizes get a nominal tiling, never a panic: validation rejects them before
+/// any launch).
 ///
 /// Tensor-core walk (16-bit inputs): the fewest value tiles first (each
 /// tile recomputes the chunk's scores and reloads q and k), then the largest
@@ -330,6 +332,13 @@ pub fn walk_shared_bytes(dtype: DType, d: usize, chunk: usize, m_tile: usize) ->
 /// 32)` columns still fits; value tiles are then balanced so none is nearly
 /// empty.
 pub fn tiling(dtype: DType, d: usize, m: usize) -> Tiling {
+    if !(1..=MAX_DIM).contains(&d) || !(1..=MAX_DIM).contains(&m) {
+        return Tiling {
+            chunk: 16,
+            m_tile: 16,
+            m_tiles: 1,
+        };
+    }
     let fits = |chunk, mt| walk_shared_bytes(dtype, d, chunk, mt) <= SHARED_BUDGET_BYTES;
     if uses_mma(dtype) {
         let dp = d.next_multiple_of(16);
@@ -349,7 +358,12 @@ pub fn tiling(dtype: DType, d: usize, m: usize) -> Tiling {
                 }
             }
         }
-        unreachable!("chunk 16 with a 16-column value tile fits for every d <= 256");
+        // Chunk 16 with a 16-column value tile fits for every d <= 256.
+        return Tiling {
+            chunk: 16,
+            m_tile: 16,
+            m_tiles: m.div_ceil(16),
+        };
     }
     for chunk in [64usize, 32, 16, 8] {
         if !fits(chunk, 1) {
@@ -367,7 +381,12 @@ pub fn tiling(dtype: DType, d: usize, m: usize) -> Tiling {
             m_tiles: m.div_ceil(m_tile),
         };
     }
-    unreachable!("chunk 8 fits for every d <= 256")
+    // Chunk 8 with one value column fits for every d <= 256.
+    Tiling {
+        chunk: 8,
+        m_tile: 1,
+        m_tiles: m,
+    }
 }
 
 /// Walk or split, as decided by [`schedule`].
@@ -1400,6 +1419,13 @@ mod tests {
             // D not a multiple of 16 is padded, not sent to the fp32 walk.
             let t = tiling(dtype, 17, 5);
             assert_eq!((t.chunk, t.m_tile, t.m_tiles), (64, 16, 1));
+        }
+        // Sizes outside 1..=256 (rejected by validation) never panic here.
+        for (d, m) in [(0, 0), (0, 7), (300, 5), (5, 1000), (usize::MAX / 4, 1)] {
+            for dtype in [DType::F32, DType::F16, DType::Bf16] {
+                let t = tiling(dtype, d, m);
+                assert!(t.chunk >= 8 && t.m_tile >= 1 && t.m_tiles >= 1, "{t:?}");
+            }
         }
         // The layout the kernel carves at D = M = 128, chunk 64, tile 64.
         let halves = 2 * 64 * 136 + 64 * 72 + 128 * 72 + 64 * 72;
