@@ -729,8 +729,9 @@ pub fn plan(
         pass,
         plan: LaunchPlan {
             module: module(kind),
-            kernel: kernel_name(kind, pass, dtype)
-                .expect("the tiling picks the merged walk only where it exists"),
+            // Every pass but Dkv exists for every dtype, and Dkv is planned
+            // only where it exists (below).
+            kernel: kernel_name(kind, pass, dtype).unwrap_or(""),
             grid: [(sh * pt.tiles) as u32, 1, 1],
             block: [THREADS, 1, 1],
             shared_bytes: shared_bytes(dtype, pass, d, m, pt) as u32,
@@ -756,7 +757,12 @@ pub fn plan(
     }
     out.push(launch(Pass::Dq, t.dqk, vec![bytes(ptrs.dq, &sp.q, d)]));
     let (sn, zn) = (problem.state_s_len() * 4, problem.state_z_len() * 4);
-    if let Some(pt) = t.dkv {
+    // A hand-built tiling may name the merged walk for a dtype without one
+    // (f32): the separate walks run then.
+    let merged = t
+        .dkv
+        .filter(|_| kernel_name(kind, Pass::Dkv, dtype).is_some());
+    if let Some(pt) = merged {
         out.push(launch(
             Pass::Dkv,
             pt,
@@ -1550,6 +1556,14 @@ mod tests {
         let l = plan(Kind::Causal, DType::F32, &bp32, &opts, &ptrs);
         let passes: Vec<Pass> = l.iter().map(|l| l.pass).collect();
         assert_eq!(passes, [Pass::Prep, Pass::Dq, Pass::Dk, Pass::Dv]);
+        // A hand-built fp32 problem naming the merged walk (which fp32 does
+        // not have) still plans the separate walks, with real kernel names.
+        let mut forced = bp32.clone();
+        forced.tiling.dkv = Some(dkv);
+        let lf = plan(Kind::Causal, DType::F32, &forced, &opts, &ptrs);
+        let passes: Vec<Pass> = lf.iter().map(|l| l.pass).collect();
+        assert_eq!(passes, [Pass::Prep, Pass::Dq, Pass::Dk, Pass::Dv]);
+        assert!(lf.iter().all(|l| !l.plan.kernel.is_empty()));
         assert_eq!(l[0].plan.kernel, "causal_backward_prep_f32");
         let pt = bp32.tiling.prep.tiles;
         assert_eq!(l[0].plan.grid, [(6 * pt) as u32, 1, 1]);
