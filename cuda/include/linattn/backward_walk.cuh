@@ -101,6 +101,23 @@ __device__ __forceinline__ float warp_sum(float x) {
 
 __device__ __forceinline__ int odd(int n) { return n | 1; }
 
+// The fp32 FMA walks' causal scores of one chunk: As[i][j] (row stride ldc)
+// = qh_i . kh_j for j <= i < rows, zero above the diagonal; q and k rows of
+// length d at row stride dp. Used by the prep and dv walks.
+__device__ __forceinline__ void causal_scores_fma(float* As, int ldc, const float* Qs, const float* Ks, int dp, int d,
+                                                  int rows) {
+    for (int i = threadIdx.x; i < rows * rows; i += blockDim.x) {
+        const int ii = i / rows, j = i - ii * rows;
+        float a = 0.0f;
+        if (j <= ii) {
+            const float* q = Qs + ii * dp;
+            const float* k = Ks + j * dp;
+            for (int x = 0; x < d; ++x) a = fmaf(q[x], k[x], a);
+        }
+        As[ii * ldc + j] = a;
+    }
+}
+
 // Start of the last chunk of a sequence (-1 when it is empty), without a
 // 64-bit division (a called subroutine on the GPU): the walk after it visits
 // every chunk anyway.
@@ -180,16 +197,7 @@ __device__ __forceinline__ void prep_fma(const LinattnBackwardParams& p, float* 
             __syncthreads();
             if (emit) {
                 if (causal) {
-                    for (int i = tid; i < rows * rows; i += nthreads) {
-                        const int ii = i / rows, j = i - ii * rows;
-                        float a = 0.0f;
-                        if (j <= ii) {
-                            const float* q = Qs + ii * DP;
-                            const float* k = Ks + j * DP;
-                            for (int x = 0; x < D; ++x) a = fmaf(q[x], k[x], a);
-                        }
-                        As[ii * C + j] = a;
-                    }
+                    causal_scores_fma(As, C, Qs, Ks, DP, D, rows);
                 }
                 for (int i = tid; i < rows; i += nthreads) {
                     const float* q = Qs + i * DP;
@@ -468,16 +476,7 @@ __device__ __forceinline__ void dv_fma(const LinattnBackwardParams& p, float* sm
             __syncthreads();
             if (emit) {
                 if (causal) {
-                    for (int i = tid; i < rows * rows; i += nthreads) {
-                        const int ii = i / rows, j = i - ii * rows;
-                        float a = 0.0f;
-                        if (j <= ii) {
-                            const float* q = Qs + ii * DP;
-                            const float* k = Ks + j * DP;
-                            for (int x = 0; x < D; ++x) a = fmaf(q[x], k[x], a);
-                        }
-                        As[ii * C + j] = a;
-                    }
+                    causal_scores_fma(As, C, Qs, Ks, DP, D, rows);
                     __syncthreads();
                 }
                 for (int i = tid; i < rows * mt; i += nthreads) {
