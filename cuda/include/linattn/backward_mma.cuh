@@ -514,15 +514,7 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
             __syncthreads();
         }
     }
-    if (kDk && p.d_initial_s != 0) {
-        float* ss = ptr<float>(p.d_initial_s);
-        float* sz = ptr<float>(p.d_initial_z);
-        for (int i = tid; i < dt * M; i += nthreads) {
-            const int x = i / M, e = i - x * M;
-            ss[(c.sh * D + d0 + x) * M + e] = Ss[x * LS + e];
-        }
-        for (int x = tid; x < dt; x += nthreads) sz[c.sh * D + d0 + x] = zs[x];
-    }
+    if (kDk) store_d_initial(p, c, d0, dt, Ss, LS, zs);
 }
 
 // ---------------------------------------------------------------------------
@@ -734,15 +726,7 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
             __syncthreads();
         }
     }
-    if (p.d_initial_s != 0) {
-        float* ss = ptr<float>(p.d_initial_s);
-        float* sz = ptr<float>(p.d_initial_z);
-        for (int i = tid; i < D * M; i += nthreads) {
-            const int x = i / M, e = i - x * M;
-            ss[(c.sh * D + x) * M + e] = Ss[x * LS + e];
-        }
-        for (int x = tid; x < D; x += nthreads) sz[c.sh * D + x] = zs[x];
-    }
+    store_d_initial(p, c, 0, D, Ss, LS, zs);
 }
 
 // ---------------------------------------------------------------------------

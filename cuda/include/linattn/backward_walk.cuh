@@ -101,6 +101,23 @@ __device__ __forceinline__ float warp_sum(float x) {
 
 __device__ __forceinline__ int odd(int n) { return n | 1; }
 
+// Writes rows d0 .. d0 + rows of the initial state's gradient (dS~_0 from
+// the block's fp32 suffix state Ss, row stride ld, and dz~_0 from zs), when
+// the caller asked for it. Used by the dk walks (FMA and tensor cores) and
+// the merged dk + dv walk.
+__device__ __forceinline__ void store_d_initial(const LinattnBackwardParams& p, const Coords& c, int d0, int rows,
+                                                const float* Ss, int ld, const float* zs) {
+    if (p.d_initial_s == 0) return;
+    const int D = (int)p.d, M = (int)p.m;
+    float* ss = ptr<float>(p.d_initial_s);
+    float* sz = ptr<float>(p.d_initial_z);
+    for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
+        const int x = i / M, e = i - x * M;
+        ss[(c.sh * D + d0 + x) * M + e] = Ss[x * ld + e];
+    }
+    for (int x = threadIdx.x; x < rows; x += blockDim.x) sz[c.sh * D + d0 + x] = zs[x];
+}
+
 // The fp32 FMA walks' causal scores of one chunk: As[i][j] (row stride ldc)
 // = qh_i . kh_j for j <= i < rows, zero above the diagonal; q and k rows of
 // length d at row stride dp. Used by the prep and dv walks.
@@ -415,15 +432,7 @@ __device__ __forceinline__ void dqk_fma(const LinattnBackwardParams& p, float* s
             __syncthreads();
         }
     }
-    if (kDk && p.d_initial_s != 0) {
-        float* ss = ptr<float>(p.d_initial_s);
-        float* sz = ptr<float>(p.d_initial_z);
-        for (int i = tid; i < dt * M; i += nthreads) {
-            const int x = i / M, e = i - x * M;
-            ss[(c.sh * D + d0 + x) * M + e] = Ss[x * MP + e];
-        }
-        for (int x = tid; x < dt; x += nthreads) sz[c.sh * D + d0 + x] = zs[x];
-    }
+    if (kDk) store_d_initial(p, c, d0, dt, Ss, MP, zs);
 }
 
 // ---------------------------------------------------------------------------
