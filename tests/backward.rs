@@ -586,8 +586,9 @@ fn mma_walks_match_reference_around_chunks() {
     }
 }
 
-/// The merged dk + dv walk (f16/bf16 heads small enough for one block to
-/// own the whole dS): D = M = 64 at its chunk (N around it, and a varlen
+/// The merged dk + dv walk (f16/bf16 heads whose whole dS fits the warps'
+/// fragments): D = M = 64 (256 threads) and D = M = 128 (512 threads, the
+/// first anchor shape's head) at their chunks (N around them, and a varlen
 /// batch with an empty sequence that hands d_final through), every
 /// optional input, bit-identical run to run. The 16-bit cases above run
 /// it too (their heads are small); the multi-tile test below covers the
@@ -603,33 +604,36 @@ fn merged_dkv_walk_matches_reference_and_is_deterministic() {
         (16, 32),
         (24, 20),
         (9, 6),
+        (128, 128),
+        (100, 120),
     ] {
         assert!(tiling_for(DType::Bf16, d, m).dkv.is_some(), "{d} x {m}");
         assert!(tiling_for(DType::F16, d, m).dkv.is_some(), "{d} x {m}");
     }
-    let (d, m) = (64, 64);
-    let t = tiling_for(DType::Bf16, d, m);
-    let pt = t.dkv.expect("64 x 64 takes the merged walk");
     let seed = test_seed() ^ 12;
-    for dev in devices() {
-        for kind in [Kind::Causal, Kind::NonCausal] {
-            for n in [pt.chunk + 1, 2 * pt.chunk + 3] {
-                let c = Case::new(kind, 1, 2, n, d, m).with(|c| {
-                    c.initial = true;
+    for (d, m) in [(64, 64), (128, 128)] {
+        let t = tiling_for(DType::Bf16, d, m);
+        let pt = t.dkv.expect("takes the merged walk");
+        for dev in devices() {
+            for kind in [Kind::Causal, Kind::NonCausal] {
+                for n in [pt.chunk + 1, 2 * pt.chunk + 3] {
+                    let c = Case::new(kind, 1, 2, n, d, m).with(|c| {
+                        c.initial = true;
+                        c.d_final = true;
+                    });
+                    let a = check_case::<bf16>(&dev, &c, &mut Rng::new(seed));
+                    let b = check_case::<bf16>(&dev, &c, &mut Rng::new(seed));
+                    assert!(a == b, "{}: {kind:?}: two runs differ", dev.describe());
+                    // Padded rows (the padding stays NaN, so not compared above).
+                    check_case::<f16>(&dev, &c.clone().with(|c| c.pad = 1), &mut Rng::new(seed));
+                }
+                let c = Case::new(kind, 1, 2, 70, d, m).with(|c| {
+                    c.cu = Some(vec![0, 3, 3, 70]);
                     c.d_final = true;
+                    c.map = FeatureMap::Relu;
                 });
-                let a = check_case::<bf16>(&dev, &c, &mut Rng::new(seed));
-                let b = check_case::<bf16>(&dev, &c, &mut Rng::new(seed));
-                assert!(a == b, "{}: {kind:?}: two runs differ", dev.describe());
-                // Padded rows (the padding stays NaN, so not compared above).
-                check_case::<f16>(&dev, &c.clone().with(|c| c.pad = 1), &mut Rng::new(seed));
+                check_case::<bf16>(&dev, &c, &mut Rng::new(seed ^ 1));
             }
-            let c = Case::new(kind, 1, 2, 70, d, m).with(|c| {
-                c.cu = Some(vec![0, 3, 3, 70]);
-                c.d_final = true;
-                c.map = FeatureMap::Relu;
-            });
-            check_case::<bf16>(&dev, &c, &mut Rng::new(seed ^ 1));
         }
     }
 }

@@ -77,42 +77,51 @@ __device__ __forceinline__ void stage(T* dst, int ld, int R16, int C16, int rows
     }
 }
 
+// One warp rounds the 16 x 16 fp32 tile value(r, c) (r, c < 16) to T at dst
+// (row stride ld). For __half the tile is multiplied by 2^k (largest
+// magnitude into [2^14, 2^15)) and lane 0 writes *inv = 2^-k; for bf16 the
+// values are rounded as they are and inv is unused.
+template <typename T, typename F>
+__device__ __forceinline__ void round_tile(T* dst, int ld, float* inv, F value) {
+    const int lane = threadIdx.x & 31;
+    float v[8];
+    float mx = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int idx = lane + 32 * i;
+        v[i] = value(idx >> 4, idx & 15);
+        mx = fmaxf(mx, fabsf(v[i]));
+    }
+    float s = 1.0f;
+    if constexpr (Mma<T>::scaled) {
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        int k = 0;
+        if (mx > 0.0f) {
+            k = 14 - (((__float_as_int(mx) >> 23) & 0xff) - 127);
+            k = k < -100 ? -100 : (k > 100 ? 100 : k);
+        }
+        s = __int_as_float((127 + k) << 23);
+        if (lane == 0) *inv = __int_as_float((127 - k) << 23);
+    } else {
+        (void)inv;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int idx = lane + 32 * i;
+        dst[(idx >> 4) * ld + (idx & 15)] = from_float<T>(v[i] * s);
+    }
+}
+
 // Rounds the R16 x C16 fp32 matrix value(r, c) to T into dst (row stride
-// ld), one warp per 16 x 16 tile. For __half, tile t = tr * (C16 / 16) + tc
-// is multiplied by 2^k (largest magnitude into [2^14, 2^15)) and inv[t] =
-// 2^-k; for bf16 the values are rounded as they are and inv is unused.
+// ld), one warp per 16 x 16 tile (round_tile); the inverse scale of tile
+// t = tr * (C16 / 16) + tc goes to inv[t] (f16 only).
 template <typename T, typename F>
 __device__ __forceinline__ void round_tiles(T* dst, int ld, int R16, int C16, float* inv, F value) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const int tc = C16 >> 4, tiles = (R16 >> 4) * tc;
     for (int t = warp; t < tiles; t += nwarps) {
         const int r0 = (t / tc) * 16, c0 = (t - (t / tc) * tc) * 16;
-        float v[8];
-        float mx = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int idx = lane + 32 * i;
-            v[i] = value(r0 + (idx >> 4), c0 + (idx & 15));
-            mx = fmaxf(mx, fabsf(v[i]));
-        }
-        float s = 1.0f;
-        if constexpr (Mma<T>::scaled) {
-            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            int k = 0;
-            if (mx > 0.0f) {
-                k = 14 - (((__float_as_int(mx) >> 23) & 0xff) - 127);
-                k = k < -100 ? -100 : (k > 100 ? 100 : k);
-            }
-            s = __int_as_float((127 + k) << 23);
-            if (lane == 0) inv[t] = __int_as_float((127 - k) << 23);
-        } else {
-            (void)inv;
-        }
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int idx = lane + 32 * i;
-            dst[(r0 + (idx >> 4)) * ld + c0 + (idx & 15)] = from_float<T>(v[i] * s);
-        }
+        round_tile<T>(dst + r0 * ld + c0, ld, inv + t, [&](int r, int c) { return value(r0 + r, c0 + c); });
     }
 }
 
@@ -192,6 +201,8 @@ __device__ __forceinline__ void load_norm(const LinattnBackwardParams& p, const 
         if (j < rows && p.normalize != 0) {
             const int64_t row = work_row(p, c, t0 + j);
             float go = 0.0f;
+            // Not unrolled: the merged walk holds dS in registers around this.
+#pragma unroll 1
             for (int t = 0; t < p.prep_tiles; ++t) go += wdden[t * nrows + row];
             dn = wden[row];
             d2 = -__fdividef(__fdividef(go, dn), dn);
@@ -597,33 +608,44 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
 }
 
 // ---------------------------------------------------------------------------
-// dk and dv in one reverse walk (small heads): one block per sequence-head
-// owns the whole suffix state dS (D16 x M16) and dz, so it writes every dk
-// and dv element of its sequence-head (still exactly one writer each) and
-// reads q, k, v, dL/do once instead of twice (dk_walk and dv_walk). Chosen
-// by `ops::backward::tiling_for` when dk and dv would each run one block
-// per sequence-head anyway and this body fits the shared budget.
+// dk and dv in one reverse walk: one block per sequence-head owns the whole
+// suffix state dS (D16 x M16) and dz, so it writes every dk and dv element
+// of its sequence-head (still exactly one writer each) and reads q, k, v,
+// dL/do once instead of twice (dk_walk and dv_walk). Chosen by
+// `ops::backward::merged_dkv` for f16/bf16 heads whose dS fits the warps'
+// fragments (D16 x M16 <= 64 tiles) and whose body fits the shared budget.
 //   B = dnum v^T (+ d den per row), dkh = v dS^T + B^T qh (i >= j),
 //   A = qh kh^T,                    dv  = kh dS + A^T dnum (i >= j),
 //   dS += qh^T dnum, dz += qh^T d den.
-// Every product, every rounding and every sum is the one of dqk_mma<T,
-// true> and dv_mma with a single tile, in the same order.
-// Shared: dS (D16 x M16+4, fp32) | dz (D16) | dS16 (D16 x M16+8) | qh, kh
-//         (C x D16+8 each) | v, dnum (C x M16+8 each) | P16 (C x C+8: B,
-//         then A) | F (C x max(C,D16,M16)+4, fp32: B, dkh, A, then dv) |
-//         den, d den (C each) | scales of dS16 ((D16/16)(M16/16)), dnum
-//         ((C/16)(M16/16)) and P16 ((C/16)^2).
+// dS never lives in shared memory in fp32: each warp keeps its 16 x 16 tiles
+// t = warp + k * nwarps (k < kDkvFrags) as accumulator fragments for the
+// whole walk and adds qh^T dnum to them in place; after each update it
+// publishes them as the 16-bit copy dS16 (through a 16 x 16 fp32 scratch of
+// its own, in F) that the next chunk's dk and dv products read. The block
+// has 256 threads, or 512 when dS has more than 32 tiles (the plan's
+// `dkv_threads`; D = M = 128 is 64 tiles). Every product, rounding and sum
+// is the one of dqk_mma<T, true> and dv_mma with a single tile, in the same
+// order, so the results are theirs bit for bit.
+// Shared: dz (D16) | dS16 (D16 x M16+8) | qh, kh (C x D16+8 each) | v, dnum
+//         (C x M16+8 each) | P16 (C x C+8: B, then A) | F (fp32, C x
+//         max(C,D16,M16)+4 and at least 16 x 16 per warp: B, dkh, A, dv,
+//         and the warps' publish scratch) | den, d den (C each) | scales of
+//         dS16 ((D16/16)(M16/16)), dnum ((C/16)(M16/16)) and P16 ((C/16)^2).
+constexpr int kDkvFrags = 4;
+
 template <typename T>
 __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* smem) {
+    using namespace nvcuda;
     const Coords c = coords(p);
     const int tid = threadIdx.x, nthreads = blockDim.x;
+    const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
     const int D = (int)p.d, M = (int)p.m, C = p.chunk, D16 = pad16(D), M16 = pad16(M);
-    const int LS = M16 + 4, L16 = M16 + 8, LD = D16 + 8, LC = C + 8, LF = imax(C, imax(D16, M16)) + 4;
+    const int L16 = M16 + 8, LD = D16 + 8, LC = C + 8, LF = imax(C, imax(D16, M16)) + 4;
     const int CT = C / 16, MTT = M16 / 16, DTT = D16 / 16;
+    const int tiles = DTT * MTT;  // <= kDkvFrags * nwarps (the plan's threads)
     const int fm = p.feature_map;
     const bool causal = p.causal != 0;
     Carve cv{reinterpret_cast<char*>(smem), 0u};
-    float* Ss = cv.take<float>(D16 * LS);
     float* zs = cv.take<float>(D16);
     T* S16 = cv.take<T>(D16 * L16);
     T* Q16 = cv.take<T>(C * LD);
@@ -631,18 +653,46 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     T* V16 = cv.take<T>(C * L16);
     T* G16 = cv.take<T>(C * L16);
     T* P16 = cv.take<T>(C * LC);
-    float* F = cv.take<float>(C * LF);
+    float* F = cv.take<float>(imax(C * LF, nwarps * 256));
     float* den = cv.take<float>(C);
     float* dd = cv.take<float>(C);
     float* sS = cv.take<float>(DTT * MTT);
     float* sG = cv.take<float>(CT * MTT);
     float* sP = cv.take<float>(CT * CT);
+    float* scratch = F + warp * 256;
+
+    // The warp's dS tiles, from d_final (zero without), and their copy dS16.
+    // F is free whenever a warp publishes: callers sync the block first.
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> st[kDkvFrags];
+    auto publish = [&]() {
+#pragma unroll
+        for (int k = 0; k < kDkvFrags; ++k) {
+            const int t = warp + k * nwarps;
+            if (t >= tiles) continue;
+            const int x0 = (t / MTT) * 16, e0 = (t - (t / MTT) * MTT) * 16;
+            wmma::store_matrix_sync(scratch, st[k], 16, wmma::mem_row_major);
+            __syncwarp();
+            round_tile<T>(S16 + x0 * L16 + e0, L16, sS + t, [&](int r, int col) { return scratch[r * 16 + col]; });
+            __syncwarp();
+        }
+    };
     const float* s_in = ptr<const float>(p.d_final_s);
     const float* z_in = ptr<const float>(p.d_final_z);
-    for (int i = tid; i < D16 * M16; i += nthreads) {
-        const int x = i / M16, e = i - x * M16;
-        Ss[x * LS + e] = s_in != nullptr && x < D && e < M ? s_in[(c.sh * D + x) * M + e] : 0.0f;
+#pragma unroll
+    for (int k = 0; k < kDkvFrags; ++k) {
+        const int t = warp + k * nwarps;
+        wmma::fill_fragment(st[k], 0.0f);
+        if (t >= tiles || s_in == nullptr) continue;
+        const int x0 = (t / MTT) * 16, e0 = (t - (t / MTT) * MTT) * 16;
+        for (int i = lane; i < 256; i += 32) {
+            const int x = x0 + (i >> 4), e = e0 + (i & 15);
+            scratch[i] = x < D && e < M ? s_in[(c.sh * D + x) * M + e] : 0.0f;
+        }
+        __syncwarp();
+        wmma::load_matrix_sync(st[k], scratch, 16, wmma::mem_row_major);
+        __syncwarp();
     }
+    publish();
     for (int x = tid; x < D16; x += nthreads) zs[x] = z_in != nullptr && x < D ? z_in[c.sh * D + x] : 0.0f;
     const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
     const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
@@ -672,8 +722,6 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                          [&](int j, int x) { return phi(to_float(kb[(t0 + j) * p.k_token_stride + x]), fm); });
                 stage<T>(V16, L16, C, M16, rows, M,
                          [&](int j, int e) { return to_float(vb[(t0 + j) * p.v_token_stride + e]); });
-                if (causal || c0 == last)
-                    round_tiles<T>(S16, L16, D16, M16, sS, [&](int x, int e) { return Ss[x * LS + e]; });
             }
             __syncthreads();
             if (absorb) {
@@ -713,20 +761,66 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                             dvb + t0 * p.v_token_stride, p.v_token_stride);
             }
             if (absorb) {
-                // dS += qh^T dnum, dz += qh^T d den (F is not touched; S16
-                // is a copy of dS; dz was last read before the sync above).
-                gemm<T, false, true>(Ss, LS, DTT, MTT, CT, true, false, KRange::All, Q16, LD, no_scales(), G16, L16,
-                                     Scales{sG, MTT, 1});
+                // dS += qh^T dnum on the warps' fragments, k-steps in
+                // increasing order (gemm's order), dz += qh^T d den (dz was
+                // last read before the sync above).
+#pragma unroll 1
+                for (int kt = 0; kt < CT; ++kt) {
+#pragma unroll
+                    for (int k = 0; k < kDkvFrags; ++k) {
+                        const int t = warp + k * nwarps;
+                        if (t >= tiles) continue;
+                        const int xt = t / MTT, et = t - xt * MTT;
+                        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
+                        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> g;
+                        wmma::load_matrix_sync(a, Q16 + kt * 16 * LD + xt * 16, LD);
+                        wmma::load_matrix_sync(g, G16 + kt * 16 * L16 + et * 16, L16);
+                        if constexpr (Mma<T>::scaled) {
+                            wmma::fragment<wmma::accumulator, 16, 16, 16, float> part;
+                            wmma::fill_fragment(part, 0.0f);
+                            wmma::mma_sync(part, a, g, part);
+                            const float f = sG[kt * MTT + et];  // gemm: 1 (no qh scale) x dnum scale
+                            for (int i = 0; i < part.num_elements; ++i) st[k].x[i] = fmaf(part.x[i], f, st[k].x[i]);
+                        } else {
+                            wmma::mma_sync(st[k], a, g, st[k]);
+                        }
+                    }
+                }
                 for (int x = tid; x < D; x += nthreads) {
                     float acc = zs[x];
                     for (int j = 0; j < rows; ++j) acc = fmaf(dd[j], to_float(Q16[j * LD + x]), acc);
                     zs[x] = acc;
                 }
+                // The next chunk's dS16 (causal); the non-causal walk
+                // publishes once, after absorbing every chunk.
+                if (causal || c0 == 0) {
+                    __syncthreads();  // F (the scratch) and dS16 read out
+                    publish();
+                }
             }
             __syncthreads();
         }
     }
-    store_d_initial(p, c, 0, D, Ss, LS, zs);
+
+    // The initial state's gradient: dS from the fragments, dz.
+    if (p.d_initial_s != 0) {
+        float* ss = ptr<float>(p.d_initial_s);
+        float* sz = ptr<float>(p.d_initial_z);
+#pragma unroll
+        for (int k = 0; k < kDkvFrags; ++k) {
+            const int t = warp + k * nwarps;
+            if (t >= tiles) continue;
+            const int x0 = (t / MTT) * 16, e0 = (t - (t / MTT) * MTT) * 16;
+            wmma::store_matrix_sync(scratch, st[k], 16, wmma::mem_row_major);
+            __syncwarp();
+            for (int i = lane; i < 256; i += 32) {
+                const int x = x0 + (i >> 4), e = e0 + (i & 15);
+                if (x < D && e < M) ss[(c.sh * D + x) * M + e] = scratch[i];
+            }
+            __syncwarp();
+        }
+        for (int x = tid; x < D; x += nthreads) sz[c.sh * D + x] = zs[x];
+    }
 }
 
 // ---------------------------------------------------------------------------

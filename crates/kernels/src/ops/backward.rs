@@ -312,16 +312,32 @@ pub fn dv_mma_bytes(d: usize, chunk: usize, tile: usize) -> usize {
     ])
 }
 
+/// Accumulator fragments (16 x 16 fp32 tiles of dS) each warp of the merged
+/// dk + dv walk holds in registers (mirrors `kDkvFrags` in `backward_mma.cuh`).
+pub const DKV_STATE_FRAGS: usize = 4;
+
+/// Threads per block of the merged dk + dv walk for (d, m): 256 when the
+/// whole dS (`D16 x M16`, in 16 x 16 tiles) fits 8 warps' fragments, 512
+/// when it fits 16 warps' (D = M = 128: 64 tiles), `None` beyond (the
+/// kernel's `__launch_bounds__(512, 1)` leaves 128 registers a thread).
+pub fn dkv_threads(d: usize, m: usize) -> Option<u32> {
+    let tiles = (pad16(d) / 16) * (pad16(m) / 16);
+    [256u32, 512]
+        .into_iter()
+        .find(|&t| tiles <= DKV_STATE_FRAGS * (t as usize / 32))
+}
+
 /// Shared memory of the merged tensor-core dk + dv kernel in bytes (order
-/// of `dkv_mma`): dS (fp32, `D16 x (M16 + 4)`), dz, dS rounded
-/// (`D16 x (M16 + 8)`), phi(q) and phi(k) (`chunk x (D16 + 8)` each), v and
-/// dnum (`chunk x (M16 + 8)` each), one C x C operand (`chunk x (chunk +
-/// 8)`: B, then A), the fp32 scratch (`chunk x (max(chunk, D16, M16) + 4)`),
-/// den, d den and the tile scales.
+/// of `dkv_mma`; dS itself lives in the warps' registers): dz, dS rounded
+/// to 16 bits (`D16 x (M16 + 8)`), phi(q) and phi(k) (`chunk x (D16 + 8)`
+/// each), v and dnum (`chunk x (M16 + 8)` each), one C x C operand
+/// (`chunk x (chunk + 8)`: B, then A), the fp32 scratch (`chunk x
+/// (max(chunk, D16, M16) + 4)`, at least one 16 x 16 tile per warp), den,
+/// d den and the tile scales.
 pub fn dkv_mma_bytes(d: usize, m: usize, chunk: usize) -> usize {
     let (d16, m16) = (pad16(d), pad16(m));
+    let warps = dkv_threads(d, m).unwrap_or(512) as usize / 32;
     carve(&[
-        d16 * (m16 + 4) * 4,
         d16 * 4,
         d16 * (m16 + 8) * 2,
         chunk * (d16 + 8) * 2,
@@ -329,7 +345,7 @@ pub fn dkv_mma_bytes(d: usize, m: usize, chunk: usize) -> usize {
         chunk * (m16 + 8) * 2,
         chunk * (m16 + 8) * 2,
         chunk * (chunk + 8) * 2,
-        chunk * (chunk.max(d16).max(m16) + 4) * 4,
+        (chunk * (chunk.max(d16).max(m16) + 4)).max(warps * 256) * 4,
         chunk * 4,
         chunk * 4,
         (d16 / 16) * (m16 / 16) * 4,
@@ -342,22 +358,16 @@ pub fn dkv_mma_bytes(d: usize, m: usize, chunk: usize) -> usize {
 const MIN_MERGED_CHUNK: usize = 32;
 
 /// The policy for the merged dk + dv walk: `Some` (chunk, the whole head as
-/// one tile) for f16/bf16 when the separate dk and dv kernels would each
-/// run one block per sequence-head anyway (`dqk.tiles == dv.tiles == 1`: the
-/// merge costs no parallelism) and the merged body fits
+/// one tile) for f16/bf16 when the whole dS fits the block's register
+/// fragments ([`dkv_threads`]) and the merged body fits
 /// [`SHARED_BUDGET_BYTES`] with a chunk of at least 32 (the largest such
-/// chunk); `None` otherwise (fp32, and heads whose whole dS with its 16-bit
-/// copy does not fit next to the chunk's operands, e.g. D = M = 128).
+/// chunk); `None` otherwise (fp32, which has no merged body, and heads
+/// past 64 tiles of dS or whose operands do not fit, e.g. D = M = 256).
 /// Merged, a call reads q, k, v and dL/do once for dk and dv instead of
-/// twice (`docs/benchmarks.md`, "Backward").
-pub fn merged_dkv(
-    dtype: DType,
-    d: usize,
-    m: usize,
-    dqk: PassTiling,
-    dv: PassTiling,
-) -> Option<PassTiling> {
-    if !uses_mma(dtype) || dqk.tiles != 1 || dv.tiles != 1 {
+/// twice and absorbs `dS += qh^T dnum` once instead of twice, in one block
+/// per sequence-head (`docs/benchmarks.md`, "Backward").
+pub fn merged_dkv(dtype: DType, d: usize, m: usize) -> Option<PassTiling> {
+    if !uses_mma(dtype) || dkv_threads(d, m).is_none() {
         return None;
     }
     MMA_CHUNKS
@@ -418,7 +428,7 @@ pub fn tiling_for(dtype: DType, d: usize, m: usize) -> BackwardTiling {
         prep: pick_mma(m, |c, t| prep_mma_bytes(d, c, t)),
         dqk,
         dv,
-        dkv: merged_dkv(dtype, d, m, dqk, dv),
+        dkv: merged_dkv(dtype, d, m),
     }
 }
 
@@ -725,6 +735,11 @@ pub fn plan(
     let bytes =
         |p: u64, s: &Strides, dim: usize| (p, span(sp, s, dim).unwrap_or(0).saturating_mul(es));
     let t = bp.tiling;
+    // The merged walk is planned only where dS fits its fragments (below).
+    let threads = |pass: Pass| match pass {
+        Pass::Dkv => dkv_threads(d, m).unwrap_or(THREADS),
+        _ => THREADS,
+    };
     let launch = |pass: Pass, pt: PassTiling, writes: Vec<(u64, usize)>| BackwardLaunch {
         pass,
         plan: LaunchPlan {
@@ -733,7 +748,7 @@ pub fn plan(
             // only where it exists (below).
             kernel: kernel_name(kind, pass, dtype).unwrap_or(""),
             grid: [(sh * pt.tiles) as u32, 1, 1],
-            block: [THREADS, 1, 1],
+            block: [threads(pass), 1, 1],
             shared_bytes: shared_bytes(dtype, pass, d, m, pt) as u32,
             params: LinattnBackwardParams {
                 chunk: pt.chunk as i32,
@@ -758,10 +773,11 @@ pub fn plan(
     out.push(launch(Pass::Dq, t.dqk, vec![bytes(ptrs.dq, &sp.q, d)]));
     let (sn, zn) = (problem.state_s_len() * 4, problem.state_z_len() * 4);
     // A hand-built tiling may name the merged walk for a dtype without one
-    // (f32): the separate walks run then.
+    // (f32) or a head whose dS does not fit its fragments: the separate
+    // walks run then.
     let merged = t
         .dkv
-        .filter(|_| kernel_name(kind, Pass::Dkv, dtype).is_some());
+        .filter(|_| kernel_name(kind, Pass::Dkv, dtype).is_some() && dkv_threads(d, m).is_some());
     if let Some(pt) = merged {
         out.push(launch(
             Pass::Dkv,
@@ -1450,7 +1466,7 @@ mod tests {
                     let t = tiling_for(dtype, d, m);
                     let fits = |c: usize| dkv_mma_bytes(d, m, c) <= SHARED_BUDGET_BYTES;
                     let any_fits = [64, 32].into_iter().any(fits);
-                    let want = t.dqk.tiles == 1 && t.dv.tiles == 1 && any_fits;
+                    let want = dkv_threads(d, m).is_some() && any_fits;
                     assert_eq!(t.dkv.is_some(), want, "{dtype:?} d {d} m {m} {t:?}");
                     if let Some(pt) = t.dkv {
                         assert_eq!((pt.tiles, pt.tile), (1, pad16(d)));
@@ -1473,11 +1489,20 @@ mod tests {
             assert_eq!(t.chunk, 64, "{dim}");
         }
         assert!(tiling_for(DType::F16, 40, 24).dkv.is_some());
-        // The first anchor shape (D = M = 128): the whole dS (fp32 + 16-bit
-        // copy, 102 KB) alone exceeds the 99 KiB budget; separate walks.
-        assert!(dkv_mma_bytes(128, 128, 16) > SHARED_BUDGET_BYTES);
-        assert!(tiling_for(DType::Bf16, 128, 128).dkv.is_none());
+        // The first anchor shape (D = M = 128): dS is 64 tiles, held by 16
+        // warps (512 threads), chunk 32 (chunk 64 would need 132 KB).
+        let t = tiling_for(DType::Bf16, 128, 128).dkv.expect("merged");
+        assert_eq!((t.chunk, t.tiles), (32, 1));
+        assert_eq!(dkv_threads(128, 128), Some(512));
+        assert!(dkv_mma_bytes(128, 128, 64) > SHARED_BUDGET_BYTES);
+        // 256 threads up to 32 tiles, 512 up to 64, none past.
+        assert_eq!(dkv_threads(64, 64), Some(256));
+        assert_eq!(dkv_threads(128, 64), Some(256));
+        assert_eq!(dkv_threads(129, 64), Some(512));
+        assert_eq!(dkv_threads(256, 64), Some(512));
+        assert_eq!(dkv_threads(129, 128), None);
         assert!(tiling_for(DType::Bf16, 200, 250).dkv.is_none());
+        assert!(tiling_for(DType::Bf16, 256, 256).dkv.is_none());
         // fp32 never merges (no FMA body), and has no such kernel.
         for (d, m) in [(1, 1), (16, 16), (64, 64)] {
             assert!(tiling_for(DType::F32, d, m).dkv.is_none());
@@ -1534,6 +1559,8 @@ mod tests {
         assert_eq!(l[2].plan.grid, [6, 1, 1]);
         assert_eq!(l[2].plan.params.chunk as usize, dkv.chunk);
         assert_eq!(l[2].plan.params.tiles, 1);
+        assert_eq!(l[2].plan.block, [256, 1, 1]);
+        assert!(l[..2].iter().all(|x| x.plan.block == [THREADS, 1, 1]));
         assert_eq!(
             l[2].plan.shared_bytes as usize,
             dkv_mma_bytes(40, 24, dkv.chunk)
@@ -1589,6 +1616,24 @@ mod tests {
         for x in &l {
             assert!(x.plan.shared_bytes as usize <= SHARED_BUDGET_BYTES);
             assert_eq!(x.plan.params.causal, 1);
+        }
+        // D = M = 128 (the first anchor shape): the merged walk with 512
+        // threads; a hand-built D = M = 256 tiling naming it (its dS does
+        // not fit the fragments) plans the separate walks.
+        for (dim, merged) in [(128, true), (256, false)] {
+            let shape = AttentionShape::bhnd(1, 2, 50, dim, dim);
+            let (lens, glens) = full_lens(&shape);
+            let mut bp = validate("t", DType::F16, &shape, None, &opts, &lens, &glens).unwrap();
+            bp.tiling.dkv = Some(PassTiling {
+                chunk: 32,
+                tile: dim,
+                tiles: 1,
+            });
+            let l = plan(Kind::Causal, DType::F16, &bp, &opts, &ptrs);
+            let last = l.last().unwrap();
+            assert_eq!(last.pass == Pass::Dkv, merged, "{dim}");
+            let block = if merged { 512 } else { THREADS };
+            assert_eq!(last.plan.block, [block, 1, 1], "{dim}");
         }
         // Without normalisation: no prep, no workspace, o not needed.
         let plain = AttentionOptions {
