@@ -11,13 +11,14 @@
 //   noncausal_backward_dq_<t>:   dq;             grid: seq-heads x D tiles.
 //   noncausal_backward_dk_<t>:   dk, dS0, dz0;   grid: seq-heads x D tiles.
 //   noncausal_backward_dv_<t>:   dv;             grid: seq-heads x M tiles.
-//   or, in place of dk and dv for f16/bf16 heads whose dS fits the
-//   block's registers (D16 x M16 <= 64 tiles of 16 x 16; plan's policy):
-//   noncausal_backward_dkv_<t>:  dk, dv, dS0, dz0 in one reverse walk;
+//   or, for f16/bf16 heads whose whole state fits the block's registers
+//   (D16 x M16 <= 64 tiles of 16 x 16; the plan's policy), two walks:
+//   noncausal_backward_prepdq_<t>: den, d den and dq in one forward walk;
+//   noncausal_backward_dkv_<t>:    dk, dv, dS0, dz0 in one reverse walk;
 //       grid: seq-heads (t = f16, bf16 only).
-// Block: 256 threads (dkv: 256 or 512, the plan's `dkv_threads`); dynamic
-// shared memory as sized by the plan (<= SHARED_BUDGET_BYTES = 99 KiB; the
-// executor opts in above 48 KiB).
+// Block: 256 threads (prepdq, dkv: 256 or 512, the plan's `dkv_threads`);
+// dynamic shared memory as sized by the plan (<= SHARED_BUDGET_BYTES = 99
+// KiB; the executor opts in above 48 KiB).
 #include <cstdint>
 #include "linattn/params.h"
 #include "linattn/backward_mma.cuh"
@@ -77,4 +78,12 @@ extern "C" __global__ void __launch_bounds__(512, 1) noncausal_backward_dkv_f16(
 extern "C" __global__ void __launch_bounds__(512, 1) noncausal_backward_dkv_bf16(const LinattnBackwardParams p) {
     extern __shared__ float smem[];
     linattn::bwd::dkv_walk<__nv_bfloat16>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(512, 1) noncausal_backward_prepdq_f16(const LinattnBackwardParams p) {
+    extern __shared__ float smem[];
+    linattn::bwd::prep_dq_walk<__half>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(512, 1) noncausal_backward_prepdq_bf16(const LinattnBackwardParams p) {
+    extern __shared__ float smem[];
+    linattn::bwd::prep_dq_walk<__nv_bfloat16>(p, smem);
 }

@@ -586,15 +586,16 @@ fn mma_walks_match_reference_around_chunks() {
     }
 }
 
-/// The merged dk + dv walk (f16/bf16 heads whose whole dS fits the warps'
-/// fragments): D = M = 64 (256 threads) and D = M = 128 (512 threads, the
-/// first anchor shape's head) at their chunks (N around them, and a varlen
+/// The whole-head walks, fused prep + dq and merged dk + dv (f16/bf16 heads
+/// whose whole state fits the warps' fragments): D = M = 64 (256 threads)
+/// and D = M = 128 (512 threads, the first anchor shape's head) at their
+/// chunks (N around them, and a varlen
 /// batch with an empty sequence that hands d_final through), every
 /// optional input, bit-identical run to run. The 16-bit cases above run
 /// it too (their heads are small); the multi-tile test below covers the
 /// separate dk and dv walks.
 #[test]
-fn merged_dkv_walk_matches_reference_and_is_deterministic() {
+fn whole_head_walks_match_reference_and_are_deterministic() {
     for (d, m) in [
         (17, 9),
         (16, 16),
@@ -607,13 +608,16 @@ fn merged_dkv_walk_matches_reference_and_is_deterministic() {
         (128, 128),
         (100, 120),
     ] {
-        assert!(tiling_for(DType::Bf16, d, m).dkv.is_some(), "{d} x {m}");
-        assert!(tiling_for(DType::F16, d, m).dkv.is_some(), "{d} x {m}");
+        for dtype in [DType::Bf16, DType::F16] {
+            let t = tiling_for(dtype, d, m);
+            assert!(t.dkv.is_some() && t.prep_dq.is_some(), "{d} x {m}");
+        }
     }
     let seed = test_seed() ^ 12;
     for (d, m) in [(64, 64), (128, 128)] {
         let t = tiling_for(DType::Bf16, d, m);
         let pt = t.dkv.expect("takes the merged walk");
+        assert_eq!(t.prep_dq.map(|p| p.chunk), Some(pt.chunk));
         for dev in devices() {
             for kind in [Kind::Causal, Kind::NonCausal] {
                 for n in [pt.chunk + 1, 2 * pt.chunk + 3] {
@@ -645,7 +649,11 @@ fn multi_tile_mma_heads_match_reference_and_are_deterministic() {
     let (d, m) = (200, 250);
     let t = tiling_for(DType::Bf16, d, m);
     assert!(
-        t.prep.tiles > 1 && t.dqk.tiles > 1 && t.dv.tiles > 1 && t.dkv.is_none(),
+        t.prep.tiles > 1
+            && t.dqk.tiles > 1
+            && t.dv.tiles > 1
+            && t.dkv.is_none()
+            && t.prep_dq.is_none(),
         "{t:?}"
     );
     let seed = test_seed() ^ 10;

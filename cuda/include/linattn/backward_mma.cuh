@@ -125,6 +125,25 @@ __device__ __forceinline__ void round_tiles(T* dst, int ld, int R16, int C16, fl
     }
 }
 
+// acc += a b. For __half the product goes through a separate fp32 partial
+// multiplied by f (the operands' inverse tile scales) before it is added;
+// fragments of one type share their element mapping, so element i of the
+// partial and of acc is the same (row, column). bf16 accumulates directly.
+template <typename T, typename FA, typename FB>
+__device__ __forceinline__ void mma_scaled(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>& acc,
+                                           const FA& a, const FB& b, float f) {
+    using namespace nvcuda;
+    if constexpr (Mma<T>::scaled) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> part;
+        wmma::fill_fragment(part, 0.0f);
+        wmma::mma_sync(part, a, b, part);
+        for (int i = 0; i < part.num_elements; ++i) acc.x[i] = fmaf(part.x[i], f, acc.x[i]);
+    } else {
+        (void)f;
+        wmma::mma_sync(acc, a, b, acc);
+    }
+}
+
 // Which k-tiles an output row-tile r sums over.
 enum class KRange { All, UpToRow, FromRow };
 
@@ -172,18 +191,12 @@ __device__ __forceinline__ void gemm(float* out, int ldo, int RT, int CT, int KT
             wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> b;
             wmma::load_matrix_sync(a, ARow ? A + r * 16 * lda + k * 16 : A + k * 16 * lda + r * 16, lda);
             wmma::load_matrix_sync(b, BRow ? B + k * 16 * ldb + c * 16 : B + c * 16 * ldb + k * 16, ldb);
+            float f = 1.0f;
             if constexpr (Mma<T>::scaled) {
-                float f = 1.0f;
                 if (sa.inv != nullptr) f *= ARow ? sa.inv[r * sa.si + k * sa.sj] : sa.inv[k * sa.si + r * sa.sj];
                 if (sb.inv != nullptr) f *= BRow ? sb.inv[k * sb.si + c * sb.sj] : sb.inv[c * sb.si + k * sb.sj];
-                wmma::fragment<wmma::accumulator, 16, 16, 16, float> part;
-                wmma::fill_fragment(part, 0.0f);
-                wmma::mma_sync(part, a, b, part);
-                // Same fragment type: element i of part and acc is the same (row, column).
-                for (int i = 0; i < part.num_elements; ++i) acc.x[i] = fmaf(part.x[i], f, acc.x[i]);
-            } else {
-                wmma::mma_sync(acc, a, b, acc);
             }
+            mma_scaled<T>(acc, a, b, f);
         }
         wmma::store_matrix_sync(o, acc, ldo, wmma::mem_row_major);
     }
@@ -608,6 +621,306 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
 }
 
 // ---------------------------------------------------------------------------
+// A whole sequence-head state (D16 x M16, fp32) held in registers, for the
+// walks where one block owns it (prep_dq_mma, dkv_mma): warp w keeps tiles
+// t = w + k * nwarps (k < kDkvFrags) as accumulator fragments for the whole
+// walk, updated in place; after each update the warps publish it as the
+// 16-bit copy the next chunk's products read, each tile through a 16 x 16
+// fp32 scratch of its warp's own. The plan's `dkv_threads` gives the block
+// enough warps (256 or 512 threads for up to 32 or 64 tiles).
+constexpr int kDkvFrags = 4;
+using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+struct FragTiles {
+    int tiles;  // (D16 / 16) * MTT
+    int MTT;    // M16 / 16
+    int warp;
+    int nwarps;
+    float* scratch;
+    // Tile k of this warp: false past the state; (x0, e0) is its corner.
+    __device__ __forceinline__ bool at(int k, int& t, int& x0, int& e0) const {
+        t = warp + k * nwarps;
+        if (t >= tiles) return false;
+        x0 = (t / MTT) * 16;
+        e0 = (t - (t / MTT) * MTT) * 16;
+        return true;
+    }
+};
+
+// The fragments from the fp32 D x M state at src (row-major; nullptr: zero).
+__device__ __forceinline__ void frags_load(Acc (&st)[kDkvFrags], const FragTiles& ft, const float* src, int D, int M) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int k = 0; k < kDkvFrags; ++k) {
+        int t, x0, e0;
+        nvcuda::wmma::fill_fragment(st[k], 0.0f);
+        if (!ft.at(k, t, x0, e0) || src == nullptr) continue;
+        for (int i = lane; i < 256; i += 32) {
+            const int x = x0 + (i >> 4), e = e0 + (i & 15);
+            ft.scratch[i] = x < D && e < M ? src[(int64_t)x * M + e] : 0.0f;
+        }
+        __syncwarp();
+        nvcuda::wmma::load_matrix_sync(st[k], ft.scratch, 16, nvcuda::wmma::mem_row_major);
+        __syncwarp();
+    }
+}
+
+// The 16-bit copy S16 (row stride L16) with tile scales sS (round_tiles'
+// rounding and indexing). The scratch and S16 must be free: sync first.
+template <typename T>
+__device__ __forceinline__ void frags_publish(const Acc (&st)[kDkvFrags], const FragTiles& ft, T* S16, int L16,
+                                              float* sS) {
+#pragma unroll
+    for (int k = 0; k < kDkvFrags; ++k) {
+        int t, x0, e0;
+        if (!ft.at(k, t, x0, e0)) continue;
+        nvcuda::wmma::store_matrix_sync(ft.scratch, st[k], 16, nvcuda::wmma::mem_row_major);
+        __syncwarp();
+        round_tile<T>(S16 + x0 * L16 + e0, L16, sS + t, [&](int r, int col) { return ft.scratch[r * 16 + col]; });
+        __syncwarp();
+    }
+}
+
+// The fragments' D x M part to state `sh` of dst (D x M row-major each).
+__device__ __forceinline__ void frags_store(const Acc (&st)[kDkvFrags], const FragTiles& ft, float* dst, int64_t sh,
+                                            int D, int M) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int k = 0; k < kDkvFrags; ++k) {
+        int t, x0, e0;
+        if (!ft.at(k, t, x0, e0)) continue;
+        nvcuda::wmma::store_matrix_sync(ft.scratch, st[k], 16, nvcuda::wmma::mem_row_major);
+        __syncwarp();
+        for (int i = lane; i < 256; i += 32) {
+            const int x = x0 + (i >> 4), e = e0 + (i & 15);
+            if (x < D && e < M) dst[(sh * D + x) * M + e] = ft.scratch[i];
+        }
+        __syncwarp();
+    }
+}
+
+// st += X^T Y over the chunk's CT row-tiles (k-steps in increasing order,
+// gemm's order): X16 is C x D16 (row stride lx), Y16 C x M16 (row stride
+// ly, inverse tile scales sY, or nullptr).
+template <typename T>
+__device__ __forceinline__ void frags_absorb(Acc (&st)[kDkvFrags], const FragTiles& ft, int CT, const T* X16, int lx,
+                                             const T* Y16, int ly, const float* sY) {
+    using namespace nvcuda;
+#pragma unroll 1
+    for (int kt = 0; kt < CT; ++kt) {
+#pragma unroll
+        for (int k = 0; k < kDkvFrags; ++k) {
+            int t, x0, e0;
+            if (!ft.at(k, t, x0, e0)) continue;
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+            wmma::load_matrix_sync(a, X16 + kt * 16 * lx + x0, lx);
+            wmma::load_matrix_sync(b, Y16 + kt * 16 * ly + e0, ly);
+            mma_scaled<T>(st[k], a, b, Mma<T>::scaled && sY != nullptr ? sY[kt * ft.MTT + e0 / 16] : 1.0f);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// prep and dq in one forward walk: one block per sequence-head owns the whole
+// state S (D16 x M16, in the warps' registers: FragTiles above) and z, so it
+// has num = qh S + A v over all of M, hence den and d den of its tokens, and
+// with them dq, in one pass over q, k, v, dL/do (prep_mma and dqk_mma<T,
+// false> take two, with the state split over blocks). It writes den and
+// dL/do . num to the workspace (slot 0) for the dkv walk. Chosen by
+// `ops::backward::fused_prep_dq` where dS fits the fragments (the dkv walk
+// runs then too) and this body fits the shared budget.
+//   A = qh kh^T (lower block triangle),  num = qh S16 + A v,
+//   den = qh . z + rowsum(A) + eps,        d den = -(G . num) / den^2,
+//   B = (G v^T) / den + d den (j <= i),    dqh = (G S16^T) / den + B kh,
+//   S += kh^T v, z += colsum(kh).
+// Every product, rounding and sum is the one of prep_mma and dqk_mma<T,
+// false> with a single tile at the same chunk, so the results are theirs
+// bit for bit.
+// Shared: z (D16) | S16 (D16 x M16+8) | qh, kh (C x D16+8 each) | v, G (C x
+//         M16+8 each) | P16 (C x C+8: A, then B) | F (fp32, C x
+//         max(C,D16,M16)+4 and at least 16 x 16 per warp: A, num, B, dqh,
+//         and the warps' publish scratch) | qh . z, rowsum(A), den, d den (C
+//         each) | scales of S16 ((D16/16)(M16/16)), G ((C/16)(M16/16)) and
+//         P16 ((C/16)^2).
+template <typename T>
+__device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, float* smem) {
+    const Coords c = coords(p);
+    const int tid = threadIdx.x, nthreads = blockDim.x;
+    const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
+    const int D = (int)p.d, M = (int)p.m, C = p.chunk, D16 = pad16(D), M16 = pad16(M);
+    const int L16 = M16 + 8, LD = D16 + 8, LC = C + 8, LF = imax(C, imax(D16, M16)) + 4;
+    const int CT = C / 16, MTT = M16 / 16, DTT = D16 / 16;
+    const int fm = p.feature_map;
+    const bool causal = p.causal != 0;
+    const bool norm = p.normalize != 0;
+    Carve cv{reinterpret_cast<char*>(smem), 0u};
+    float* zs = cv.take<float>(D16);
+    T* S16 = cv.take<T>(D16 * L16);
+    T* Q16 = cv.take<T>(C * LD);
+    T* K16 = cv.take<T>(C * LD);
+    T* V16 = cv.take<T>(C * L16);
+    T* G16 = cv.take<T>(C * L16);
+    T* P16 = cv.take<T>(C * LC);
+    float* F = cv.take<float>(imax(C * LF, nwarps * 256));
+    float* qz = cv.take<float>(C);
+    float* asum = cv.take<float>(C);
+    float* den = cv.take<float>(C);
+    float* dd = cv.take<float>(C);
+    float* sS = cv.take<float>(DTT * MTT);
+    float* sG = cv.take<float>(CT * MTT);
+    float* sP = cv.take<float>(CT * CT);
+
+    // S from the initial state (zero without), and its copy S16.
+    Acc st[kDkvFrags];
+    const FragTiles ft{DTT * MTT, MTT, warp, nwarps, F + warp * 256};
+    const float* s_in = ptr<const float>(p.state_in_s);
+    const float* z_in = ptr<const float>(p.state_in_z);
+    frags_load(st, ft, s_in == nullptr ? nullptr : s_in + c.sh * D * M, D, M);
+    frags_publish<T>(st, ft, S16, L16, sS);
+    for (int x = tid; x < D16; x += nthreads) zs[x] = z_in != nullptr && x < D ? z_in[c.sh * D + x] : 0.0f;
+    const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
+    const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
+    const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride);
+    const T* gb = rows_of<T>(p.d_o, c, p.o_batch_stride, p.o_head_stride);
+    T* dqb = rows_of_mut<T>(p.dq, c, p.q_batch_stride, p.q_head_stride);
+    float* wden = ptr<float>(p.work_den);
+    float* wgo = ptr<float>(p.work_dden);
+    __syncthreads();
+
+    for (int sweep = causal ? 1 : 0; sweep < 2; ++sweep) {
+        const bool absorb = causal || sweep == 0;
+        const bool emit = sweep == 1;
+        for (int64_t c0 = 0; c0 < c.r.len; c0 += C) {
+            const int rows = (int)(c.r.len - c0 < C ? c.r.len - c0 : C);
+            const int64_t t0 = c.r.start + c0;
+            if (emit) {
+                stage<T>(Q16, LD, C, D16, rows, D, [&](int j, int x) {
+                    return phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * p.scale;
+                });
+                // G itself, exact in T: every product it feeds has the token
+                // on its rows, so 1 / den is applied to the fp32 results.
+                round_tiles<T>(G16, L16, C, M16, sG, [&](int j, int e) {
+                    return j < rows && e < M ? to_float(gb[(t0 + j) * p.o_token_stride + e]) : 0.0f;
+                });
+            }
+            if (absorb) {
+                stage<T>(K16, LD, C, D16, rows, D,
+                         [&](int j, int x) { return phi(to_float(kb[(t0 + j) * p.k_token_stride + x]), fm); });
+                stage<T>(V16, L16, C, M16, rows, M,
+                         [&](int j, int e) { return to_float(vb[(t0 + j) * p.v_token_stride + e]); });
+            }
+            __syncthreads();
+            if (emit) {
+                // ---- prep: den and d den of the chunk's rows -------------
+                if (norm) {
+                    for (int i = tid; i < C; i += nthreads) {
+                        const T* q = Q16 + i * LD;
+                        float a = 0.0f;
+                        for (int x = 0; x < D; ++x) a = fmaf(to_float(q[x]), zs[x], a);
+                        qz[i] = a;
+                    }
+                    if (causal) {
+                        gemm<T, true, false>(F, LF, CT, CT, DTT, false, true, KRange::All, Q16, LD, no_scales(), K16,
+                                             LD, no_scales());
+                        __syncthreads();
+                        round_tiles<T>(P16, LC, C, C, sP,
+                                       [&](int i, int j) { return j <= i && i < rows ? F[i * LF + j] : 0.0f; });
+                        for (int i = tid; i < rows; i += nthreads) {
+                            float s = 0.0f;
+                            for (int j = 0; j <= i; ++j) s += F[i * LF + j];
+                            asum[i] = s;
+                        }
+                        __syncthreads();
+                    }
+                    // num = qh S16 + A v (j <= i)
+                    gemm<T, true, true>(F, LF, CT, MTT, DTT, false, false, KRange::All, Q16, LD, no_scales(), S16, L16,
+                                        Scales{sS, MTT, 1});
+                    if (causal) {
+                        __syncwarp();
+                        gemm<T, true, true>(F, LF, CT, MTT, CT, true, false, KRange::UpToRow, P16, LC,
+                                            Scales{sP, CT, 1}, V16, L16, no_scales());
+                    }
+                    __syncthreads();
+                    for (int i = warp; i < C; i += nwarps) {
+                        float go = 0.0f;
+                        if (i < rows) {
+                            const float* num = F + i * LF;
+                            const T* grow = gb + (t0 + i) * p.o_token_stride;
+                            for (int e = lane; e < M; e += 32) go = fmaf(to_float(grow[e]), num[e], go);
+                            go = warp_sum(go);
+                        }
+                        if (lane == 0) {
+                            float dn = 1.0f, d2 = 0.0f;
+                            if (i < rows) {
+                                const int64_t row = work_row(p, c, t0 + i);
+                                dn = qz[i] + (causal ? asum[i] : 0.0f) + p.eps;
+                                wgo[row] = go;
+                                wden[row] = dn;
+                                // load_norm's arithmetic (one prep slot).
+                                d2 = -__fdividef(__fdividef(0.0f + go, dn), dn);
+                            }
+                            den[i] = dn;
+                            dd[i] = d2;
+                        }
+                    }
+                } else {
+                    for (int i = tid; i < C; i += nthreads) {
+                        den[i] = 1.0f;
+                        dd[i] = 0.0f;
+                    }
+                }
+                __syncthreads();
+                // ---- dq --------------------------------------------------
+                if (causal) {
+                    // B = (G v^T) / den + d den, lower block triangle.
+                    gemm<T, true, false>(F, LF, CT, CT, MTT, false, true, KRange::All, G16, L16, Scales{sG, MTT, 1},
+                                         V16, L16, no_scales());
+                    __syncthreads();
+                    round_tiles<T>(P16, LC, C, C, sP, [&](int i, int j) {
+                        return j > i || i >= rows ? 0.0f : __fdividef(F[i * LF + j], den[i]) + dd[i];
+                    });
+                    __syncthreads();
+                }
+                // dqh = (G S16^T) / den + B kh (j <= i)
+                gemm<T, true, false>(F, LF, CT, DTT, MTT, false, false, KRange::All, G16, L16, Scales{sG, MTT, 1},
+                                     S16, L16, Scales{sS, MTT, 1});
+                __syncthreads();
+                for (int i = tid; i < C * D16; i += nthreads) {
+                    const int j = i / D16, x = i - j * D16;
+                    F[j * LF + x] = __fdividef(F[j * LF + x], den[j]);
+                }
+                if (causal) {
+                    __syncthreads();
+                    gemm<T, true, true>(F, LF, CT, DTT, CT, true, false, KRange::UpToRow, P16, LC, Scales{sP, CT, 1},
+                                        K16, LD, no_scales());
+                }
+                __syncthreads();
+                for (int i = tid; i < rows * D; i += nthreads) {
+                    const int j = i / D, x = i - j * D;
+                    const int64_t off = (t0 + j) * p.q_token_stride + x;
+                    const float acc = fmaf(dd[j], zs[x], F[j * LF + x]);
+                    dqb[off] = from_float<T>(p.scale * phi_prime(to_float(qb[off]), fm) * acc);
+                }
+                __syncthreads();  // z and F (the publish scratch) read out
+            }
+            if (absorb) {
+                // S += kh^T v, z += kh^T 1; then the next chunk's S16 (the
+                // non-causal walk publishes once, after every chunk).
+                frags_absorb<T>(st, ft, CT, K16, LD, V16, L16, nullptr);
+                for (int x = tid; x < D; x += nthreads) {
+                    float acc = zs[x];
+                    for (int j = 0; j < rows; ++j) acc += to_float(K16[j * LD + x]);
+                    zs[x] = acc;
+                }
+                if (causal || c0 + C >= c.r.len) frags_publish<T>(st, ft, S16, L16, sS);
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // dk and dv in one reverse walk: one block per sequence-head owns the whole
 // suffix state dS (D16 x M16) and dz, so it writes every dk and dv element
 // of its sequence-head (still exactly one writer each) and reads q, k, v,
@@ -617,28 +930,21 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
 //   B = dnum v^T (+ d den per row), dkh = v dS^T + B^T qh (i >= j),
 //   A = qh kh^T,                    dv  = kh dS + A^T dnum (i >= j),
 //   dS += qh^T dnum, dz += qh^T d den.
-// dS never lives in shared memory in fp32: each warp keeps its 16 x 16 tiles
-// t = warp + k * nwarps (k < kDkvFrags) as accumulator fragments for the
-// whole walk and adds qh^T dnum to them in place; after each update it
-// publishes them as the 16-bit copy dS16 (through a 16 x 16 fp32 scratch of
-// its own, in F) that the next chunk's dk and dv products read. The block
-// has 256 threads, or 512 when dS has more than 32 tiles (the plan's
-// `dkv_threads`; D = M = 128 is 64 tiles). Every product, rounding and sum
-// is the one of dqk_mma<T, true> and dv_mma with a single tile, in the same
-// order, so the results are theirs bit for bit.
+// dS lives in the warps' registers (FragTiles above), never in shared memory
+// in fp32. Every product, rounding and sum is the one of dqk_mma<T, true>
+// and dv_mma with a single tile, in the same order, so the results are
+// theirs bit for bit.
 // Shared: dz (D16) | dS16 (D16 x M16+8) | qh, kh (C x D16+8 each) | v, dnum
 //         (C x M16+8 each) | P16 (C x C+8: B, then A) | F (fp32, C x
 //         max(C,D16,M16)+4 and at least 16 x 16 per warp: B, dkh, A, dv,
 //         and the warps' publish scratch) | den, d den (C each) | scales of
 //         dS16 ((D16/16)(M16/16)), dnum ((C/16)(M16/16)) and P16 ((C/16)^2).
-constexpr int kDkvFrags = 4;
-
 template <typename T>
 __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* smem) {
     using namespace nvcuda;
     const Coords c = coords(p);
     const int tid = threadIdx.x, nthreads = blockDim.x;
-    const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
+    const int warp = tid >> 5, nwarps = nthreads >> 5;
     const int D = (int)p.d, M = (int)p.m, C = p.chunk, D16 = pad16(D), M16 = pad16(M);
     const int L16 = M16 + 8, LD = D16 + 8, LC = C + 8, LF = imax(C, imax(D16, M16)) + 4;
     const int CT = C / 16, MTT = M16 / 16, DTT = D16 / 16;
@@ -659,40 +965,14 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     float* sS = cv.take<float>(DTT * MTT);
     float* sG = cv.take<float>(CT * MTT);
     float* sP = cv.take<float>(CT * CT);
-    float* scratch = F + warp * 256;
 
-    // The warp's dS tiles, from d_final (zero without), and their copy dS16.
-    // F is free whenever a warp publishes: callers sync the block first.
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> st[kDkvFrags];
-    auto publish = [&]() {
-#pragma unroll
-        for (int k = 0; k < kDkvFrags; ++k) {
-            const int t = warp + k * nwarps;
-            if (t >= tiles) continue;
-            const int x0 = (t / MTT) * 16, e0 = (t - (t / MTT) * MTT) * 16;
-            wmma::store_matrix_sync(scratch, st[k], 16, wmma::mem_row_major);
-            __syncwarp();
-            round_tile<T>(S16 + x0 * L16 + e0, L16, sS + t, [&](int r, int col) { return scratch[r * 16 + col]; });
-            __syncwarp();
-        }
-    };
+    // dS from d_final (zero without), and its copy dS16.
+    Acc st[kDkvFrags];
+    const FragTiles ft{tiles, MTT, warp, nwarps, F + warp * 256};
     const float* s_in = ptr<const float>(p.d_final_s);
     const float* z_in = ptr<const float>(p.d_final_z);
-#pragma unroll
-    for (int k = 0; k < kDkvFrags; ++k) {
-        const int t = warp + k * nwarps;
-        wmma::fill_fragment(st[k], 0.0f);
-        if (t >= tiles || s_in == nullptr) continue;
-        const int x0 = (t / MTT) * 16, e0 = (t - (t / MTT) * MTT) * 16;
-        for (int i = lane; i < 256; i += 32) {
-            const int x = x0 + (i >> 4), e = e0 + (i & 15);
-            scratch[i] = x < D && e < M ? s_in[(c.sh * D + x) * M + e] : 0.0f;
-        }
-        __syncwarp();
-        wmma::load_matrix_sync(st[k], scratch, 16, wmma::mem_row_major);
-        __syncwarp();
-    }
-    publish();
+    frags_load(st, ft, s_in == nullptr ? nullptr : s_in + c.sh * D * M, D, M);
+    frags_publish<T>(st, ft, S16, L16, sS);
     for (int x = tid; x < D16; x += nthreads) zs[x] = z_in != nullptr && x < D ? z_in[c.sh * D + x] : 0.0f;
     const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
     const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
@@ -761,31 +1041,9 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                             dvb + t0 * p.v_token_stride, p.v_token_stride);
             }
             if (absorb) {
-                // dS += qh^T dnum on the warps' fragments, k-steps in
-                // increasing order (gemm's order), dz += qh^T d den (dz was
-                // last read before the sync above).
-#pragma unroll 1
-                for (int kt = 0; kt < CT; ++kt) {
-#pragma unroll
-                    for (int k = 0; k < kDkvFrags; ++k) {
-                        const int t = warp + k * nwarps;
-                        if (t >= tiles) continue;
-                        const int xt = t / MTT, et = t - xt * MTT;
-                        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
-                        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> g;
-                        wmma::load_matrix_sync(a, Q16 + kt * 16 * LD + xt * 16, LD);
-                        wmma::load_matrix_sync(g, G16 + kt * 16 * L16 + et * 16, L16);
-                        if constexpr (Mma<T>::scaled) {
-                            wmma::fragment<wmma::accumulator, 16, 16, 16, float> part;
-                            wmma::fill_fragment(part, 0.0f);
-                            wmma::mma_sync(part, a, g, part);
-                            const float f = sG[kt * MTT + et];  // gemm: 1 (no qh scale) x dnum scale
-                            for (int i = 0; i < part.num_elements; ++i) st[k].x[i] = fmaf(part.x[i], f, st[k].x[i]);
-                        } else {
-                            wmma::mma_sync(st[k], a, g, st[k]);
-                        }
-                    }
-                }
+                // dS += qh^T dnum, dz += qh^T d den (dz was last read before
+                // the sync above).
+                frags_absorb<T>(st, ft, CT, Q16, LD, G16, L16, sG);
                 for (int x = tid; x < D; x += nthreads) {
                     float acc = zs[x];
                     for (int j = 0; j < rows; ++j) acc = fmaf(dd[j], to_float(Q16[j * LD + x]), acc);
@@ -795,7 +1053,7 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                 // publishes once, after absorbing every chunk.
                 if (causal || c0 == 0) {
                     __syncthreads();  // F (the scratch) and dS16 read out
-                    publish();
+                    frags_publish<T>(st, ft, S16, L16, sS);
                 }
             }
             __syncthreads();
@@ -804,21 +1062,8 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
 
     // The initial state's gradient: dS from the fragments, dz.
     if (p.d_initial_s != 0) {
-        float* ss = ptr<float>(p.d_initial_s);
+        frags_store(st, ft, ptr<float>(p.d_initial_s), c.sh, D, M);
         float* sz = ptr<float>(p.d_initial_z);
-#pragma unroll
-        for (int k = 0; k < kDkvFrags; ++k) {
-            const int t = warp + k * nwarps;
-            if (t >= tiles) continue;
-            const int x0 = (t / MTT) * 16, e0 = (t - (t / MTT) * MTT) * 16;
-            wmma::store_matrix_sync(scratch, st[k], 16, wmma::mem_row_major);
-            __syncwarp();
-            for (int i = lane; i < 256; i += 32) {
-                const int x = x0 + (i >> 4), e = e0 + (i & 15);
-                if (x < D && e < M) ss[(c.sh * D + x) * M + e] = scratch[i];
-            }
-            __syncwarp();
-        }
         for (int x = tid; x < D; x += nthreads) sz[c.sh * D + x] = zs[x];
     }
 }
@@ -844,6 +1089,13 @@ template <typename T>
 __device__ __forceinline__ void dv_walk(const LinattnBackwardParams& p, float* smem) {
     if constexpr (Mma<T>::available) dv_mma<T>(p, smem);
     else dv_fma<T>(p, smem);
+}
+// The fused prep + dq walk exists for 16-bit inputs only (fp32 runs prep
+// and dq_walk).
+template <typename T>
+__device__ __forceinline__ void prep_dq_walk(const LinattnBackwardParams& p, float* smem) {
+    static_assert(Mma<T>::available, "prep_dq_walk: f16 and bf16 only");
+    prep_dq_mma<T>(p, smem);
 }
 // The merged dk + dv walk exists for 16-bit inputs only (fp32 runs dk_walk
 // and dv_walk).

@@ -55,9 +55,13 @@ pub enum Pass {
     /// dv; blocks tile M.
     Dv,
     /// dk, dv and the initial state's gradient in one reverse walk, one
-    /// block per sequence-head owning the whole dS (f16/bf16 small heads,
-    /// in place of [`Pass::Dk`] and [`Pass::Dv`]; see [`merged_dkv`]).
+    /// block per sequence-head owning the whole dS (f16/bf16 heads up to 64
+    /// tiles of dS, in place of [`Pass::Dk`] and [`Pass::Dv`]; see [`merged_dkv`]).
     Dkv,
+    /// den, d den and dq in one forward walk, one block per sequence-head
+    /// owning the whole S (the same heads, in place of [`Pass::Prep`] and
+    /// [`Pass::Dq`]; see [`fused_prep_dq`]).
+    PrepDq,
 }
 
 fn module(kind: Kind) -> &'static str {
@@ -68,7 +72,8 @@ fn module(kind: Kind) -> &'static str {
 }
 
 /// The kernel symbol of a pass for a dtype (`None`: no such kernel, the
-/// merged [`Pass::Dkv`] walk exists for f16 and bf16 only).
+/// merged [`Pass::Dkv`] and [`Pass::PrepDq`] walks exist for f16 and bf16
+/// only).
 pub fn kernel_name(kind: Kind, pass: Pass, dtype: DType) -> Option<&'static str> {
     use DType::*;
     use Pass::*;
@@ -76,7 +81,7 @@ pub fn kernel_name(kind: Kind, pass: Pass, dtype: DType) -> Option<&'static str>
         ($($k:ident $p:ident $t:ident => $n:literal),* $(,)?) => {
             match (kind, pass, dtype) {
                 $((Kind::$k, $p, $t) => Some($n),)*
-                (_, Dkv, F32) => None,
+                (_, Dkv | PrepDq, F32) => None,
             }
         };
     }
@@ -109,6 +114,10 @@ pub fn kernel_name(kind: Kind, pass: Pass, dtype: DType) -> Option<&'static str>
         Causal Dkv Bf16 => "causal_backward_dkv_bf16",
         NonCausal Dkv F16 => "noncausal_backward_dkv_f16",
         NonCausal Dkv Bf16 => "noncausal_backward_dkv_bf16",
+        Causal PrepDq F16 => "causal_backward_prepdq_f16",
+        Causal PrepDq Bf16 => "causal_backward_prepdq_bf16",
+        NonCausal PrepDq F16 => "noncausal_backward_prepdq_f16",
+        NonCausal PrepDq Bf16 => "noncausal_backward_prepdq_bf16",
     )
 }
 
@@ -135,6 +144,10 @@ pub struct BackwardTiling {
     /// The merged dk + dv walk (one tile: the whole head) when the policy
     /// [`merged_dkv`] picks it; the dk and dv kernels are then not launched.
     pub dkv: Option<PassTiling>,
+    /// The fused prep + dq walk (one tile: the whole head) when the policy
+    /// [`fused_prep_dq`] picks it; the prep and dq kernels are then not
+    /// launched.
+    pub prep_dq: Option<PassTiling>,
 }
 
 /// Shared memory of the prep kernel in floats: the state columns
@@ -197,6 +210,7 @@ pub fn tiling(d: usize, m: usize) -> BackwardTiling {
         dqk: pick(d, |c, t| dqk_shared_floats(m, c, t)),
         dv: pick(m, |c, t| dv_shared_floats(d, c, t)),
         dkv: None,
+        prep_dq: None,
     }
 }
 
@@ -217,6 +231,7 @@ fn nominal_tiling(d: usize, m: usize) -> Option<BackwardTiling> {
         dqk: pass,
         dv: pass,
         dkv: None,
+        prep_dq: None,
     })
 }
 
@@ -327,17 +342,17 @@ pub fn dkv_threads(d: usize, m: usize) -> Option<u32> {
         .find(|&t| tiles <= DKV_STATE_FRAGS * (t as usize / 32))
 }
 
-/// Shared memory of the merged tensor-core dk + dv kernel in bytes (order
-/// of `dkv_mma`; dS itself lives in the warps' registers): dz, dS rounded
-/// to 16 bits (`D16 x (M16 + 8)`), phi(q) and phi(k) (`chunk x (D16 + 8)`
-/// each), v and dnum (`chunk x (M16 + 8)` each), one C x C operand
-/// (`chunk x (chunk + 8)`: B, then A), the fp32 scratch (`chunk x
-/// (max(chunk, D16, M16) + 4)`, at least one 16 x 16 tile per warp), den,
-/// d den and the tile scales.
-pub fn dkv_mma_bytes(d: usize, m: usize, chunk: usize) -> usize {
+/// Shared memory of the walks that hold a whole state in registers (order
+/// of `dkv_mma` and `prep_dq_mma`): z, the state rounded to 16 bits
+/// (`D16 x (M16 + 8)`), phi(q) and phi(k) (`chunk x (D16 + 8)` each), v and
+/// dL/do (`chunk x (M16 + 8)` each), one C x C operand (`chunk x (chunk +
+/// 8)`), the fp32 scratch (`chunk x (max(chunk, D16, M16) + 4)`, at least
+/// one 16 x 16 tile per warp), `vectors` per-row fp32 vectors and the tile
+/// scales.
+fn whole_head_bytes(d: usize, m: usize, chunk: usize, vectors: usize) -> usize {
     let (d16, m16) = (pad16(d), pad16(m));
     let warps = dkv_threads(d, m).unwrap_or(512) as usize / 32;
-    carve(&[
+    let mut parts = vec![
         d16 * 4,
         d16 * (m16 + 8) * 2,
         chunk * (d16 + 8) * 2,
@@ -346,16 +361,57 @@ pub fn dkv_mma_bytes(d: usize, m: usize, chunk: usize) -> usize {
         chunk * (m16 + 8) * 2,
         chunk * (chunk + 8) * 2,
         (chunk * (chunk.max(d16).max(m16) + 4)).max(warps * 256) * 4,
-        chunk * 4,
-        chunk * 4,
+    ];
+    parts.extend(std::iter::repeat_n(chunk * 4, vectors));
+    parts.extend([
         (d16 / 16) * (m16 / 16) * 4,
         (chunk / 16) * (m16 / 16) * 4,
         (chunk / 16) * (chunk / 16) * 4,
-    ])
+    ]);
+    carve(&parts)
 }
 
-/// Smallest chunk the merged dk + dv walk is used with.
+/// Shared memory of the merged tensor-core dk + dv kernel in bytes (dS
+/// itself lives in the warps' registers): the layout of
+/// [`prep_dq_mma_bytes`] with two per-row vectors (den, d den).
+pub fn dkv_mma_bytes(d: usize, m: usize, chunk: usize) -> usize {
+    whole_head_bytes(d, m, chunk, 2)
+}
+
+/// Shared memory of the fused tensor-core prep + dq kernel in bytes (S
+/// lives in the warps' registers): z, S rounded to 16 bits, phi(q),
+/// phi(k), v, dL/do, one C x C operand (A, then B), the fp32 scratch, four
+/// per-row vectors (`phi(q) . z`, row sums of A, den, d den) and the tile
+/// scales.
+pub fn prep_dq_mma_bytes(d: usize, m: usize, chunk: usize) -> usize {
+    whole_head_bytes(d, m, chunk, 4)
+}
+
+/// Smallest chunk the whole-head walks are used with.
 const MIN_MERGED_CHUNK: usize = 32;
+
+/// The largest chunk (of at least 32) at which a whole-head walk fits
+/// [`SHARED_BUDGET_BYTES`], for f16/bf16 heads whose state fits the block's
+/// register fragments ([`dkv_threads`]).
+fn whole_head(
+    dtype: DType,
+    d: usize,
+    m: usize,
+    bytes: fn(usize, usize, usize) -> usize,
+) -> Option<PassTiling> {
+    if !uses_mma(dtype) || dkv_threads(d, m).is_none() {
+        return None;
+    }
+    MMA_CHUNKS
+        .into_iter()
+        .filter(|&c| c >= MIN_MERGED_CHUNK)
+        .find(|&c| bytes(d, m, c) <= SHARED_BUDGET_BYTES)
+        .map(|chunk| PassTiling {
+            chunk,
+            tile: pad16(d),
+            tiles: 1,
+        })
+}
 
 /// The policy for the merged dk + dv walk: `Some` (chunk, the whole head as
 /// one tile) for f16/bf16 when the whole dS fits the block's register
@@ -367,18 +423,15 @@ const MIN_MERGED_CHUNK: usize = 32;
 /// twice and absorbs `dS += qh^T dnum` once instead of twice, in one block
 /// per sequence-head (`docs/benchmarks.md`, "Backward").
 pub fn merged_dkv(dtype: DType, d: usize, m: usize) -> Option<PassTiling> {
-    if !uses_mma(dtype) || dkv_threads(d, m).is_none() {
-        return None;
-    }
-    MMA_CHUNKS
-        .into_iter()
-        .filter(|&c| c >= MIN_MERGED_CHUNK)
-        .find(|&c| dkv_mma_bytes(d, m, c) <= SHARED_BUDGET_BYTES)
-        .map(|chunk| PassTiling {
-            chunk,
-            tile: pad16(d),
-            tiles: 1,
-        })
+    whole_head(dtype, d, m, dkv_mma_bytes)
+}
+
+/// The policy for the fused prep + dq walk: as [`merged_dkv`], with the
+/// fused body's shared memory ([`prep_dq_mma_bytes`]). Fused, the
+/// normaliser's pieces and dq come from one forward walk over q, k, v and
+/// dL/do instead of two, and the workspace holds one `dL/do . num` slot.
+pub fn fused_prep_dq(dtype: DType, d: usize, m: usize) -> Option<PassTiling> {
+    whole_head(dtype, d, m, prep_dq_mma_bytes)
 }
 
 /// The tensor-core tiling of one pass over `dim`: tiles and chunks are
@@ -429,6 +482,7 @@ pub fn tiling_for(dtype: DType, d: usize, m: usize) -> BackwardTiling {
         dqk,
         dv,
         dkv: merged_dkv(dtype, d, m),
+        prep_dq: fused_prep_dq(dtype, d, m),
     }
 }
 
@@ -443,6 +497,7 @@ pub fn shared_bytes(dtype: DType, pass: Pass, d: usize, m: usize, pt: PassTiling
         (true, Pass::Dq | Pass::Dk) => dqk_mma_bytes(m, c, t),
         (true, Pass::Dv) => dv_mma_bytes(d, c, t),
         (_, Pass::Dkv) => dkv_mma_bytes(d, m, c),
+        (_, Pass::PrepDq) => prep_dq_mma_bytes(d, m, c),
     }
 }
 
@@ -682,6 +737,18 @@ pub fn plan(
     let sh = problem.seq_heads();
     let rows = bp.work_rows();
     let es = dtype.size();
+    let t = bp.tiling;
+    // A hand-built tiling may name a whole-head walk for a dtype without one
+    // (f32) or a head whose state does not fit the fragments: the separate
+    // walks run then.
+    let whole = |pass: Pass, pt: Option<PassTiling>| {
+        pt.filter(|_| kernel_name(kind, pass, dtype).is_some() && dkv_threads(d, m).is_some())
+    };
+    let fused = whole(Pass::PrepDq, t.prep_dq);
+    let merged = whole(Pass::Dkv, t.dkv);
+    // `dL/do . num` partials in the workspace: one per prep tile, or one
+    // from the fused walk.
+    let prep_slots = if fused.is_some() { 1 } else { t.prep.tiles };
     let (work_den, work_dden) = if bp.normalize && ptrs.workspace != 0 {
         (ptrs.workspace, ptrs.workspace + (rows * 4) as u64)
     } else {
@@ -727,25 +794,25 @@ pub fn plan(
         feature_map: opts.feature_map.to_c(),
         normalize: bp.normalize as i32,
         causal: (kind == Kind::Causal) as i32,
-        prep_tiles: bp.tiling.prep.tiles as i32,
+        prep_tiles: prep_slots as i32,
         _pad0: 0,
         eps: opts.eps,
         scale: opts.scale,
     };
     let bytes =
         |p: u64, s: &Strides, dim: usize| (p, span(sp, s, dim).unwrap_or(0).saturating_mul(es));
-    let t = bp.tiling;
-    // The merged walk is planned only where dS fits its fragments (below).
+    // The whole-head walks are planned only where the state fits their
+    // fragments (above).
     let threads = |pass: Pass| match pass {
-        Pass::Dkv => dkv_threads(d, m).unwrap_or(THREADS),
+        Pass::Dkv | Pass::PrepDq => dkv_threads(d, m).unwrap_or(THREADS),
         _ => THREADS,
     };
     let launch = |pass: Pass, pt: PassTiling, writes: Vec<(u64, usize)>| BackwardLaunch {
         pass,
         plan: LaunchPlan {
             module: module(kind),
-            // Every pass but Dkv exists for every dtype, and Dkv is planned
-            // only where it exists (below).
+            // Every pass but Dkv and PrepDq exists for every dtype, and
+            // those are planned only where they exist (above).
             kernel: kernel_name(kind, pass, dtype).unwrap_or(""),
             grid: [(sh * pt.tiles) as u32, 1, 1],
             block: [threads(pass), 1, 1],
@@ -763,21 +830,18 @@ pub fn plan(
             .collect(),
     };
     let mut out = Vec::with_capacity(4);
-    if bp.normalize {
-        out.push(launch(
-            Pass::Prep,
-            t.prep,
-            vec![(work_den, rows * 4), (work_dden, t.prep.tiles * rows * 4)],
-        ));
+    let work = vec![(work_den, rows * 4), (work_dden, prep_slots * rows * 4)];
+    if let Some(pt) = fused {
+        let mut writes = if bp.normalize { work } else { Vec::new() };
+        writes.push(bytes(ptrs.dq, &sp.q, d));
+        out.push(launch(Pass::PrepDq, pt, writes));
+    } else {
+        if bp.normalize {
+            out.push(launch(Pass::Prep, t.prep, work));
+        }
+        out.push(launch(Pass::Dq, t.dqk, vec![bytes(ptrs.dq, &sp.q, d)]));
     }
-    out.push(launch(Pass::Dq, t.dqk, vec![bytes(ptrs.dq, &sp.q, d)]));
     let (sn, zn) = (problem.state_s_len() * 4, problem.state_z_len() * 4);
-    // A hand-built tiling may name the merged walk for a dtype without one
-    // (f32) or a head whose dS does not fit its fragments: the separate
-    // walks run then.
-    let merged = t
-        .dkv
-        .filter(|_| kernel_name(kind, Pass::Dkv, dtype).is_some() && dkv_threads(d, m).is_some());
     if let Some(pt) = merged {
         out.push(launch(
             Pass::Dkv,
@@ -1468,6 +1532,22 @@ mod tests {
                     let any_fits = [64, 32].into_iter().any(fits);
                     let want = dkv_threads(d, m).is_some() && any_fits;
                     assert_eq!(t.dkv.is_some(), want, "{dtype:?} d {d} m {m} {t:?}");
+                    // The fused prep + dq walk: same rule, its own bytes
+                    // (two more per-row vectors: never more than dkv's
+                    // chunk, and only where dkv fits too).
+                    let pfits = |c: usize| prep_dq_mma_bytes(d, m, c) <= SHARED_BUDGET_BYTES;
+                    let pwant = dkv_threads(d, m).is_some() && [64, 32].into_iter().any(pfits);
+                    assert_eq!(t.prep_dq.is_some(), pwant, "{dtype:?} d {d} m {m} {t:?}");
+                    if let Some(pt) = t.prep_dq {
+                        assert_eq!((pt.tiles, pt.tile), (1, pad16(d)));
+                        assert!(pfits(pt.chunk) && (pt.chunk == 64 || !pfits(64)));
+                        assert!(t.dkv.is_some_and(|k| k.chunk >= pt.chunk));
+                        assert_eq!(
+                            shared_bytes(dtype, Pass::PrepDq, d, m, pt),
+                            prep_dq_mma_bytes(d, m, pt.chunk)
+                        );
+                        assert!(kernel_name(Kind::NonCausal, Pass::PrepDq, dtype).is_some());
+                    }
                     if let Some(pt) = t.dkv {
                         assert_eq!((pt.tiles, pt.tile), (1, pad16(d)));
                         assert!(pt.chunk >= MIN_MERGED_CHUNK && pt.chunk % 16 == 0);
@@ -1493,6 +1573,8 @@ mod tests {
         // warps (512 threads), chunk 32 (chunk 64 would need 132 KB).
         let t = tiling_for(DType::Bf16, 128, 128).dkv.expect("merged");
         assert_eq!((t.chunk, t.tiles), (32, 1));
+        let t = tiling_for(DType::Bf16, 128, 128).prep_dq.expect("fused");
+        assert_eq!((t.chunk, t.tiles), (32, 1));
         assert_eq!(dkv_threads(128, 128), Some(512));
         assert!(dkv_mma_bytes(128, 128, 64) > SHARED_BUDGET_BYTES);
         // 256 threads up to 32 tiles, 512 up to 64, none past.
@@ -1506,9 +1588,11 @@ mod tests {
         // fp32 never merges (no FMA body), and has no such kernel.
         for (d, m) in [(1, 1), (16, 16), (64, 64)] {
             assert!(tiling_for(DType::F32, d, m).dkv.is_none());
-            assert!(tiling(d, m).dkv.is_none());
+            assert!(tiling_for(DType::F32, d, m).prep_dq.is_none());
+            assert!(tiling(d, m).dkv.is_none() && tiling(d, m).prep_dq.is_none());
         }
         assert_eq!(kernel_name(Kind::NonCausal, Pass::Dkv, DType::F32), None);
+        assert_eq!(kernel_name(Kind::Causal, Pass::PrepDq, DType::F32), None);
         assert_eq!(
             kernel_name(Kind::NonCausal, Pass::Dkv, DType::F16),
             Some("noncausal_backward_dkv_f16")
@@ -1549,24 +1633,39 @@ mod tests {
             workspace: 11 << 20,
             ..Default::default()
         };
-        // A small head: dk and dv in one merged walk.
+        // A small head: prep + dq fused, dk + dv merged, one workspace slot.
         let t = bp.tiling;
         let dkv = t.dkv.expect("40 x 24 takes the merged walk");
+        let pdq = t.prep_dq.expect("40 x 24 takes the fused walk");
         let l = plan(Kind::Causal, DType::Bf16, &bp, &opts, &ptrs);
         let passes: Vec<Pass> = l.iter().map(|l| l.pass).collect();
-        assert_eq!(passes, [Pass::Prep, Pass::Dq, Pass::Dkv]);
-        assert_eq!(l[2].plan.kernel, "causal_backward_dkv_bf16");
-        assert_eq!(l[2].plan.grid, [6, 1, 1]);
-        assert_eq!(l[2].plan.params.chunk as usize, dkv.chunk);
-        assert_eq!(l[2].plan.params.tiles, 1);
-        assert_eq!(l[2].plan.block, [256, 1, 1]);
-        assert!(l[..2].iter().all(|x| x.plan.block == [THREADS, 1, 1]));
+        assert_eq!(passes, [Pass::PrepDq, Pass::Dkv]);
+        assert_eq!(l[0].plan.kernel, "causal_backward_prepdq_bf16");
+        assert_eq!(l[1].plan.kernel, "causal_backward_dkv_bf16");
+        assert!(l.iter().all(|x| x.plan.grid == [6, 1, 1]
+            && x.plan.block == [256, 1, 1]
+            && x.plan.params.tiles == 1
+            && x.plan.params.prep_tiles == 1));
+        assert_eq!(l[0].plan.params.chunk as usize, pdq.chunk);
         assert_eq!(
-            l[2].plan.shared_bytes as usize,
+            l[0].plan.shared_bytes as usize,
+            prep_dq_mma_bytes(40, 24, pdq.chunk)
+        );
+        assert_eq!(
+            l[0].writes,
+            [
+                (11 << 20, 2 * 100 * 3 * 4),
+                ((11 << 20) + 2 * 100 * 3 * 4, 2 * 100 * 3 * 4),
+                (6 << 20, 2 * 3 * 100 * 40 * 2)
+            ]
+        );
+        assert_eq!(l[1].plan.params.chunk as usize, dkv.chunk);
+        assert_eq!(
+            l[1].plan.shared_bytes as usize,
             dkv_mma_bytes(40, 24, dkv.chunk)
         );
         assert_eq!(
-            l[2].writes,
+            l[1].writes,
             [
                 (7 << 20, 2 * 3 * 100 * 40 * 2),
                 (8 << 20, 2 * 3 * 100 * 24 * 2),
@@ -1587,6 +1686,7 @@ mod tests {
         // not have) still plans the separate walks, with real kernel names.
         let mut forced = bp32.clone();
         forced.tiling.dkv = Some(dkv);
+        forced.tiling.prep_dq = Some(pdq);
         let lf = plan(Kind::Causal, DType::F32, &forced, &opts, &ptrs);
         let passes: Vec<Pass> = lf.iter().map(|l| l.pass).collect();
         assert_eq!(passes, [Pass::Prep, Pass::Dq, Pass::Dk, Pass::Dv]);
@@ -1624,16 +1724,21 @@ mod tests {
             let shape = AttentionShape::bhnd(1, 2, 50, dim, dim);
             let (lens, glens) = full_lens(&shape);
             let mut bp = validate("t", DType::F16, &shape, None, &opts, &lens, &glens).unwrap();
-            bp.tiling.dkv = Some(PassTiling {
+            let whole = Some(PassTiling {
                 chunk: 32,
                 tile: dim,
                 tiles: 1,
             });
+            (bp.tiling.dkv, bp.tiling.prep_dq) = (whole, whole);
             let l = plan(Kind::Causal, DType::F16, &bp, &opts, &ptrs);
-            let last = l.last().unwrap();
-            assert_eq!(last.pass == Pass::Dkv, merged, "{dim}");
+            let passes: Vec<Pass> = l.iter().map(|l| l.pass).collect();
+            if merged {
+                assert_eq!(passes, [Pass::PrepDq, Pass::Dkv]);
+            } else {
+                assert_eq!(passes, [Pass::Prep, Pass::Dq, Pass::Dk, Pass::Dv]);
+            }
             let block = if merged { 512 } else { THREADS };
-            assert_eq!(last.plan.block, [block, 1, 1], "{dim}");
+            assert!(l.iter().all(|x| x.plan.block == [block, 1, 1]), "{dim}");
         }
         // Without normalisation: no prep, no workspace, o not needed.
         let plain = AttentionOptions {
@@ -1647,6 +1752,15 @@ mod tests {
         assert_eq!(l[0].plan.kernel, "noncausal_backward_dq_f32");
         assert_eq!(l[0].plan.params.causal, 0);
         assert_eq!(l[0].plan.params.work_den, 0);
+        // ... and in bf16 the fused walk writes dq alone.
+        let bp3 = validate("t", DType::Bf16, &shape, None, &plain, &lens, &glens).unwrap();
+        let l = plan(Kind::NonCausal, DType::Bf16, &bp3, &plain, &ptrs);
+        assert_eq!(l[0].plan.kernel, "noncausal_backward_prepdq_bf16");
+        assert_eq!(l[0].writes, [(6 << 20, 2 * 3 * 100 * 40 * 2)]);
+        assert_eq!(
+            (l[0].plan.params.work_den, l[0].plan.params.normalize),
+            (0, 0)
+        );
     }
 
     #[test]
