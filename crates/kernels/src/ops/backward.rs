@@ -327,12 +327,13 @@ pub fn dv_mma_bytes(d: usize, chunk: usize, tile: usize) -> usize {
     ])
 }
 
-/// Accumulator fragments (16 x 16 fp32 tiles of dS) each warp of the merged
-/// dk + dv walk holds in registers (mirrors `kDkvFrags` in `backward_mma.cuh`).
+/// Accumulator fragments (16 x 16 fp32 tiles of S or dS) each warp of the
+/// whole-head walks (fused prep + dq, merged dk + dv) holds in registers
+/// (mirrors `kDkvFrags` in `backward_mma.cuh`).
 pub const DKV_STATE_FRAGS: usize = 4;
 
-/// Threads per block of the merged dk + dv walk for (d, m): 256 when the
-/// whole dS (`D16 x M16`, in 16 x 16 tiles) fits 8 warps' fragments, 512
+/// Threads per block of the whole-head walks for (d, m): 256 when the
+/// whole state (`D16 x M16`, in 16 x 16 tiles) fits 8 warps' fragments, 512
 /// when it fits 16 warps' (D = M = 128: 64 tiles), `None` beyond (the
 /// kernel's `__launch_bounds__(512, 1)` leaves 128 registers a thread).
 pub fn dkv_threads(d: usize, m: usize) -> Option<u32> {
