@@ -614,7 +614,8 @@ fn whole_head_walks_match_reference_and_are_deterministic() {
         }
     }
     let seed = test_seed() ^ 12;
-    for (d, m) in [(64, 64), (128, 128)] {
+    // 100 x 120: 56 of the 512-thread block's 64 fragment slots, padded D and M.
+    for (d, m) in [(64, 64), (128, 128), (100, 120)] {
         let t = tiling_for(DType::Bf16, d, m);
         let pt = t.dkv.expect("takes the merged walk");
         assert_eq!(t.prep_dq.map(|p| p.chunk), Some(pt.chunk));
