@@ -51,6 +51,13 @@ impl Emulator {
         })
     }
 
+    /// The emulator without the schedule check, whatever `LINATTN_EMU_CHECK`
+    /// says: for launches over memory too large to snapshot (the check copies
+    /// every region a launch writes, twice).
+    pub fn unchecked() -> Result<Self> {
+        Self::with_schedule_check(false)
+    }
+
     /// Whether launches are checked under two thread schedules.
     pub fn checks_schedule(&self) -> bool {
         self.check_schedule
