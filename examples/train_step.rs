@@ -51,9 +51,18 @@ fn sgd(w: &mut [f32], x: &[f32], g: &[f32], rows: usize, cols: usize) {
     }
 }
 
+#[cfg_attr(test, allow(dead_code))]
 fn main() -> Result<(), linattn_kernels::Error> {
     let dev = Device::best_available()?;
     println!("device: {}", dev.describe());
+    for (step, loss) in train(&dev, STEPS)?.iter().enumerate() {
+        println!("step {step:2}  loss {loss:.5}");
+    }
+    Ok(())
+}
+
+/// Runs `steps` SGD steps; returns the loss before each.
+fn train(dev: &Device, steps: usize) -> Result<Vec<f32>, linattn_kernels::Error> {
     let mut rng = Rng::new(42);
     let mut randn = |n: usize, s: f64| -> Vec<f32> {
         rng.normal_vec(n).iter().map(|&v| (v * s) as f32).collect()
@@ -66,7 +75,8 @@ fn main() -> Result<(), linattn_kernels::Error> {
     // One head, tokens contiguous per batch entry: [B, H=1, N, dim].
     let shape = AttentionShape::bhnd(B, 1, N, D, M);
     let opts = AttentionOptions::default();
-    for step in 0..STEPS {
+    let mut losses = Vec::with_capacity(steps);
+    for _ in 0..steps {
         let (q, k, v) = (
             dev.upload(&matmul(&x, &wq, rows, D))?,
             dev.upload(&matmul(&x, &wk, rows, D))?,
@@ -78,13 +88,13 @@ fn main() -> Result<(), linattn_kernels::Error> {
             k: &k,
             v: &v,
         };
-        causal_forward(&dev, qkv, &mut o, &shape, None, &opts, StateIo::none())?;
+        causal_forward(dev, qkv, &mut o, &shape, None, &opts, StateIo::none())?;
         let o = dev.download(&o)?;
         // Loss 0.5 * mean over rows of |o - target|^2; dL/do = (o - target) / rows
         // (the 1 / rows is folded into the SGD step).
         let d_o: Vec<f32> = o.iter().zip(&target).map(|(a, t)| a - t).collect();
         let loss = 0.5 * d_o.iter().map(|e| e * e).sum::<f32>() / rows as f32;
-        println!("step {step:2}  loss {loss:.5}");
+        losses.push(loss);
         let d_o = dev.upload(&d_o)?;
         let (mut dq, mut dk, mut dv) = (
             dev.upload(&vec![0.0f32; rows * D])?,
@@ -92,7 +102,7 @@ fn main() -> Result<(), linattn_kernels::Error> {
             dev.upload(&vec![0.0f32; rows * M])?,
         );
         causal_backward(
-            &dev,
+            dev,
             BackwardInputs {
                 q: &q,
                 k: &k,
@@ -113,5 +123,29 @@ fn main() -> Result<(), linattn_kernels::Error> {
         sgd(&mut wk, &x, &dev.download(&dk)?, rows, D);
         sgd(&mut wv, &x, &dev.download(&dv)?, rows, M);
     }
-    Ok(())
+    Ok(losses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example's claim, checked by `cargo test` (the example is built
+    /// as a test, `test = true` in Cargo.toml): the kernels' gradients
+    /// drive the loss down at every step. A random target is out of reach of
+    /// one attention layer (its outputs are weighted means of the values), so
+    /// the loss levels off: 4.39 -> 3.37 (-23%) over the 20 steps on the
+    /// emulator; a wrong sign or scale in any gradient breaks the steady fall.
+    #[test]
+    fn loss_goes_down() {
+        let dev = Device::best_available().unwrap();
+        let losses = train(&dev, STEPS).unwrap();
+        assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+        assert!(
+            losses.windows(2).all(|w| w[1] < w[0]),
+            "loss rose somewhere: {losses:?}"
+        );
+        let (first, last) = (losses[0], losses[STEPS - 1]);
+        assert!(last < 0.8 * first, "loss {first} -> {last}: {losses:?}");
+    }
 }
