@@ -94,24 +94,35 @@ else
 fi
 grep -q "GPU skipped" "$out/tests.log" && row "tests on the GPU" "SKIPPED" "$(grep -m1 'GPU skipped' "$out/tests.log")"
 
-# 3. compute-sanitizer on a small case (the forward tests' executable).
+# 3. compute-sanitizer on small cases of every kernel family: forward walk
+#    and split, the backward's whole-head and tiled walks, decode.
 san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -n1)
-if [ "$mode" = cargo ]; then
-  cargo test --release --test forward --no-run > /dev/null 2>&1
-  fwd=$(ls -t target/release/deps/forward-* 2>/dev/null | grep -v '\.d$' | head -n1)
-else
-  fwd=$bin/tests/forward
-fi
-if [ -n "$san" ] && [ -x "$fwd" ]; then
-  for tool in memcheck racecheck; do
-    if "$san" --tool "$tool" --error-exitcode 1 "$fwd" split_and_resume deterministic > "$out/san-$tool.log" 2>&1; then
-      row "compute-sanitizer $tool" "ok" "split_and_resume, deterministic"
-    else
-      row "compute-sanitizer $tool" "FAIL" "see $out/san-$tool.log"
-    fi
+test_exe() {
+  if [ "$mode" = cargo ]; then
+    cargo test --release --test "$1" --no-run > /dev/null 2>&1
+    ls -t target/release/deps/"$1"-* 2>/dev/null | grep -v '\.d$' | head -n1
+  else
+    echo "$bin/tests/$1"
+  fi
+}
+if [ -n "$san" ]; then
+  for spec in "forward split_and_resume deterministic" \
+              "backward whole_head_walks multi_tile_heads" \
+              "decode decode_matches_reference"; do
+    read -r name filters <<< "$spec"
+    exe=$(test_exe "$name")
+    [ -x "$exe" ] || { row "compute-sanitizer $name" "missing" "$exe"; continue; }
+    for tool in memcheck racecheck; do
+      # shellcheck disable=SC2086
+      if "$san" --tool "$tool" --error-exitcode 1 "$exe" $filters > "$out/san-$tool-$name.log" 2>&1; then
+        row "compute-sanitizer $tool $name" "ok" "$filters"
+      else
+        row "compute-sanitizer $tool $name" "FAIL" "see $out/san-$tool-$name.log"
+      fi
+    done
   done
 else
-  row "compute-sanitizer" "skipped" "${san:-not installed}"
+  row "compute-sanitizer" "skipped" "not installed"
 fi
 
 # 4. Device-to-device copy bandwidth (1 GiB each way, via torch if present).
@@ -128,30 +139,19 @@ PY
 )
 row "D2D copy bandwidth" "${bw:+ok}" "${bw:-torch not available}"
 
-# 5. Kernel benches (criterion prints time and throughput per anchor shape).
+# 5. Kernel benches: criterion's log, and the bench's own event-timed table
+#    (ms, GB/s, % of the memory floor at the copy bandwidth it measures).
+export LINATTN_BENCH_TABLE=$out/bench-table.md
+rm -f "$LINATTN_BENCH_TABLE"
 if [ "$mode" = cargo ]; then
   cargo bench --bench kernels > "$out/bench.log" 2>&1
 else
   "$bin/kernels-bench" --bench > "$out/bench.log" 2>&1
 fi
-if [ $? -eq 0 ]; then
-  while read -r line; do row "bench $(echo "$line" | awk '{print $1}')" "time" "$(echo "$line" | cut -d' ' -f2-)"; done \
-    < <(python3 - "$out/bench.log" <<'PY'
-import re, sys
-name = None
-for line in open(sys.argv[1]):
-    m = re.match(r"^([a-z_0-9]+/B\S+)", line)
-    if m:
-        name = m.group(1)
-    t = re.search(r"time:\s+\[\S+ \S+ (\S+ \S+) \S+ \S+\]", line)
-    if t and name:
-        print(name, t.group(1)); continue
-    b = re.search(r"thrpt:\s+\[\S+ \S+ (\S+ \S+) \S+ \S+\]", line)
-    if b and name:
-        print(name, "throughput", b.group(1)); name = None
-PY
-)
-  grep -q 'time:' "$out/bench.log" || row "kernel benches" "none" "$(grep -m1 'kernels bench' "$out/bench.log" | cut -c1-90)"
+if [ $? -eq 0 ] && [ -s "$LINATTN_BENCH_TABLE" ]; then
+  row "kernel benches" "ok" "$(grep -c '^| [a-z]' "$LINATTN_BENCH_TABLE") cases; table below (bench-table.md)"
+elif grep -q 'benching nothing' "$out/bench.log"; then
+  row "kernel benches" "none" "$(grep -m1 'benching nothing' "$out/bench.log" | cut -c1-90)"
 else
   row "kernel benches" "FAIL" "see $out/bench.log"
 fi
@@ -203,4 +203,5 @@ fi
 {
   printf '| %-34s | %-10s | %s |\n|---|---|---|\n' "check" "result" "detail"
   printf '%s\n' "${table[@]}"
+  if [ -s "$LINATTN_BENCH_TABLE" ]; then echo; cat "$LINATTN_BENCH_TABLE"; fi
 } | tee "$out/table.md"

@@ -28,8 +28,9 @@
 //! ([`causal_backward_cuda`], [`noncausal_backward_cuda`]) and raw device
 //! addresses ([`causal_backward_raw`], [`noncausal_backward_raw`]).
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{DevicePtr, DevicePtrMut};
 
+use super::temp;
 use crate::device::PtrGuard;
 use crate::dtype::{DType, Element};
 use crate::ops::forward::{
@@ -928,44 +929,6 @@ impl<I, F> BackwardStates<'_, I, F> {
     }
 }
 
-/// Device memory a call allocates for itself (offsets and workspace).
-enum Temp {
-    Host(#[allow(dead_code)] Vec<i64>),
-    Cuda(#[allow(dead_code)] CudaSlice<i64>),
-}
-
-fn temp_cuda(g: &Gpu, data: &[i64]) -> Result<(Temp, u64)> {
-    if data.is_empty() {
-        return Ok((Temp::Host(Vec::new()), 0));
-    }
-    let s = g
-        .stream()
-        .clone_htod(data)
-        .map_err(|e| Error::driver("cuMemcpyHtoD (backward temporaries)", e))?;
-    let (p, guard) = s.device_ptr(g.stream());
-    drop(guard);
-    Ok((Temp::Cuda(s), p))
-}
-
-fn temp(dev: &Device, data: Vec<i64>) -> Result<(Temp, u64)> {
-    if data.is_empty() {
-        return Ok((Temp::Host(data), 0));
-    }
-    match dev {
-        Device::Gpu(g) => temp_cuda(g, &data),
-        #[cfg(feature = "emulator")]
-        Device::Emulator(_) => {
-            let p = data.as_ptr() as u64;
-            Ok((Temp::Host(data), p))
-        }
-    }
-}
-
-/// fp32 workspace as 8-byte words (zeroed).
-fn workspace_words(floats: usize) -> Vec<i64> {
-    vec![0i64; floats.div_ceil(2)]
-}
-
 fn lens_of<B>(x: &BackwardInputs<'_, B>, len: impl Fn(&B) -> usize) -> (Lens, usize) {
     (
         Lens {
@@ -1003,8 +966,8 @@ fn backward_device<T: Element>(
         d_initial: states.d_initial.as_ref().map(|s| (s.s.len(), s.z.len())),
     };
     let bp = validate(kernel, T::DTYPE, shape, cu_seqlens, opts, &lens, &glens)?;
-    let (_tc, cu) = temp(dev, bp.problem.cu_seqlens.clone())?;
-    let (_tw, ws) = temp(dev, workspace_words(workspace_len(&bp)))?;
+    let (_tc, cu) = temp::offsets(dev, &bp.problem.cu_seqlens, kernel)?;
+    let (_tw, ws) = temp::workspace(dev, workspace_len(&bp), kernel)?;
     let mut guards: Vec<PtrGuard<'_>> = Vec::new();
     let (q, g) = x.q.read_ptr(dev, kernel, "q")?;
     guards.push(g);
@@ -1136,8 +1099,8 @@ fn backward_cuda<
     };
     let bp = validate(kernel, T::DTYPE, shape, cu_seqlens, opts, &lens, &glens)?;
     let st = gpu.stream();
-    let (_tc, cu) = temp_cuda(gpu, &bp.problem.cu_seqlens)?;
-    let (_tw, ws) = temp_cuda(gpu, &workspace_words(workspace_len(&bp)))?;
+    let (_tc, cu) = temp::offsets_cuda(gpu, &bp.problem.cu_seqlens, kernel)?;
+    let (_tw, ws) = temp::workspace_cuda(gpu, workspace_len(&bp), kernel)?;
     let (q, _gq) = x.q.device_ptr(st);
     let (k, _gk) = x.k.device_ptr(st);
     let (v, _gv) = x.v.device_ptr(st);

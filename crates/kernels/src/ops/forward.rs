@@ -12,8 +12,9 @@
 //! States are one per (sequence, head), index `seq * heads + head`: `S` is
 //! row-major `d x m` fp32 at `index * d * m`, `z` is `d` fp32 at `index * d`.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{DevicePtr, DevicePtrMut};
 
+use super::temp;
 use crate::device::PtrGuard;
 use crate::dtype::{DType, Element};
 use crate::params::{
@@ -951,48 +952,6 @@ impl<I, F> StateIo<'_, I, F> {
     }
 }
 
-/// Device-side temporaries of one call (workspace and offsets), freed after
-/// the launches are enqueued (stream-ordered on the GPU).
-enum Temp {
-    Host(#[allow(dead_code)] Vec<i64>),
-    Cuda(#[allow(dead_code)] CudaSlice<i64>),
-}
-
-/// Allocates `len` zeroed 8-byte words on `dev` and returns their address.
-fn temp_words(dev: &Device, data: Vec<i64>, kernel: &'static str) -> Result<(Temp, u64)> {
-    if data.is_empty() {
-        return Ok((Temp::Host(data), 0));
-    }
-    match dev {
-        Device::Gpu(g) => temp_words_cuda(g, &data),
-        #[cfg(feature = "emulator")]
-        Device::Emulator(_) => {
-            let p = data.as_ptr() as u64;
-            Ok((Temp::Host(data), p))
-        }
-        #[allow(unreachable_patterns)]
-        _ => Err(Error::invalid(kernel, "dev", "unsupported device")),
-    }
-}
-
-fn temp_words_cuda(g: &Gpu, data: &[i64]) -> Result<(Temp, u64)> {
-    if data.is_empty() {
-        return Ok((Temp::Host(Vec::new()), 0));
-    }
-    let s = g
-        .stream()
-        .clone_htod(data)
-        .map_err(|e| Error::driver("cuMemcpyHtoD (linear attention temporaries)", e))?;
-    let (p, _g) = s.device_ptr(g.stream());
-    drop(_g);
-    Ok((Temp::Cuda(s), p))
-}
-
-/// Workspace words: fp32 pairs packed in i64 so one helper serves both.
-fn workspace_words(floats: usize) -> Vec<i64> {
-    vec![0i64; floats.div_ceil(2)]
-}
-
 fn ptr_pair<'a>(
     st: &'a Option<StateRef<'a, Buffer<f32>>>,
     dev: &'a Device,
@@ -1030,9 +989,9 @@ fn forward_device<T: Element>(
         final_state: states.final_state.as_ref().map(|s| (s.s.len(), s.z.len())),
     };
     let problem = validate(kernel, T::DTYPE, shape, cu_seqlens, opts, &lens)?;
-    let (_tc, cu) = temp_words(dev, problem.cu_seqlens.clone(), kernel)?;
+    let (_tc, cu) = temp::offsets(dev, &problem.cu_seqlens, kernel)?;
     let ws_floats = workspace_len(kind, &problem, opts);
-    let (_tw, ws) = temp_words(dev, workspace_words(ws_floats), kernel)?;
+    let (_tw, ws) = temp::workspace(dev, ws_floats, kernel)?;
     let (qp, _gq) = x.q.read_ptr(dev, kernel, "q")?;
     let (kp, _gk) = x.k.read_ptr(dev, kernel, "k")?;
     let (vp, _gv) = x.v.read_ptr(dev, kernel, "v")?;
@@ -1119,8 +1078,8 @@ fn forward_cuda<T: Element, B: DevicePtr<T>, I: DevicePtr<f32>, F: DevicePtrMut<
     };
     let problem = validate(kernel, T::DTYPE, shape, cu_seqlens, opts, &lens)?;
     let st = gpu.stream();
-    let (_tc, cu) = temp_words_cuda(gpu, &problem.cu_seqlens)?;
-    let (_tw, ws) = temp_words_cuda(gpu, &workspace_words(workspace_len(kind, &problem, opts)))?;
+    let (_tc, cu) = temp::offsets_cuda(gpu, &problem.cu_seqlens, kernel)?;
+    let (_tw, ws) = temp::workspace_cuda(gpu, workspace_len(kind, &problem, opts), kernel)?;
     let (qp, _gq) = x.q.device_ptr(st);
     let (kp, _gk) = x.k.device_ptr(st);
     let (vp, _gv) = x.v.device_ptr(st);

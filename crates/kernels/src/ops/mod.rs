@@ -8,3 +8,4 @@ pub mod feature_map;
 pub mod forward;
 pub mod model_ops;
 pub mod softmax;
+mod temp;
