@@ -120,3 +120,34 @@ impl Executor for Emulator {
         .map_err(|e| Error::Emulator(e.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::LinattnFeatureMapParams;
+
+    /// A plan naming a kernel the library lacks is an error naming it, not
+    /// a crash, on both launch paths.
+    #[test]
+    fn a_missing_kernel_is_an_error() {
+        let emu = Emulator::checked().unwrap();
+        assert!(emu.kernel_names().contains(&"feature_map_f32"));
+        let plan = LaunchPlan {
+            module: "feature_map",
+            kernel: "feature_map_f64",
+            grid: [1, 1, 1],
+            block: [32, 1, 1],
+            shared_bytes: 0,
+            params: LinattnFeatureMapParams::default(),
+        };
+        let mut y = [0f32; 4];
+        let writes = [(y.as_mut_ptr() as u64, 16)];
+        // SAFETY: the kernel does not exist, so nothing runs.
+        for r in unsafe { [emu.launch(&plan), emu.launch_writing(&plan, &writes)] } {
+            match r {
+                Err(Error::KernelMissing { kernel, .. }) => assert_eq!(kernel, "feature_map_f64"),
+                other => panic!("expected KernelMissing, got {other:?}"),
+            }
+        }
+    }
+}
