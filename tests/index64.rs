@@ -302,9 +302,27 @@ fn qkv<T: Element>(big: Big, d: usize, m: usize, rng: &mut Rng) -> Qkv<T> {
     }
 }
 
-fn forward_case<T: Element>(kind: Kind, big: Big, d: usize, m: usize, schedule: ScheduleChoice) {
+/// The address of a host workspace (0 when empty).
+fn host_addr(ws: &mut [f32]) -> u64 {
+    if ws.is_empty() {
+        0
+    } else {
+        ws.as_mut_ptr() as u64
+    }
+}
+
+/// One forward call; `cu` makes it varlen (then `big` must be `Token`, a
+/// batch of one).
+fn forward_case<T: Element>(
+    kind: Kind,
+    big: Big,
+    d: usize,
+    m: usize,
+    schedule: ScheduleChoice,
+    cu: Option<&[usize]>,
+) {
     let what = format!(
-        "{kind:?} forward {:?} {big:?} d {d} m {m} {schedule:?}",
+        "{kind:?} forward {:?} {big:?} d {d} m {m} {schedule:?} cu {cu:?}",
         T::DTYPE
     );
     let mut rng = Rng::new(test_seed() ^ d as u64 ^ ((m as u64) << 8));
@@ -315,44 +333,50 @@ fn forward_case<T: Element>(kind: Kind, big: Big, d: usize, m: usize, schedule: 
         schedule,
         ..AttentionOptions::default()
     };
-    let problem = forward::validate("index64", T::DTYPE, &shape, None, &opts, &unknown_lens())
+    let problem = forward::validate("index64", T::DTYPE, &shape, cu, &opts, &unknown_lens())
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     let mut ws = vec![0f32; forward::workspace_len(kind, &problem, &opts)];
+    let cu64: Vec<i64> = cu.unwrap_or(&[]).iter().map(|&c| c as i64).collect();
     let ptrs = RawForward {
         q: x.q.addr(),
         k: x.k.addr(),
         v: x.v.addr(),
         o: o.addr(),
-        workspace: if ws.is_empty() {
+        cu_seqlens: if cu64.is_empty() {
             0
         } else {
-            ws.as_mut_ptr() as u64
+            cu64.as_ptr() as u64
         },
+        workspace: host_addr(&mut ws),
         ..RawForward::default()
     };
     let emu = emulator();
     // SAFETY: every address is host memory covering its strided span (or
-    // the workspace length asked for); o overlaps no input.
+    // the workspace length asked for, or the offsets); o overlaps no input.
     unsafe {
         match kind {
-            Kind::Causal => forward::causal_forward_raw(&emu, T::DTYPE, &ptrs, &shape, None, &opts),
+            Kind::Causal => forward::causal_forward_raw(&emu, T::DTYPE, &ptrs, &shape, cu, &opts),
             Kind::NonCausal => {
-                forward::noncausal_forward_raw(&emu, T::DTYPE, &ptrs, &shape, None, &opts)
+                forward::noncausal_forward_raw(&emu, T::DTYPE, &ptrs, &shape, cu, &opts)
             }
         }
     }
     .unwrap_or_else(|e| panic!("{what}: {e}"));
 
-    let (qr, kr, vr) = (big.rows(d), big.rows(d), big.rows(m));
+    let (qr, vr) = (big.rows(d), big.rows(m));
     let view = |xs, r: Rows| View::new(xs, r.compact()).unwrap();
-    let (q, k, v) = (view(&x.q64, qr), view(&x.k64, kr), view(&x.v64, vr));
+    let (q, k, v) = (view(&x.q64, qr), view(&x.k64, qr), view(&x.v64, vr));
     let ro = ref_opts(&opts);
-    let (want, _) = match kind {
-        Kind::Causal => linattn_reference::causal_linear_attention(q, k, v, &ro, None),
-        Kind::NonCausal => linattn_reference::linear_attention(q, k, v, &ro, None),
+    use linattn_reference as r;
+    let (want, _) = match (kind, cu) {
+        (Kind::Causal, None) => r::causal_linear_attention(q, k, v, &ro, None),
+        (Kind::NonCausal, None) => r::linear_attention(q, k, v, &ro, None),
+        (Kind::Causal, Some(cu)) => r::varlen_causal_linear_attention(q, k, v, cu, &ro, None),
+        (Kind::NonCausal, Some(cu)) => r::varlen_linear_attention(q, k, v, cu, &ro, None),
     }
     .unwrap();
-    let want = want.to_layout(&o.rows.compact()).unwrap();
+    // Dense results come back [B, H, N, M]; varlen ones packed, as compact.
+    let want = want.to_layout(&vr.compact()).unwrap();
     check(&what, &o.gather(), &want, tolerance::<T>(1e-5, 1e-2, 1e-2));
 }
 
@@ -362,99 +386,23 @@ fn forward_indexes_past_2_31_elements() {
         eprintln!("skipped: vm.overcommit_memory = 2 charges sparse reservations in full");
         return;
     }
+    let walk = ScheduleChoice::Walk;
+    let split = ScheduleChoice::Split { parts: 2 };
     for big in Big::ALL {
         for kind in [Kind::Causal, Kind::NonCausal] {
             // 16-bit tensor-core walks and the f32 FMA walk.
-            forward_case::<f16>(kind, big, 16, 32, ScheduleChoice::Walk);
-            forward_case::<f32>(kind, big, 12, 20, ScheduleChoice::Walk);
+            forward_case::<f16>(kind, big, 16, 32, walk, None);
+            forward_case::<f32>(kind, big, 12, 20, walk, None);
         }
         // The split causal schedule (partition states, combine, outputs).
-        forward_case::<f16>(
-            Kind::Causal,
-            big,
-            16,
-            32,
-            ScheduleChoice::Split { parts: 2 },
-        );
-        forward_case::<f32>(
-            Kind::Causal,
-            big,
-            12,
-            20,
-            ScheduleChoice::Split { parts: 2 },
-        );
+        forward_case::<f16>(Kind::Causal, big, 16, 32, split, None);
+        forward_case::<f32>(Kind::Causal, big, 12, 20, split, None);
     }
-}
-
-/// Varlen: token offsets from `cu_seqlens` times a large token stride.
-#[test]
-fn varlen_forward_indexes_past_2_31_elements() {
-    if strict_overcommit() {
-        eprintln!("skipped: vm.overcommit_memory = 2 charges sparse reservations in full");
-        return;
-    }
-    let (d, m) = (16, 24);
+    // Varlen: token offsets from `cu_seqlens` times a large token stride.
     let cu = [0usize, 29, 29, 70];
-    let cu64: Vec<i64> = cu.iter().map(|&c| c as i64).collect();
     for kind in [Kind::Causal, Kind::NonCausal] {
-        let what = format!("varlen {kind:?} forward");
-        let mut rng = Rng::new(test_seed() ^ 0x64);
-        let x = qkv::<f16>(Big::Token, d, m, &mut rng);
-        let o = Tensor::<f16>::poisoned(Big::Token.rows(m));
-        let shape = Big::Token.shape(d, m);
-        let opts = AttentionOptions::default();
-        let problem = forward::validate(
-            "index64",
-            f16::DTYPE,
-            &shape,
-            Some(&cu),
-            &opts,
-            &unknown_lens(),
-        )
-        .unwrap();
-        let mut ws = vec![0f32; forward::workspace_len(kind, &problem, &opts)];
-        let ptrs = RawForward {
-            q: x.q.addr(),
-            k: x.k.addr(),
-            v: x.v.addr(),
-            o: o.addr(),
-            cu_seqlens: cu64.as_ptr() as u64,
-            workspace: if ws.is_empty() {
-                0
-            } else {
-                ws.as_mut_ptr() as u64
-            },
-            ..RawForward::default()
-        };
-        let emu = emulator();
-        // SAFETY: as in forward_case; cu64 holds the host offsets.
-        unsafe {
-            match kind {
-                Kind::Causal => {
-                    forward::causal_forward_raw(&emu, f16::DTYPE, &ptrs, &shape, Some(&cu), &opts)
-                }
-                Kind::NonCausal => forward::noncausal_forward_raw(
-                    &emu,
-                    f16::DTYPE,
-                    &ptrs,
-                    &shape,
-                    Some(&cu),
-                    &opts,
-                ),
-            }
-        }
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-        let packed = |xs, dim| View::new(xs, Layout::packed(70, 2, dim)).unwrap();
-        let (q, k, v) = (packed(&x.q64, d), packed(&x.k64, d), packed(&x.v64, m));
-        let ro = ref_opts(&opts);
-        let (want, _) = match kind {
-            Kind::Causal => {
-                linattn_reference::varlen_causal_linear_attention(q, k, v, &cu, &ro, None)
-            }
-            Kind::NonCausal => linattn_reference::varlen_linear_attention(q, k, v, &cu, &ro, None),
-        }
-        .unwrap();
-        check(&what, &o.gather(), want.data(), 1e-2);
+        forward_case::<f16>(kind, Big::Token, 16, 24, walk, Some(&cu));
+        forward_case::<f32>(kind, Big::Token, 12, 20, split, Some(&cu));
     }
 }
 
@@ -495,11 +443,7 @@ fn backward_case<T: Element>(kind: Kind, big: Big, d: usize, m: usize) {
         dq: dq.addr(),
         dk: dk.addr(),
         dv: dv.addr(),
-        workspace: if ws.is_empty() {
-            0
-        } else {
-            ws.as_mut_ptr() as u64
-        },
+        workspace: host_addr(&mut ws),
         ..RawBackward::default()
     };
     let emu = emulator();
