@@ -16,6 +16,12 @@
 //   causal_backward_prepdq_<t>: den, d den and dq in one forward walk;
 //   causal_backward_dkv_<t>:    dk, dv, dS0, dz0 in one reverse walk;
 //       grid: seq-heads (t = f16, bf16 only).
+//   Split (small seq-heads x long sequences): grid y = partitions, and each
+//   walk runs twice: its partition sums from zero (LINATTN_BWD_PARTIALS),
+//   causal_backward_state_scan (prefix from the initial state for prepdq,
+//   suffix from d_final for dkv, fixed order), then every partition from
+//   its slot (LINATTN_BWD_FROM_WORK): prepdq partials, scan, prepdq, dkv
+//   partials, scan, dkv.
 // Block: 256 threads (prepdq, dkv: 256 or 512, the plan's `dkv_threads`);
 // dynamic shared memory as sized by the plan (<= SHARED_BUDGET_BYTES = 99
 // KiB; the executor opts in above 48 KiB).
@@ -86,4 +92,7 @@ extern "C" __global__ void __launch_bounds__(512, 1) causal_backward_prepdq_f16(
 extern "C" __global__ void __launch_bounds__(512, 1) causal_backward_prepdq_bf16(const LinattnBackwardParams p) {
     extern __shared__ float smem[];
     linattn::bwd::prep_dq_walk<__nv_bfloat16>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256) causal_backward_state_scan(const LinattnBackwardParams p) {
+    linattn::bwd::backward_state_scan(p);
 }

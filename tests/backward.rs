@@ -19,7 +19,7 @@ use linattn_kernels::ops::backward::{
     causal_backward, noncausal_backward, tiling, tiling_for, BackwardInputs, BackwardStates, Grads,
 };
 use linattn_kernels::ops::forward::{
-    AttentionOptions, AttentionShape, Kind, StateMut, StateRef, Strides,
+    AttentionOptions, AttentionShape, Kind, ScheduleChoice, StateMut, StateRef, Strides,
 };
 use linattn_kernels::{DType, Device, Element, FeatureMap};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
@@ -48,6 +48,8 @@ struct Case {
     /// Factor on the initial state (S and z): large values stress the
     /// 16-bit rounding of states and of dnum = G / den.
     init_amp: f64,
+    /// Walk or split (the causal whole-head walks split).
+    schedule: ScheduleChoice,
 }
 
 impl Case {
@@ -69,6 +71,7 @@ impl Case {
             d_final: false,
             cu: None,
             init_amp: 1.0,
+            schedule: ScheduleChoice::Auto,
         }
     }
 
@@ -114,7 +117,7 @@ impl Case {
             normalize: self.normalize,
             eps: self.eps,
             scale: self.scale,
-            ..Default::default()
+            schedule: self.schedule,
         }
     }
 
@@ -487,7 +490,12 @@ fn dense_cases(kind: Kind) -> Vec<Case> {
             c.d_final = n == 1;
         }));
     }
-    v.push(Case::new(kind, 1, 1, 5, 1, 1).with(|c| c.normalize = false));
+    // D = 1 and M = 1 (causal). Non-causal takes M = 2: with one value
+    // column its dq is proportional to S = sum of 5 terms phi(k) v, which
+    // cancels by 10^3-10^4 for some seeds (LINATTN_TEST_SEED=7109, 7207),
+    // so fp32 rounding alone passes 1e-5 relative there.
+    let m1 = if kind == Kind::Causal { 1 } else { 2 };
+    v.push(Case::new(kind, 1, 1, 5, 1, m1).with(|c| c.normalize = false));
     v.push(Case::new(kind, 2, 1, 7, 1, 3).with(|c| {
         c.map = Relu;
         c.normalize = false;
@@ -771,6 +779,57 @@ fn whole_head_walks_match_reference_and_are_deterministic() {
                 });
                 check_case::<bf16>(&dev, &c, &mut Rng::new(seed ^ 1));
             }
+        }
+    }
+}
+
+/// The split schedule of the causal whole-head walks (partition sums, a
+/// fixed-order scan, then every partition from its state) against the
+/// reference: partitions that end mid-chunk and past short sequences,
+/// initial state and d_final, varlen with an empty and a one-partition
+/// sequence; bit-identical reruns; and close to the unsplit walk.
+#[test]
+fn split_whole_head_walks_match_reference() {
+    let seed = test_seed() ^ 0x5b;
+    for (d, m) in [(64, 64), (128, 128), (40, 24)] {
+        let chunk = tiling_for(DType::Bf16, d, m).dkv.expect("whole-head").chunk;
+        for dev in devices() {
+            for parts in [2, 3, 6] {
+                let c = Case::new(Kind::Causal, 1, 2, 5 * chunk + 7, d, m).with(|c| {
+                    c.initial = true;
+                    c.d_final = true;
+                    c.schedule = ScheduleChoice::Split { parts };
+                });
+                let what = format!("{}: {d} x {m} split {parts}", dev.describe());
+                let a = check_case::<bf16>(&dev, &c, &mut Rng::new(seed));
+                if parts == 3 {
+                    let b = check_case::<bf16>(&dev, &c, &mut Rng::new(seed));
+                    assert_same_bits(&a, &b, &what);
+                    let walk = c.clone().with(|c| c.schedule = ScheduleChoice::Walk);
+                    let w = check_case::<bf16>(&dev, &walk, &mut Rng::new(seed));
+                    let f = |x: &[bf16]| to_f64(x);
+                    for (name, x, y) in [
+                        ("dq", &a.dq, &w.dq),
+                        ("dk", &a.dk, &w.dk),
+                        ("dv", &a.dv, &w.dv),
+                    ] {
+                        let e = rel_l2_error(&f(x), &f(y));
+                        assert!(e < 1e-2, "{what}: {name} split vs walk {e:e}");
+                    }
+                }
+                check_case::<f16>(
+                    &dev,
+                    &c.clone().with(|c| c.map = FeatureMap::Relu),
+                    &mut Rng::new(seed),
+                );
+            }
+            let c = Case::new(Kind::Causal, 1, 2, 4 * chunk + 9, d, m).with(|c| {
+                c.cu = Some(vec![0, 3, 3, 4 * chunk + 9]);
+                c.initial = true;
+                c.d_final = true;
+                c.schedule = ScheduleChoice::Split { parts: 4 };
+            });
+            check_case::<bf16>(&dev, &c, &mut Rng::new(seed ^ 1));
         }
     }
 }

@@ -406,8 +406,11 @@ fn forward_indexes_past_2_31_elements() {
     }
 }
 
-fn backward_case<T: Element>(kind: Kind, big: Big, d: usize, m: usize) {
-    let what = format!("{kind:?} backward {:?} {big:?} d {d} m {m}", T::DTYPE);
+fn backward_case<T: Element>(kind: Kind, big: Big, d: usize, m: usize, schedule: ScheduleChoice) {
+    let what = format!(
+        "{kind:?} backward {:?} {big:?} d {d} m {m} {schedule:?}",
+        T::DTYPE
+    );
     let mut rng = Rng::new(test_seed() ^ 0xb0 ^ d as u64 ^ ((m as u64) << 8));
     let x = qkv::<T>(big, d, m, &mut rng);
     let (d_o, do64) = Tensor::<T>::random(big.rows(m), &mut rng);
@@ -415,7 +418,10 @@ fn backward_case<T: Element>(kind: Kind, big: Big, d: usize, m: usize) {
     let dk = Tensor::<T>::poisoned(big.rows(d));
     let dv = Tensor::<T>::poisoned(big.rows(m));
     let shape = big.shape(d, m);
-    let opts = AttentionOptions::default();
+    let opts = AttentionOptions {
+        schedule,
+        ..AttentionOptions::default()
+    };
     let grads = GradLens {
         d_o: usize::MAX,
         dq: usize::MAX,
@@ -497,10 +503,14 @@ fn backward_indexes_past_2_31_elements() {
     }
     for big in Big::ALL {
         // 16-bit: the whole-head walks (prep + dq, dk + dv); f32: the tiled passes.
-        backward_case::<f16>(Kind::Causal, big, 16, 32);
-        backward_case::<f32>(Kind::Causal, big, 12, 20);
-        backward_case::<f16>(Kind::NonCausal, big, 16, 32);
-        backward_case::<f32>(Kind::NonCausal, big, 12, 20);
+        let auto = ScheduleChoice::Auto;
+        backward_case::<f16>(Kind::Causal, big, 16, 32, auto);
+        backward_case::<f32>(Kind::Causal, big, 12, 20, auto);
+        backward_case::<f16>(Kind::NonCausal, big, 16, 32, auto);
+        backward_case::<f32>(Kind::NonCausal, big, 12, 20, auto);
+        // The split whole-head walks (partition sums, scans, walks).
+        let split = ScheduleChoice::Split { parts: 2 };
+        backward_case::<f16>(Kind::Causal, big, 16, 32, split);
     }
 }
 

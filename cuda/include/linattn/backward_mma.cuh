@@ -699,6 +699,16 @@ __device__ __forceinline__ void frags_store(const Acc (&st)[kDkvFrags], const Fr
     }
 }
 
+// A split walk's partition sum (LINATTN_BWD_PARTIALS) to its work slot: S
+// (or dS) from the fragments, z (or dz) from shared memory.
+__device__ __forceinline__ void store_slot(const Acc (&st)[kDkvFrags], const FragTiles& ft,
+                                           const LinattnBackwardParams& p, int64_t index, const float* zs, int D,
+                                           int M) {
+    frags_store(st, ft, ptr<float>(p.work_s), index, D, M);
+    float* wz = ptr<float>(p.work_z);
+    for (int x = threadIdx.x; x < D; x += blockDim.x) wz[index * D + x] = zs[x];
+}
+
 // st += X^T Y over the chunk's CT row-tiles (k-steps in increasing order,
 // gemm's order): X16 is C x D16 (row stride lx), Y16 C x M16 (row stride
 // ly, inverse tile scales sY, or nullptr).
@@ -771,14 +781,14 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
     float* sG = cv.take<float>(CT * MTT);
     float* sP = cv.take<float>(CT * CT);
 
-    // S from the initial state (zero without), and its copy S16.
+    // S from the initial state (zero without) or the partition's work slot,
+    // and its copy S16.
     Acc st[kDkvFrags];
     const FragTiles ft{DTT * MTT, MTT, warp, nwarps, F + warp * 256};
-    const float* s_in = ptr<const float>(p.state_in_s);
-    const float* z_in = ptr<const float>(p.state_in_z);
-    frags_load(st, ft, s_in == nullptr ? nullptr : s_in + c.sh * D * M, D, M);
-    frags_publish<T>(st, ft, S16, L16, sS);
-    for (int x = tid; x < D16; x += nthreads) zs[x] = z_in != nullptr && x < D ? z_in[c.sh * D + x] : 0.0f;
+    const StateSlot sl = state_slot(p, c, p.state_in_s, p.state_in_z);
+    frags_load(st, ft, sl.s == nullptr ? nullptr : sl.s + sl.index * D * M, D, M);
+    if (!sl.partials) frags_publish<T>(st, ft, S16, L16, sS);
+    for (int x = tid; x < D16; x += nthreads) zs[x] = sl.z != nullptr && x < D ? sl.z[sl.index * D + x] : 0.0f;
     const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
     const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
     const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride);
@@ -790,7 +800,7 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
 
     for (int sweep = causal ? 1 : 0; sweep < 2; ++sweep) {
         const bool absorb = causal || sweep == 0;
-        const bool emit = sweep == 1;
+        const bool emit = sweep == 1 && !sl.partials;
         for (int64_t c0 = 0; c0 < c.r.len; c0 += C) {
             const int rows = (int)(c.r.len - c0 < C ? c.r.len - c0 : C);
             const int64_t t0 = c.r.start + c0;
@@ -913,11 +923,12 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                     for (int j = 0; j < rows; ++j) acc += to_float(K16[j * LD + x]);
                     zs[x] = acc;
                 }
-                if (causal || c0 + C >= c.r.len) frags_publish<T>(st, ft, S16, L16, sS);
+                if (!sl.partials && (causal || c0 + C >= c.r.len)) frags_publish<T>(st, ft, S16, L16, sS);
             }
             __syncthreads();
         }
     }
+    if (sl.partials) store_slot(st, ft, p, sl.index, zs, D, M);
 }
 
 // ---------------------------------------------------------------------------
@@ -966,14 +977,14 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     float* sG = cv.take<float>(CT * MTT);
     float* sP = cv.take<float>(CT * CT);
 
-    // dS from d_final (zero without), and its copy dS16.
+    // dS from d_final (zero without) or the partition's work slot, and its
+    // copy dS16.
     Acc st[kDkvFrags];
     const FragTiles ft{tiles, MTT, warp, nwarps, F + warp * 256};
-    const float* s_in = ptr<const float>(p.d_final_s);
-    const float* z_in = ptr<const float>(p.d_final_z);
-    frags_load(st, ft, s_in == nullptr ? nullptr : s_in + c.sh * D * M, D, M);
-    frags_publish<T>(st, ft, S16, L16, sS);
-    for (int x = tid; x < D16; x += nthreads) zs[x] = z_in != nullptr && x < D ? z_in[c.sh * D + x] : 0.0f;
+    const StateSlot sl = state_slot(p, c, p.d_final_s, p.d_final_z);
+    frags_load(st, ft, sl.s == nullptr ? nullptr : sl.s + sl.index * D * M, D, M);
+    if (!sl.partials) frags_publish<T>(st, ft, S16, L16, sS);
+    for (int x = tid; x < D16; x += nthreads) zs[x] = sl.z != nullptr && x < D ? sl.z[sl.index * D + x] : 0.0f;
     const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
     const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
     const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride);
@@ -985,7 +996,7 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     const int64_t last = last_chunk(c.r.len, C);
     for (int sweep = causal ? 1 : 0; sweep < 2; ++sweep) {
         const bool absorb = causal || sweep == 0;
-        const bool emit = sweep == 1;
+        const bool emit = sweep == 1 && !sl.partials;
         for (int64_t c0 = last; c0 >= 0; c0 -= C) {
             const int rows = (int)(c.r.len - c0 < C ? c.r.len - c0 : C);
             const int64_t t0 = c.r.start + c0;
@@ -1051,7 +1062,7 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                 }
                 // The next chunk's dS16 (causal); the non-causal walk
                 // publishes once, after absorbing every chunk.
-                if (causal || c0 == 0) {
+                if (!sl.partials && (causal || c0 == 0)) {
                     __syncthreads();  // F (the scratch) and dS16 read out
                     frags_publish<T>(st, ft, S16, L16, sS);
                 }
@@ -1060,8 +1071,11 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
         }
     }
 
-    // The initial state's gradient: dS from the fragments, dz.
-    if (p.d_initial_s != 0) {
+    // The initial state's gradient (dS from the fragments, dz), by the
+    // sequence's first partition; or the partition's sum to its work slot.
+    if (sl.partials) {
+        store_slot(st, ft, p, sl.index, zs, D, M);
+    } else if (p.d_initial_s != 0 && blockIdx.y == 0) {
         frags_store(st, ft, ptr<float>(p.d_initial_s), c.sh, D, M);
         float* sz = ptr<float>(p.d_initial_z);
         for (int x = tid; x < D; x += nthreads) sz[c.sh * D + x] = zs[x];

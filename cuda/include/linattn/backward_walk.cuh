@@ -79,7 +79,66 @@ __device__ __forceinline__ Coords coords(const LinattnBackwardParams& p) {
         c.r.start = 0;
         c.r.len = p.tokens;
     }
+    if (p.num_parts > 1) {
+        // A split whole-head walk: partition blockIdx.y of the sequence.
+        const int64_t off = (int64_t)blockIdx.y * p.part_len;
+        const int64_t left = c.r.len - off;
+        c.r.start += off;
+        c.r.len = left < 0 ? 0 : (left < p.part_len ? left : p.part_len);
+    }
     return c;
+}
+
+// Where a whole-head walk's state starts (`sh`'s state_in / d_final for one
+// partition, or its work slot) and whether it only sums its partition's
+// state (from zero) into that slot. `in_s`, `in_z`: the unsplit source.
+struct StateSlot {
+    const float* s;  // D x M rows at `index`, or null for zeros
+    const float* z;
+    int64_t index;
+    bool partials;
+};
+
+__device__ __forceinline__ StateSlot state_slot(const LinattnBackwardParams& p, const Coords& c, linattn_ptr in_s,
+                                                linattn_ptr in_z) {
+    StateSlot o;
+    o.partials = p.state_mode == LINATTN_BWD_PARTIALS;
+    if (p.state_mode == LINATTN_BWD_WHOLE) {
+        o.s = ptr<const float>(in_s);
+        o.z = ptr<const float>(in_z);
+        o.index = c.sh;
+    } else {
+        o.s = o.partials ? nullptr : ptr<const float>(p.work_s);
+        o.z = o.partials ? nullptr : ptr<const float>(p.work_z);
+        o.index = c.sh * p.num_parts + blockIdx.y;
+    }
+    return o;
+}
+
+// The fixed-order combine of a split walk's partition sums
+// (LINATTN_BWD_SCAN_PREFIX, _SUFFIX): every work slot of a sequence-head
+// becomes state_in plus the partitions before it (prefix: S, z for the prep
+// + dq walk) or d_final plus the partitions after it (suffix: dS, dz for
+// the dk + dv walk). One thread per element (e < d*m of S, else of z),
+// grid x = seq-heads x p.tiles blocks of blockDim.x.
+__device__ __forceinline__ void backward_state_scan(const LinattnBackwardParams& p) {
+    const int64_t dm = p.d * p.m;
+    const int64_t sh = blockIdx.x / (unsigned)p.tiles;
+    const int64_t e = (int64_t)(blockIdx.x - sh * p.tiles) * blockDim.x + threadIdx.x;
+    if (e >= dm + p.d) return;
+    const bool suffix = p.state_mode == LINATTN_BWD_SCAN_SUFFIX;
+    const bool in_s = e < dm;
+    const int64_t per = in_s ? dm : p.d, x = in_s ? e : e - dm;
+    const float* src = ptr<const float>(in_s ? (suffix ? p.d_final_s : p.state_in_s)
+                                             : (suffix ? p.d_final_z : p.state_in_z));
+    float* w = ptr<float>(in_s ? p.work_s : p.work_z);
+    float acc = src != nullptr ? src[sh * per + x] : 0.0f;
+    for (int k = 0; k < p.num_parts; ++k) {
+        float* slot = w + (sh * p.num_parts + (suffix ? p.num_parts - 1 - k : k)) * per + x;
+        const float part = *slot;
+        *slot = acc;
+        acc += part;
+    }
 }
 
 // Row of token t (absolute in its batch entry) in the per-token workspaces.

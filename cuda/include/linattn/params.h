@@ -22,7 +22,7 @@ extern "C" {
 #endif
 
 /* Bump when any struct below changes layout. */
-#define LINATTN_PARAMS_VERSION 1
+#define LINATTN_PARAMS_VERSION 2
 
 typedef uint64_t linattn_ptr;
 
@@ -58,6 +58,23 @@ typedef enum LinattnStateStore {
     LINATTN_STORE_FINAL = 1,       /* to state_out_s / state_out_z */
     LINATTN_STORE_WORK_PART = 2    /* to work slot (sequence-head, partition) */
 } LinattnStateStore;
+
+/*
+ * The split schedule of the backward's whole-head walks (causal only):
+ * partition p = blockIdx.y of each sequence covers tokens p*part_len ..
+ * (p+1)*part_len. The walks first sum each partition's state from zero into
+ * its work slot (PARTIALS), causal_backward_state_scan turns the slots into
+ * the state at each partition's start (prefix S, z from state_in: the prep
+ * + dq walk) or end (suffix dS, dz from d_final: the dk + dv walk), and the
+ * walks then run every partition from its slot (FROM_WORK).
+ */
+typedef enum LinattnBackwardState {
+    LINATTN_BWD_WHOLE = 0,         /* one partition: state_in / d_final in, d_initial out */
+    LINATTN_BWD_PARTIALS = 1,      /* sum the partition's state from zero into its work slot, nothing else */
+    LINATTN_BWD_FROM_WORK = 2,     /* start from the work slot; partition 0 writes d_initial */
+    LINATTN_BWD_SCAN_PREFIX = 3,   /* the scan: exclusive prefix over partitions, from state_in */
+    LINATTN_BWD_SCAN_SUFFIX = 4    /* the scan: exclusive suffix over partitions, from d_final */
+} LinattnBackwardState;
 
 /*
  * causal_forward.cu / noncausal_forward.cu: linear attention over a batch of
@@ -190,6 +207,8 @@ typedef struct LinattnBackwardParams {
     linattn_ptr d_initial_z;
     linattn_ptr work_den;       /* fp32 den_i, one per workspace row */
     linattn_ptr work_dden;      /* fp32 partial G_i . num_i, prep_tiles x rows */
+    linattn_ptr work_s;         /* split: fp32 S or dS per (sh, partition) at (sh*num_parts + p)*d*m */
+    linattn_ptr work_z;         /* split: z or dz at (sh*num_parts + p)*d */
     int64_t num_seqs;
     int64_t heads;
     int64_t tokens;             /* dense: tokens per sequence; varlen: total */
@@ -206,6 +225,9 @@ typedef struct LinattnBackwardParams {
     int32_t normalize;
     int32_t causal;
     int32_t prep_tiles;         /* M tiles of the prep kernel (partials in work_dden) */
+    int32_t num_parts;          /* partitions per sequence (grid y; 1 but for split whole-head walks) */
+    int64_t part_len;           /* tokens per partition (a multiple of chunk) */
+    int32_t state_mode;         /* LinattnBackwardState */
     int32_t _pad0;
     float eps;
     float scale;
@@ -296,7 +318,7 @@ static_assert(sizeof(LinattnFeatureMapParams) == 56, "LinattnFeatureMapParams la
 static_assert(sizeof(LinattnForwardParams) == 280, "LinattnForwardParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
 static_assert(sizeof(LinattnStateScanParams) == 120, "LinattnStateScanParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
 static_assert(sizeof(LinattnDecodeParams) == 160, "LinattnDecodeParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
-static_assert(sizeof(LinattnBackwardParams) == 304, "LinattnBackwardParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
+static_assert(sizeof(LinattnBackwardParams) == 336, "LinattnBackwardParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
 static_assert(sizeof(LinattnLayerNormParams) == 56, "LinattnLayerNormParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
 static_assert(sizeof(LinattnRowsParams) == 40, "LinattnRowsParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
 static_assert(sizeof(LinattnEmbedParams) == 56, "LinattnEmbedParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");

@@ -34,14 +34,15 @@ use super::temp;
 use crate::device::PtrGuard;
 use crate::dtype::{DType, Element};
 use crate::ops::forward::{
-    self, AttentionOptions, AttentionShape, Kind, Lens, Problem, StateMut, StateRef, Strides,
-    SHARED_BUDGET_BYTES, THREADS,
+    self, AttentionOptions, AttentionShape, Kind, Lens, Problem, Schedule, ScheduleChoice,
+    StateMut, StateRef, Strides, ASSUMED_SMS, SHARED_BUDGET_BYTES, THREADS,
 };
-use crate::params::LinattnBackwardParams;
+use crate::params::{LinattnBackwardParams, LinattnBackwardState};
 use crate::plan::{Executor, LaunchPlan};
 use crate::{Buffer, Device, Error, Gpu, Result};
 
 const MAX_GRID_X: usize = i32::MAX as usize;
+const MAX_GRID_Y: usize = 65_535;
 const CHUNKS: [usize; 4] = [64, 32, 16, 8];
 
 /// One of the four backward kernels.
@@ -63,6 +64,9 @@ pub enum Pass {
     /// owning the whole S (the same heads, in place of [`Pass::Prep`] and
     /// [`Pass::Dq`]; see [`fused_prep_dq`]).
     PrepDq,
+    /// The split whole-head walks' fixed-order combine of partition sums
+    /// (causal only, every dtype's kernel; see [`split_schedule`]).
+    StateScan,
 }
 
 fn module(kind: Kind) -> &'static str {
@@ -82,7 +86,8 @@ pub fn kernel_name(kind: Kind, pass: Pass, dtype: DType) -> Option<&'static str>
         ($($k:ident $p:ident $t:ident => $n:literal),* $(,)?) => {
             match (kind, pass, dtype) {
                 $((Kind::$k, $p, $t) => Some($n),)*
-                (_, Dkv | PrepDq, F32) => None,
+                (_, Dkv | PrepDq, F32) | (Kind::NonCausal, StateScan, _) => None,
+                (Kind::Causal, StateScan, _) => Some("causal_backward_state_scan"),
             }
         };
     }
@@ -500,6 +505,7 @@ pub fn shared_bytes(dtype: DType, pass: Pass, d: usize, m: usize, pt: PassTiling
         (true, Pass::Dv) => dv_mma_bytes(d, c, t),
         (_, Pass::Dkv) => dkv_mma_bytes(d, m, c),
         (_, Pass::PrepDq) => prep_dq_mma_bytes(d, m, c),
+        (_, Pass::StateScan) => 0,
     }
 }
 
@@ -512,6 +518,10 @@ pub struct BackwardProblem {
     pub tiling: BackwardTiling,
     /// Whether the call normalises (needs the prep workspace).
     pub normalize: bool,
+    /// Partitions of the causal whole-head walks ([`split_schedule`]; one
+    /// partition otherwise). The workspace holds their states whenever
+    /// `parts > 1`, also for non-causal calls, which never split.
+    pub schedule: Schedule,
 }
 
 impl BackwardProblem {
@@ -659,19 +669,109 @@ pub fn validate(
             ),
         ));
     }
+    let schedule = split_schedule(
+        opts.schedule,
+        dtype,
+        &tiling,
+        shape.d,
+        shape.m,
+        sh,
+        problem.max_len,
+    );
     Ok(BackwardProblem {
         problem,
         tiling,
         normalize: opts.normalize,
+        schedule,
     })
+}
+
+/// Blocks per state of the split walks' scan (one thread per element).
+fn scan_blocks(d: usize, m: usize) -> usize {
+    (d * m + d).div_ceil(THREADS as usize)
+}
+
+/// The split schedule of the causal whole-head walks, plain Rust so it is
+/// unit-tested without a GPU.
+///
+/// A whole-head walk is one block per sequence-head walking its sequence
+/// chunk by chunk; with few sequence-heads and long sequences most SMs
+/// idle (B 2, H 16: 32 blocks, 512 chunks each at T = 16384). Split cuts
+/// every sequence into partitions of at least four chunks, up to one block
+/// per SM of [`ASSUMED_SMS`]: each walk then runs twice, once summing its
+/// partition's state from zero, once from the state a fixed-order scan
+/// gives it, so a walk costs ~1.5x its work in exchange for `parts`-fold
+/// parallelism. `Walk`, heads without whole-head walks (f32, or a state
+/// past 64 tiles) and shapes whose scan grid would pass the x limit never
+/// split; `Split { parts }` forces it (capped by the chunks).
+pub fn split_schedule(
+    choice: ScheduleChoice,
+    dtype: DType,
+    tiling: &BackwardTiling,
+    d: usize,
+    m: usize,
+    seq_heads: usize,
+    max_len: usize,
+) -> Schedule {
+    let whole = match (tiling.prep_dq, tiling.dkv) {
+        (Some(a), Some(b)) if uses_mma(dtype) && dkv_threads(d, m).is_some() => Some((a, b)),
+        _ => None,
+    };
+    // Both walks' chunks are 16 * 2^k, so the larger is a multiple of both.
+    let chunk = whole.map_or(1, |(a, b)| a.chunk.max(b.chunk));
+    let chunks = max_len.div_ceil(chunk).max(1);
+    let one = Schedule {
+        parts: 1,
+        part_len: chunks * chunk,
+    };
+    let scan_fits = seq_heads
+        .checked_mul(scan_blocks(d, m))
+        .is_some_and(|b| b <= MAX_GRID_X);
+    if whole.is_none() || !scan_fits {
+        return one;
+    }
+    let parts = match choice {
+        ScheduleChoice::Walk => return one,
+        ScheduleChoice::Split { parts } => parts.max(1),
+        ScheduleChoice::Auto => {
+            let parts = (ASSUMED_SMS / seq_heads.max(1)).min(chunks / 4);
+            if parts < 2 {
+                return one;
+            }
+            parts
+        }
+    };
+    let parts = parts.min(chunks).min(MAX_GRID_Y);
+    let part_len = chunks.div_ceil(parts) * chunk;
+    Schedule {
+        parts: max_len.div_ceil(part_len).max(1),
+        part_len,
+    }
 }
 
 /// fp32 workspace elements a call needs: when normalising, den per token
 /// and one partial per token and prep tile
-/// (`(1 + prep tiles) * batch * tokens * heads`), else 0.
+/// (`(1 + prep tiles) * batch * tokens * heads`); for a split schedule,
+/// one state per sequence-head and partition (`seq_heads * parts * (d * m
+/// + d)`).
 pub fn workspace_len(problem: &BackwardProblem) -> usize {
+    norm_floats(problem) + split_floats(problem)
+}
+
+/// The per-token part of the workspace (den and the `G . num` partials).
+fn norm_floats(problem: &BackwardProblem) -> usize {
     if problem.normalize {
         (1 + problem.tiling.prep.tiles) * problem.work_rows()
+    } else {
+        0
+    }
+}
+
+/// The split walks' partition states (S and z, then dS and dz, in turn).
+fn split_floats(problem: &BackwardProblem) -> usize {
+    let (parts, s) = (problem.schedule.parts, &problem.problem.shape);
+    if parts > 1 {
+        problem.problem.seq_heads() * parts * (s.d * s.m + s.d)
     } else {
         0
     }
@@ -756,6 +856,17 @@ pub fn plan(
     } else {
         (0, 0)
     };
+    // The split walks (causal whole-head walks only): partition states after
+    // the per-token workspace.
+    let parts = bp.schedule.parts;
+    let split = kind == Kind::Causal && fused.is_some() && merged.is_some() && parts > 1;
+    let (work_s, work_z) = if split {
+        let s = ptrs.workspace + (norm_floats(bp) * 4) as u64;
+        (s, s + (sh * parts * d * m * 4) as u64)
+    } else {
+        (0, 0)
+    };
+    let split_bytes = split_floats(bp) * 4;
     let base = LinattnBackwardParams {
         q: ptrs.q,
         k: ptrs.k,
@@ -773,6 +884,8 @@ pub fn plan(
         d_initial_z: ptrs.d_initial_z,
         work_den,
         work_dden,
+        work_s,
+        work_z,
         num_seqs: problem.num_seqs as i64,
         heads: sp.heads as i64,
         tokens: sp.tokens as i64,
@@ -797,6 +910,9 @@ pub fn plan(
         normalize: bp.normalize as i32,
         causal: (kind == Kind::Causal) as i32,
         prep_tiles: prep_slots as i32,
+        num_parts: if split { parts as i32 } else { 1 },
+        part_len: bp.schedule.part_len as i64,
+        state_mode: LinattnBackwardState::LINATTN_BWD_WHOLE as i32,
         _pad0: 0,
         eps: opts.eps,
         scale: opts.scale,
@@ -809,31 +925,75 @@ pub fn plan(
         Pass::Dkv | Pass::PrepDq => dkv_threads(d, m).unwrap_or(THREADS),
         _ => THREADS,
     };
-    let launch = |pass: Pass, pt: PassTiling, writes: Vec<(u64, usize)>| BackwardLaunch {
-        pass,
-        plan: LaunchPlan {
-            module: module(kind),
-            // Every pass but Dkv and PrepDq exists for every dtype, and
-            // those are planned only where they exist (above).
-            kernel: kernel_name(kind, pass, dtype).unwrap_or(""),
-            grid: [(sh * pt.tiles) as u32, 1, 1],
-            block: [threads(pass), 1, 1],
-            shared_bytes: shared_bytes(dtype, pass, d, m, pt) as u32,
-            params: LinattnBackwardParams {
-                chunk: pt.chunk as i32,
-                tile: pt.tile as i32,
-                tiles: pt.tiles as i32,
-                ..base
-            },
-        },
-        writes: writes
-            .into_iter()
-            .filter(|w| w.0 != 0 && w.1 != 0)
-            .collect(),
+    let with_mode =
+        |pass: Pass, pt: PassTiling, mode: LinattnBackwardState, writes: Vec<(u64, usize)>| {
+            let scan = pass == Pass::StateScan;
+            BackwardLaunch {
+                pass,
+                plan: LaunchPlan {
+                    module: module(kind),
+                    // Every pass but Dkv, PrepDq and StateScan exists for every
+                    // dtype and kind, and those are planned only where they
+                    // exist (above).
+                    kernel: kernel_name(kind, pass, dtype).unwrap_or(""),
+                    grid: [
+                        (sh * pt.tiles) as u32,
+                        if split && !scan { parts as u32 } else { 1 },
+                        1,
+                    ],
+                    block: [threads(pass), 1, 1],
+                    shared_bytes: shared_bytes(dtype, pass, d, m, pt) as u32,
+                    params: LinattnBackwardParams {
+                        chunk: pt.chunk as i32,
+                        tile: pt.tile as i32,
+                        tiles: pt.tiles as i32,
+                        state_mode: mode as i32,
+                        ..base
+                    },
+                },
+                writes: writes
+                    .into_iter()
+                    .filter(|w| w.0 != 0 && w.1 != 0)
+                    .collect(),
+            }
+        };
+    let launch = |pass: Pass, pt: PassTiling, writes: Vec<(u64, usize)>| {
+        let mode = if split {
+            LinattnBackwardState::LINATTN_BWD_FROM_WORK
+        } else {
+            LinattnBackwardState::LINATTN_BWD_WHOLE
+        };
+        with_mode(pass, pt, mode, writes)
     };
-    let mut out = Vec::with_capacity(4);
+    // The split walks' first two launches: partition sums, then the scan
+    // that turns them into each partition's starting state.
+    let sums_and_scan = |pass: Pass, pt: PassTiling, scan: LinattnBackwardState| {
+        let scan_tiling = PassTiling {
+            chunk: 0,
+            tile: 0,
+            tiles: scan_blocks(d, m),
+        };
+        let w = vec![(work_s, split_bytes)];
+        [
+            with_mode(
+                pass,
+                pt,
+                LinattnBackwardState::LINATTN_BWD_PARTIALS,
+                w.clone(),
+            ),
+            with_mode(Pass::StateScan, scan_tiling, scan, w),
+        ]
+    };
+    let mut out = Vec::with_capacity(6);
     let work = vec![(work_den, rows * 4), (work_dden, prep_slots * rows * 4)];
     if let Some(pt) = fused {
+        if split {
+            out.extend(sums_and_scan(
+                Pass::PrepDq,
+                pt,
+                LinattnBackwardState::LINATTN_BWD_SCAN_PREFIX,
+            ));
+        }
         let mut writes = if bp.normalize { work } else { Vec::new() };
         writes.push(bytes(ptrs.dq, &sp.q, d));
         out.push(launch(Pass::PrepDq, pt, writes));
@@ -845,6 +1005,13 @@ pub fn plan(
     }
     let (sn, zn) = (problem.state_s_len() * 4, problem.state_z_len() * 4);
     if let Some(pt) = merged {
+        if split {
+            out.extend(sums_and_scan(
+                Pass::Dkv,
+                pt,
+                LinattnBackwardState::LINATTN_BWD_SCAN_SUFFIX,
+            ));
+        }
         out.push(launch(
             Pass::Dkv,
             pt,
@@ -1573,6 +1740,139 @@ mod tests {
         // row strides are multiples of 8 halves / 4 floats.
         assert_eq!((16 * (64 + 8) * 2) % 32, 0);
         assert_eq!((16 * (64 + 4) * 4) % 32, 0);
+    }
+
+    #[test]
+    fn split_schedule_policy() {
+        let t = tiling_for(DType::Bf16, 128, 128);
+        let chunk = t.dkv.unwrap().chunk.max(t.prep_dq.unwrap().chunk);
+        let auto = ScheduleChoice::Auto;
+        let s = |choice, dtype, sh, len| {
+            let t = tiling_for(dtype, 128, 128);
+            split_schedule(choice, dtype, &t, 128, 128, sh, len)
+        };
+        // B 2, H 16, T 16384: 32 blocks become 4 x 32 = 128 (<= 132 SMs).
+        let a = s(auto, DType::Bf16, 32, 16384);
+        assert_eq!(a.parts, 4);
+        assert_eq!(a.part_len, 4096);
+        assert_eq!(a.part_len % chunk, 0);
+        // 64 sequence-heads: 2 partitions; 96 fill the GPU: no split.
+        assert_eq!(s(auto, DType::Bf16, 64, 2048).parts, 2);
+        assert_eq!(s(auto, DType::Bf16, 96, 8192).parts, 1);
+        // Partitions of at least four chunks.
+        assert_eq!(s(auto, DType::Bf16, 1, 7 * chunk).parts, 1);
+        assert_eq!(s(auto, DType::Bf16, 1, 8 * chunk).parts, 2);
+        // f32 has no whole-head walks; Walk never splits; Split forces,
+        // capped by the chunks, and the last partition may be short.
+        assert_eq!(s(auto, DType::F32, 1, 16384).parts, 1);
+        assert_eq!(s(ScheduleChoice::Walk, DType::Bf16, 1, 16384).parts, 1);
+        assert_eq!(
+            s(
+                ScheduleChoice::Split { parts: 3 },
+                DType::F16,
+                200,
+                2 * chunk
+            )
+            .parts,
+            2
+        );
+        let f = s(
+            ScheduleChoice::Split { parts: 3 },
+            DType::Bf16,
+            2,
+            5 * chunk + 7,
+        );
+        assert_eq!((f.parts, f.part_len), (3, 2 * chunk));
+        // D = M = 256 keeps the tiled passes: no split.
+        let t256 = tiling_for(DType::Bf16, 256, 256);
+        assert_eq!(
+            split_schedule(auto, DType::Bf16, &t256, 256, 256, 1, 1 << 16).parts,
+            1
+        );
+        // A scan grid past the x limit: no split.
+        assert_eq!(
+            s(
+                ScheduleChoice::Split { parts: 2 },
+                DType::Bf16,
+                MAX_GRID_X,
+                16384
+            )
+            .parts,
+            1
+        );
+    }
+
+    #[test]
+    fn split_plans_sum_scan_and_walk() {
+        let (h, n, d, m) = (2, 1000, 40, 24);
+        let shape = AttentionShape::bhnd(1, h, n, d, m);
+        let (lens, glens) = full_lens(&shape);
+        let opts = AttentionOptions {
+            schedule: ScheduleChoice::Split { parts: 3 },
+            ..Default::default()
+        };
+        let bp = validate("t", DType::F16, &shape, None, &opts, &lens, &glens).unwrap();
+        assert_eq!(bp.schedule.parts, 3);
+        let rows = n * h;
+        let norm = (1 + bp.tiling.prep.tiles) * rows;
+        assert_eq!(workspace_len(&bp), norm + h * 3 * (d * m + d));
+        let ws = 11u64 << 20;
+        let ptrs = RawBackward {
+            q: 1 << 20,
+            k: 2 << 20,
+            v: 3 << 20,
+            d_o: 5 << 20,
+            dq: 6 << 20,
+            dk: 7 << 20,
+            dv: 8 << 20,
+            workspace: ws,
+            ..Default::default()
+        };
+        use LinattnBackwardState::*;
+        let l = plan(Kind::Causal, DType::F16, &bp, &opts, &ptrs);
+        let got: Vec<(Pass, i32)> = l
+            .iter()
+            .map(|l| (l.pass, l.plan.params.state_mode))
+            .collect();
+        let want = [
+            (Pass::PrepDq, LINATTN_BWD_PARTIALS),
+            (Pass::StateScan, LINATTN_BWD_SCAN_PREFIX),
+            (Pass::PrepDq, LINATTN_BWD_FROM_WORK),
+            (Pass::Dkv, LINATTN_BWD_PARTIALS),
+            (Pass::StateScan, LINATTN_BWD_SCAN_SUFFIX),
+            (Pass::Dkv, LINATTN_BWD_FROM_WORK),
+        ]
+        .map(|(p, s)| (p, s as i32));
+        assert_eq!(got, want);
+        let work_s = ws + (norm * 4) as u64;
+        for x in &l {
+            let p = &x.plan.params;
+            assert_eq!(
+                (p.work_s, p.work_z),
+                (work_s, work_s + (h * 3 * d * m * 4) as u64)
+            );
+            assert_eq!((p.num_parts, p.part_len), (3, bp.schedule.part_len as i64));
+            if x.pass == Pass::StateScan {
+                assert_eq!(x.plan.kernel, "causal_backward_state_scan");
+                assert_eq!(x.plan.grid, [(h * scan_blocks(d, m)) as u32, 1, 1]);
+                assert_eq!(x.plan.shared_bytes, 0);
+            } else {
+                assert_eq!(x.plan.grid, [h as u32, 3, 1]);
+            }
+        }
+        // Partition sums and scans write the partition states only.
+        for i in [0, 1, 3, 4] {
+            assert_eq!(l[i].writes, [(work_s, h * 3 * (d * m + d) * 4)]);
+        }
+        // Non-causal calls never split (their workspace keeps the room).
+        let nc = plan(Kind::NonCausal, DType::F16, &bp, &opts, &ptrs);
+        assert_eq!(
+            nc.iter().map(|l| l.pass).collect::<Vec<_>>(),
+            [Pass::PrepDq, Pass::Dkv]
+        );
+        assert!(nc
+            .iter()
+            .all(|l| l.plan.grid[1] == 1 && l.plan.params.num_parts == 1));
     }
 
     #[test]
