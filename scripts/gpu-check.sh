@@ -149,7 +149,7 @@ else
   "$bin/kernels-bench" --bench > "$out/bench.log" 2>&1
 fi
 if [ $? -eq 0 ] && [ -s "$LINATTN_BENCH_TABLE" ]; then
-  row "kernel benches" "ok" "$(grep -c '^| [a-z]' "$LINATTN_BENCH_TABLE") cases; table below (bench-table.md)"
+  row "kernel benches" "ok" "$(grep -c '^| [a-z_0-9]* | [A-Z0-9]' "$LINATTN_BENCH_TABLE") cases; table below (bench-table.md)"
 elif grep -q 'benching nothing' "$out/bench.log"; then
   row "kernel benches" "none" "$(grep -m1 'benching nothing' "$out/bench.log" | cut -c1-90)"
 else

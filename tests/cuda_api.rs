@@ -19,7 +19,7 @@ use linattn_kernels::ops::decode::{decode_step, decode_step_cuda, DecodeShape};
 use linattn_kernels::ops::feature_map::{feature_map, feature_map_cuda, RowsShape};
 use linattn_kernels::ops::forward::{
     self, causal_forward, causal_forward_cuda, AttentionOptions, AttentionShape, Lens, Qkv,
-    RawForward, StateIo, StateMut, StateRef,
+    RawForward, ScheduleChoice, StateIo, StateMut, StateRef,
 };
 use linattn_kernels::{Buffer, BuildStatus, Device, Element, Gpu};
 use linattn_reference::testing::{test_seed, Rng};
@@ -162,6 +162,7 @@ fn cuda_and_raw_entry_points_match_device_bits() {
                     final_z: addr(&g, slice(&fz)),
                     cu_seqlens: addr(&g, &cu_dev),
                     workspace: if ws_len == 0 { 0 } else { addr(&g, &ws) },
+                    workspace_len: ws_len,
                     ..RawForward::default()
                 };
                 // SAFETY: device memory of this context covering every
@@ -180,137 +181,156 @@ fn cuda_and_raw_entry_points_match_device_bits() {
     assert_eq!(outs[0], outs[1], "forward: cudarc-typed vs Device");
     assert_eq!(outs[0], outs[2], "forward: raw vs Device");
 
-    // Backward (dense, whole-head walks), initial state in, d_initial out.
-    let shape = AttentionShape::bnhd(2, h, 70, d, m);
-    let n = 2 * 70 * h;
-    let (q, k, v, d_o) = (
-        random::<bf16>(&dev, &mut rng, n * d),
-        random::<bf16>(&dev, &mut rng, n * d),
-        random::<bf16>(&dev, &mut rng, n * m),
-        random::<bf16>(&dev, &mut rng, n * m),
-    );
-    let s0 = random::<f32>(&dev, &mut rng, 2 * h * d * m);
-    let z0: Buffer<f32> = dev.upload(&vec![1.5f32; 2 * h * d]).unwrap();
-    let mut grads = Vec::new();
-    for path in 0..3 {
-        let (mut dq, mut dk, mut dv) = (
-            nan::<bf16>(&dev, n * d),
-            nan::<bf16>(&dev, n * d),
-            nan::<bf16>(&dev, n * m),
+    // Backward (dense, whole-head walks; walk and split), initial state in,
+    // d_initial out.
+    for schedule in [ScheduleChoice::Auto, ScheduleChoice::Split { parts: 2 }] {
+        let opts = AttentionOptions {
+            schedule,
+            ..AttentionOptions::default()
+        };
+        // Backward (dense, whole-head walks), initial state in, d_initial out.
+        let shape = AttentionShape::bnhd(2, h, 70, d, m);
+        let n = 2 * 70 * h;
+        let (q, k, v, d_o) = (
+            random::<bf16>(&dev, &mut rng, n * d),
+            random::<bf16>(&dev, &mut rng, n * d),
+            random::<bf16>(&dev, &mut rng, n * m),
+            random::<bf16>(&dev, &mut rng, n * m),
         );
-        let mut ds = nan::<f32>(&dev, 2 * h * d * m);
-        let mut dz = nan::<f32>(&dev, 2 * h * d);
-        match path {
-            0 => causal_backward(
-                &dev,
-                BackwardInputs {
-                    q: &q,
-                    k: &k,
-                    v: &v,
-                    d_o: &d_o,
-                },
-                Grads {
-                    dq: &mut dq,
-                    dk: &mut dk,
-                    dv: &mut dv,
-                },
-                &shape,
-                None,
-                &opts,
-                BackwardStates {
-                    initial: Some(StateRef { s: &s0, z: &z0 }),
-                    d_final: None,
-                    d_initial: Some(StateMut {
-                        s: &mut ds,
-                        z: &mut dz,
-                    }),
-                },
-            ),
-            1 => causal_backward_cuda::<bf16, _, _, _, _>(
-                &g,
-                BackwardInputs {
-                    q: slice(&q),
-                    k: slice(&k),
-                    v: slice(&v),
-                    d_o: slice(&d_o),
-                },
-                Grads {
-                    dq: slice_mut(&mut dq),
-                    dk: slice_mut(&mut dk),
-                    dv: slice_mut(&mut dv),
-                },
-                &shape,
-                None,
-                &opts,
-                BackwardStates {
-                    initial: Some(StateRef {
-                        s: slice(&s0),
-                        z: slice(&z0),
-                    }),
-                    d_final: None,
-                    d_initial: Some(StateMut {
-                        s: slice_mut(&mut ds),
-                        z: slice_mut(&mut dz),
-                    }),
-                },
-            ),
-            _ => {
-                let lens = Lens {
-                    q: usize::MAX,
-                    k: usize::MAX,
-                    v: usize::MAX,
-                    o: usize::MAX,
-                    initial: Some((usize::MAX, usize::MAX)),
-                    final_state: None,
-                };
-                let glens = backward::GradLens {
-                    d_o: usize::MAX,
-                    dq: usize::MAX,
-                    dk: usize::MAX,
-                    dv: usize::MAX,
-                    d_final: None,
-                    d_initial: Some((usize::MAX, usize::MAX)),
-                };
-                let bp =
-                    backward::validate("cuda_api", bf16::DTYPE, &shape, None, &opts, &lens, &glens)
-                        .unwrap();
-                let ws_len = backward::workspace_len(&bp);
-                let ws = g.stream().alloc_zeros::<f32>(ws_len.max(1)).unwrap();
-                let ptrs = RawBackward {
-                    q: addr(&g, slice(&q)),
-                    k: addr(&g, slice(&k)),
-                    v: addr(&g, slice(&v)),
-                    d_o: addr(&g, slice(&d_o)),
-                    dq: addr(&g, slice(&dq)),
-                    dk: addr(&g, slice(&dk)),
-                    dv: addr(&g, slice(&dv)),
-                    initial_s: addr(&g, slice(&s0)),
-                    initial_z: addr(&g, slice(&z0)),
-                    d_initial_s: addr(&g, slice(&ds)),
-                    d_initial_z: addr(&g, slice(&dz)),
-                    workspace: if ws_len == 0 { 0 } else { addr(&g, &ws) },
-                    ..RawBackward::default()
-                };
-                // SAFETY: as for the forward.
-                let r = unsafe {
-                    backward::causal_backward_raw(&*g, bf16::DTYPE, &ptrs, &shape, None, &opts)
-                };
-                g.synchronize().unwrap();
-                r
+        let s0 = random::<f32>(&dev, &mut rng, 2 * h * d * m);
+        let z0: Buffer<f32> = dev.upload(&vec![1.5f32; 2 * h * d]).unwrap();
+        let mut grads = Vec::new();
+        for path in 0..3 {
+            let (mut dq, mut dk, mut dv) = (
+                nan::<bf16>(&dev, n * d),
+                nan::<bf16>(&dev, n * d),
+                nan::<bf16>(&dev, n * m),
+            );
+            let mut ds = nan::<f32>(&dev, 2 * h * d * m);
+            let mut dz = nan::<f32>(&dev, 2 * h * d);
+            match path {
+                0 => causal_backward(
+                    &dev,
+                    BackwardInputs {
+                        q: &q,
+                        k: &k,
+                        v: &v,
+                        d_o: &d_o,
+                    },
+                    Grads {
+                        dq: &mut dq,
+                        dk: &mut dk,
+                        dv: &mut dv,
+                    },
+                    &shape,
+                    None,
+                    &opts,
+                    BackwardStates {
+                        initial: Some(StateRef { s: &s0, z: &z0 }),
+                        d_final: None,
+                        d_initial: Some(StateMut {
+                            s: &mut ds,
+                            z: &mut dz,
+                        }),
+                    },
+                ),
+                1 => causal_backward_cuda::<bf16, _, _, _, _>(
+                    &g,
+                    BackwardInputs {
+                        q: slice(&q),
+                        k: slice(&k),
+                        v: slice(&v),
+                        d_o: slice(&d_o),
+                    },
+                    Grads {
+                        dq: slice_mut(&mut dq),
+                        dk: slice_mut(&mut dk),
+                        dv: slice_mut(&mut dv),
+                    },
+                    &shape,
+                    None,
+                    &opts,
+                    BackwardStates {
+                        initial: Some(StateRef {
+                            s: slice(&s0),
+                            z: slice(&z0),
+                        }),
+                        d_final: None,
+                        d_initial: Some(StateMut {
+                            s: slice_mut(&mut ds),
+                            z: slice_mut(&mut dz),
+                        }),
+                    },
+                ),
+                _ => {
+                    let lens = Lens {
+                        q: usize::MAX,
+                        k: usize::MAX,
+                        v: usize::MAX,
+                        o: usize::MAX,
+                        initial: Some((usize::MAX, usize::MAX)),
+                        final_state: None,
+                    };
+                    let glens = backward::GradLens {
+                        d_o: usize::MAX,
+                        dq: usize::MAX,
+                        dk: usize::MAX,
+                        dv: usize::MAX,
+                        d_final: None,
+                        d_initial: Some((usize::MAX, usize::MAX)),
+                    };
+                    let bp = backward::validate(
+                        "cuda_api",
+                        bf16::DTYPE,
+                        &shape,
+                        None,
+                        &opts,
+                        &lens,
+                        &glens,
+                    )
+                    .unwrap();
+                    let ws_len = backward::workspace_len(&bp);
+                    let ws = g.stream().alloc_zeros::<f32>(ws_len.max(1)).unwrap();
+                    let ptrs = RawBackward {
+                        q: addr(&g, slice(&q)),
+                        k: addr(&g, slice(&k)),
+                        v: addr(&g, slice(&v)),
+                        d_o: addr(&g, slice(&d_o)),
+                        dq: addr(&g, slice(&dq)),
+                        dk: addr(&g, slice(&dk)),
+                        dv: addr(&g, slice(&dv)),
+                        initial_s: addr(&g, slice(&s0)),
+                        initial_z: addr(&g, slice(&z0)),
+                        d_initial_s: addr(&g, slice(&ds)),
+                        d_initial_z: addr(&g, slice(&dz)),
+                        workspace: if ws_len == 0 { 0 } else { addr(&g, &ws) },
+                        workspace_len: ws_len,
+                        ..RawBackward::default()
+                    };
+                    // SAFETY: as for the forward.
+                    let r = unsafe {
+                        backward::causal_backward_raw(&*g, bf16::DTYPE, &ptrs, &shape, None, &opts)
+                    };
+                    g.synchronize().unwrap();
+                    r
+                }
             }
+            .unwrap_or_else(|e| panic!("backward path {path}: {e}"));
+            grads.push([
+                bits(&dev, &dq),
+                bits(&dev, &dk),
+                bits(&dev, &dv),
+                bits(&dev, &ds),
+                bits(&dev, &dz),
+            ]);
         }
-        .unwrap_or_else(|e| panic!("backward path {path}: {e}"));
-        grads.push([
-            bits(&dev, &dq),
-            bits(&dev, &dk),
-            bits(&dev, &dv),
-            bits(&dev, &ds),
-            bits(&dev, &dz),
-        ]);
+        assert!(grads[0][0].iter().all(|&b| !f64::from_bits(b).is_nan()));
+        assert_eq!(
+            grads[0], grads[1],
+            "backward {schedule:?}: cudarc-typed vs Device"
+        );
+        assert_eq!(grads[0], grads[2], "backward {schedule:?}: raw vs Device");
     }
-    assert!(grads[0][0].iter().all(|&b| !f64::from_bits(b).is_nan()));
-    assert_eq!(grads[0], grads[1], "backward: cudarc-typed vs Device");
-    assert_eq!(grads[0], grads[2], "backward: raw vs Device");
 
     // Decode (state updated in place) and the feature map.
     let ds = DecodeShape::contiguous(3, h, d, m);

@@ -348,6 +348,7 @@ fn forward_case<T: Element>(
             cu64.as_ptr() as u64
         },
         workspace: host_addr(&mut ws),
+        workspace_len: ws.len(),
         ..RawForward::default()
     };
     let emu = emulator();
@@ -450,6 +451,7 @@ fn backward_case<T: Element>(kind: Kind, big: Big, d: usize, m: usize, schedule:
         dk: dk.addr(),
         dv: dv.addr(),
         workspace: host_addr(&mut ws),
+        workspace_len: ws.len(),
         ..RawBackward::default()
     };
     let emu = emulator();

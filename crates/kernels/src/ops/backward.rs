@@ -5,7 +5,8 @@
 //! Same conventions as [`crate::ops::forward`]: the shape is an
 //! [`AttentionShape`] (+ optional host `cu_seqlens` for packed varlen
 //! batches), the options are the forward's [`AttentionOptions`] (its
-//! `schedule` is ignored here), states are fp32, one per (sequence, head).
+//! `schedule` also picks walk or split for the causal whole-head walks,
+//! [`split_schedule`]), states are fp32, one per (sequence, head).
 //! Every gradient uses the strides of its primal: `dq` those of q, `dk` of
 //! k, `dv` of v, and the incoming `d_o` (dL/do) those of o.
 //!
@@ -45,7 +46,8 @@ const MAX_GRID_X: usize = i32::MAX as usize;
 const MAX_GRID_Y: usize = 65_535;
 const CHUNKS: [usize; 4] = [64, 32, 16, 8];
 
-/// One of the four backward kernels.
+/// One backward kernel: the four tiled passes, the two whole-head walks and
+/// the split walks' scan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Pass {
     /// den and the partial `dL/do . num` per token (normalised calls only); blocks tile M.
@@ -810,6 +812,11 @@ pub struct RawBackward {
     pub cu_seqlens: u64,
     /// fp32 workspace of [`workspace_len`] elements (0 if that is 0).
     pub workspace: u64,
+    /// fp32 elements at `workspace`. Checked against [`workspace_len`] of
+    /// this call: it depends on the whole shape (a split schedule's
+    /// partition states), not only on its size, so a smaller batch can
+    /// need more.
+    pub workspace_len: usize,
 }
 
 /// One launch and the memory it writes (`(address, bytes)`), for
@@ -824,8 +831,10 @@ pub struct BackwardLaunch {
     pub writes: Vec<(u64, usize)>,
 }
 
-/// Builds the launches (prep when normalising, then dq, then dk and dv, or
-/// the merged dk + dv walk when the tiling has one).
+/// Builds the launches: prep (when normalising) and dq, or the fused prep +
+/// dq walk; then dk and dv, or the merged dk + dv walk. A split schedule
+/// (causal whole-head walks, `bp.schedule.parts > 1`) precedes each walk
+/// with its partition sums and the scan: six launches.
 pub fn plan(
     kind: Kind,
     dtype: DType,
@@ -1134,7 +1143,8 @@ fn backward_device<T: Element>(
     };
     let bp = validate(kernel, T::DTYPE, shape, cu_seqlens, opts, &lens, &glens)?;
     let (_tc, cu) = temp::offsets(dev, &bp.problem.cu_seqlens, kernel)?;
-    let (_tw, ws) = temp::workspace(dev, workspace_len(&bp), kernel)?;
+    let ws_floats = workspace_len(&bp);
+    let (_tw, ws) = temp::workspace(dev, ws_floats, kernel)?;
     let mut guards: Vec<PtrGuard<'_>> = Vec::new();
     let (q, g) = x.q.read_ptr(dev, kernel, "q")?;
     guards.push(g);
@@ -1188,6 +1198,7 @@ fn backward_device<T: Element>(
         d_initial_z,
         cu_seqlens: cu,
         workspace: ws,
+        workspace_len: ws_floats,
     };
     let launches = plan(kind, T::DTYPE, &bp, opts, &ptrs);
     // SAFETY: every buffer belongs to `dev` and was validated against the shape.
@@ -1267,7 +1278,8 @@ fn backward_cuda<
     let bp = validate(kernel, T::DTYPE, shape, cu_seqlens, opts, &lens, &glens)?;
     let st = gpu.stream();
     let (_tc, cu) = temp::offsets_cuda(gpu, &bp.problem.cu_seqlens, kernel)?;
-    let (_tw, ws) = temp::workspace_cuda(gpu, workspace_len(&bp), kernel)?;
+    let ws_floats = workspace_len(&bp);
+    let (_tw, ws) = temp::workspace_cuda(gpu, ws_floats, kernel)?;
     let (q, _gq) = x.q.device_ptr(st);
     let (k, _gk) = x.k.device_ptr(st);
     let (v, _gv) = x.v.device_ptr(st);
@@ -1318,6 +1330,7 @@ fn backward_cuda<
         d_initial_z,
         cu_seqlens: cu,
         workspace: ws,
+        workspace_len: ws_floats,
     };
     let launches = plan(kind, T::DTYPE, &bp, opts, &ptrs);
     // SAFETY: cudarc memory of this context, validated lengths.
@@ -1423,11 +1436,14 @@ fn check_raw(
         }
     }
     let ws = workspace_len(bp);
-    if ws > 0 && p.workspace == 0 {
+    if ws > 0 && (p.workspace == 0 || p.workspace_len < ws) {
         return Err(Error::invalid(
             kernel,
             "workspace",
-            format!("this call needs a workspace of {ws} fp32 elements"),
+            format!(
+                "this call needs a workspace of {ws} fp32 elements, {} given",
+                if p.workspace == 0 { 0 } else { p.workspace_len }
+            ),
         ));
     }
     if !bp.problem.cu_seqlens.is_empty() && p.cu_seqlens == 0 {
@@ -1515,8 +1531,10 @@ unsafe fn backward_raw<E: Executor>(
 /// valid until the launches complete: q, k, v, o, d_o (`dtype`, read) and
 /// dq, dk, dv (written) covering `shape` with the strides of their primals;
 /// the initial state and d_final (read) and d_initial (written) as
-/// `num_seqs * heads` fp32 states; the workspace of `workspace_len` fp32
-/// elements; for varlen, `cu_seqlens.len()` `int64` offsets on the device
+/// `num_seqs * heads` fp32 states; the workspace of `ptrs.workspace_len`
+/// fp32 elements (checked against [`workspace_len`] of this call, which
+/// depends on the whole shape: recompute it per call, a smaller batch can
+/// need more); for varlen, `cu_seqlens.len()` `int64` offsets on the device
 /// equal to the host `cu_seqlens`. Outputs must not overlap any input
 /// (checked by address range).
 pub unsafe fn causal_backward_raw<E: Executor>(
@@ -2095,9 +2113,17 @@ mod tests {
             dk: 7000,
             dv: 8000,
             workspace: 9000,
+            workspace_len: workspace_len(&bp),
             ..Default::default()
         };
         assert!(check_raw("t", DType::F32, &ok, &bp).is_ok());
+        // One element short of what this call needs.
+        let short = RawBackward {
+            workspace_len: workspace_len(&bp) - 1,
+            ..ok
+        };
+        let e = check_raw("t", DType::F32, &short, &bp).unwrap_err();
+        assert!(e.to_string().contains("needs a workspace of"), "{e}");
         let e = check_raw("t", DType::F32, &RawBackward { dq: 5004, ..ok }, &bp).unwrap_err();
         assert!(e.to_string().contains("overlaps `d_o`"), "{e}");
         let e = check_raw("t", DType::F32, &RawBackward { dk: 0, ..ok }, &bp).unwrap_err();

@@ -678,6 +678,11 @@ pub struct RawForward {
     pub cu_seqlens: u64,
     /// fp32 workspace of [`workspace_len`] elements (0 if that is 0).
     pub workspace: u64,
+    /// fp32 elements at `workspace`. Checked against [`workspace_len`] of
+    /// this call: it depends on the whole shape (a split schedule's
+    /// partition states), not only on its size, so a smaller batch can
+    /// need more.
+    pub workspace_len: usize,
 }
 
 /// One launch of a forward plan.
@@ -1018,6 +1023,7 @@ fn forward_device<T: Element>(
         final_z: fz,
         cu_seqlens: cu,
         workspace: ws,
+        workspace_len: ws_floats,
     };
     let plan = plan(kind, T::DTYPE, &problem, opts, &ptrs);
     let writes = write_regions(&problem, T::DTYPE, &ptrs, ws_floats);
@@ -1080,7 +1086,8 @@ fn forward_cuda<T: Element, B: DevicePtr<T>, I: DevicePtr<f32>, F: DevicePtrMut<
     let problem = validate(kernel, T::DTYPE, shape, cu_seqlens, opts, &lens)?;
     let st = gpu.stream();
     let (_tc, cu) = temp::offsets_cuda(gpu, &problem.cu_seqlens, kernel)?;
-    let (_tw, ws) = temp::workspace_cuda(gpu, workspace_len(kind, &problem, opts), kernel)?;
+    let ws_floats = workspace_len(kind, &problem, opts);
+    let (_tw, ws) = temp::workspace_cuda(gpu, ws_floats, kernel)?;
     let (qp, _gq) = x.q.device_ptr(st);
     let (kp, _gk) = x.k.device_ptr(st);
     let (vp, _gv) = x.v.device_ptr(st);
@@ -1113,6 +1120,7 @@ fn forward_cuda<T: Element, B: DevicePtr<T>, I: DevicePtr<f32>, F: DevicePtrMut<
         final_z: fz,
         cu_seqlens: cu,
         workspace: ws,
+        workspace_len: ws_floats,
     };
     let plan = plan(kind, T::DTYPE, &problem, opts, &ptrs);
     // SAFETY: cudarc memory of this context, validated lengths.
@@ -1187,11 +1195,14 @@ fn check_raw(
             "S and z must be given together (both or neither)",
         ));
     }
-    if need_ws > 0 && p.workspace == 0 {
+    if need_ws > 0 && (p.workspace == 0 || p.workspace_len < need_ws) {
         return Err(Error::invalid(
             kernel,
             "workspace",
-            format!("this call needs a workspace of {need_ws} fp32 elements"),
+            format!(
+                "this call needs a workspace of {need_ws} fp32 elements, {} given",
+                if p.workspace == 0 { 0 } else { p.workspace_len }
+            ),
         ));
     }
     if !problem.cu_seqlens.is_empty() && p.cu_seqlens == 0 {
@@ -1281,8 +1292,10 @@ unsafe fn forward_raw<E: Executor>(
 /// covering `shape` with its strides; initial (read) and final (written) S
 /// and z of `num_seqs * heads` fp32 states; the workspace of
 /// `workspace_len` fp32 elements; for varlen, `cu_seqlens.len()` `int64`
-/// offsets on the device equal to the host `cu_seqlens`. Outputs must not
-/// overlap any input (checked by address range).
+/// offsets on the device equal to the host `cu_seqlens`; `workspace_len`
+/// the workspace's true length (checked against this call's need, which
+/// depends on the whole shape). Outputs must not overlap any input
+/// (checked by address range).
 pub unsafe fn causal_forward_raw<E: Executor>(
     exec: &E,
     dtype: DType,
@@ -1587,5 +1600,18 @@ mod tests {
         assert!(e.to_string().contains("together"), "{e}");
         let e = check_raw("t", DType::F32, &ok, &p, 10).unwrap_err();
         assert!(e.to_string().contains("workspace"), "{e}");
+        // A workspace one element short of the call's need.
+        let ws = |n| RawForward {
+            workspace: 9000,
+            workspace_len: n,
+            ..ok
+        };
+        assert!(check_raw("t", DType::F32, &ws(10), &p, 10).is_ok());
+        let e = check_raw("t", DType::F32, &ws(9), &p, 10).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("needs a workspace of 10 fp32 elements, 9 given"),
+            "{e}"
+        );
     }
 }
