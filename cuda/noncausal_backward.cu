@@ -16,6 +16,11 @@
 //   noncausal_backward_prepdq_<t>: den, d den and dq in one forward walk;
 //   noncausal_backward_dkv_<t>:    dk, dv, dS0, dz0 in one reverse walk;
 //       grid: seq-heads (t = f16, bf16 only).
+//   Split (small seq-heads x long sequences): grid y = partitions; each
+//   walk first sums its partitions' states (LINATTN_BWD_PARTIALS), then
+//   noncausal_backward_state_scan puts the total (from the initial state,
+//   or from d_final) in every slot and the walk reads it out per partition
+//   (LINATTN_BWD_FROM_WORK).
 // Block: 256 threads (prepdq, dkv: 256 or 512, the plan's `dkv_threads`);
 // dynamic shared memory as sized by the plan (<= SHARED_BUDGET_BYTES = 99
 // KiB; the executor opts in above 48 KiB).
@@ -86,4 +91,7 @@ extern "C" __global__ void __launch_bounds__(512, 1) noncausal_backward_prepdq_f
 extern "C" __global__ void __launch_bounds__(512, 1) noncausal_backward_prepdq_bf16(const LinattnBackwardParams p) {
     extern __shared__ float smem[];
     linattn::bwd::prep_dq_walk<__nv_bfloat16>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256) noncausal_backward_state_scan(const LinattnBackwardParams p) {
+    linattn::bwd::backward_state_scan(p);
 }

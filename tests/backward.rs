@@ -783,9 +783,9 @@ fn whole_head_walks_match_reference_and_are_deterministic() {
     }
 }
 
-/// The split schedule of the causal whole-head walks (partition sums, a
-/// fixed-order scan, then every partition from its state) against the
-/// reference: partitions that end mid-chunk and past short sequences,
+/// The split schedule of the whole-head walks (partition sums, a
+/// fixed-order scan, then every partition from its state), causal and
+/// non-causal, against the reference: partitions that end mid-chunk and past short sequences,
 /// initial state and d_final, varlen with an empty and a one-partition
 /// sequence; bit-identical reruns; and close to the unsplit walk.
 #[test]
@@ -793,14 +793,17 @@ fn split_whole_head_walks_match_reference() {
     let seed = test_seed() ^ 0x5b;
     for (d, m) in [(64, 64), (128, 128), (40, 24)] {
         let chunk = tiling_for(DType::Bf16, d, m).dkv.expect("whole-head").chunk;
-        for dev in devices() {
+        for (dev, kind) in devices()
+            .into_iter()
+            .flat_map(|d| [(d.clone(), Kind::Causal), (d, Kind::NonCausal)])
+        {
             for parts in [2, 3, 6] {
-                let c = Case::new(Kind::Causal, 1, 2, 5 * chunk + 7, d, m).with(|c| {
+                let c = Case::new(kind, 1, 2, 5 * chunk + 7, d, m).with(|c| {
                     c.initial = true;
                     c.d_final = true;
                     c.schedule = ScheduleChoice::Split { parts };
                 });
-                let what = format!("{}: {d} x {m} split {parts}", dev.describe());
+                let what = format!("{}: {kind:?} {d} x {m} split {parts}", dev.describe());
                 let a = check_case::<bf16>(&dev, &c, &mut Rng::new(seed));
                 if parts == 3 {
                     let b = check_case::<bf16>(&dev, &c, &mut Rng::new(seed));
@@ -823,7 +826,7 @@ fn split_whole_head_walks_match_reference() {
                     &mut Rng::new(seed),
                 );
             }
-            let c = Case::new(Kind::Causal, 1, 2, 4 * chunk + 9, d, m).with(|c| {
+            let c = Case::new(kind, 1, 2, 4 * chunk + 9, d, m).with(|c| {
                 c.cu = Some(vec![0, 3, 3, 4 * chunk + 9]);
                 c.initial = true;
                 c.d_final = true;

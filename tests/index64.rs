@@ -513,6 +513,7 @@ fn backward_indexes_past_2_31_elements() {
         // The split whole-head walks (partition sums, scans, walks).
         let split = ScheduleChoice::Split { parts: 2 };
         backward_case::<f16>(Kind::Causal, big, 16, 32, split);
+        backward_case::<f16>(Kind::NonCausal, big, 16, 32, split);
     }
 }
 

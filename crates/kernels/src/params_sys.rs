@@ -70,6 +70,8 @@ pub enum LinattnBackwardState {
     LINATTN_BWD_FROM_WORK = 2,
     LINATTN_BWD_SCAN_PREFIX = 3,
     LINATTN_BWD_SCAN_SUFFIX = 4,
+    LINATTN_BWD_SCAN_TOTAL_IN = 5,
+    LINATTN_BWD_SCAN_TOTAL_FINAL = 6,
 }
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

@@ -798,7 +798,11 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
     float* wgo = ptr<float>(p.work_dden);
     __syncthreads();
 
+    // Causal: one sweep that absorbs and emits. Non-causal: absorb every
+    // chunk, then emit; a split walk runs only the first sweep (partition
+    // sums) or only the second (from the total in its slot).
     for (int sweep = causal ? 1 : 0; sweep < 2; ++sweep) {
+        if (!causal && (sl.partials ? sweep == 1 : sweep == 0 && p.state_mode == LINATTN_BWD_FROM_WORK)) continue;
         const bool absorb = causal || sweep == 0;
         const bool emit = sweep == 1 && !sl.partials;
         for (int64_t c0 = 0; c0 < c.r.len; c0 += C) {
@@ -994,7 +998,11 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     __syncthreads();
 
     const int64_t last = last_chunk(c.r.len, C);
+    // Causal: one sweep that absorbs and emits. Non-causal: absorb every
+    // chunk, then emit; a split walk runs only the first sweep (partition
+    // sums) or only the second (from the total in its slot).
     for (int sweep = causal ? 1 : 0; sweep < 2; ++sweep) {
+        if (!causal && (sl.partials ? sweep == 1 : sweep == 0 && p.state_mode == LINATTN_BWD_FROM_WORK)) continue;
         const bool absorb = causal || sweep == 0;
         const bool emit = sweep == 1 && !sl.partials;
         for (int64_t c0 = last; c0 >= 0; c0 -= C) {

@@ -115,29 +115,36 @@ __device__ __forceinline__ StateSlot state_slot(const LinattnBackwardParams& p, 
     return o;
 }
 
-// The fixed-order combine of a split walk's partition sums
-// (LINATTN_BWD_SCAN_PREFIX, _SUFFIX): every work slot of a sequence-head
-// becomes state_in plus the partitions before it (prefix: S, z for the prep
-// + dq walk) or d_final plus the partitions after it (suffix: dS, dz for
-// the dk + dv walk). One thread per element (e < d*m of S, else of z),
-// grid x = seq-heads x p.tiles blocks of blockDim.x.
+// The fixed-order combine of a split walk's partition sums: every work
+// slot of a sequence-head becomes state_in plus the partitions before it
+// (PREFIX: S, z for the causal prep + dq walk), d_final plus the partitions
+// after it (SUFFIX: dS, dz for the causal dk + dv walk), or the total from
+// either (TOTAL_IN, TOTAL_FINAL: the non-causal walks). One thread per
+// element (e < d*m of S, else of z), grid x = seq-heads x p.tiles blocks of
+// blockDim.x.
 __device__ __forceinline__ void backward_state_scan(const LinattnBackwardParams& p) {
     const int64_t dm = p.d * p.m;
     const int64_t sh = blockIdx.x / (unsigned)p.tiles;
     const int64_t e = (int64_t)(blockIdx.x - sh * p.tiles) * blockDim.x + threadIdx.x;
     if (e >= dm + p.d) return;
-    const bool suffix = p.state_mode == LINATTN_BWD_SCAN_SUFFIX;
+    const int mode = p.state_mode;
+    const bool suffix = mode == LINATTN_BWD_SCAN_SUFFIX;
+    const bool total = mode == LINATTN_BWD_SCAN_TOTAL_IN || mode == LINATTN_BWD_SCAN_TOTAL_FINAL;
+    const bool from_final = suffix || mode == LINATTN_BWD_SCAN_TOTAL_FINAL;
     const bool in_s = e < dm;
     const int64_t per = in_s ? dm : p.d, x = in_s ? e : e - dm;
-    const float* src = ptr<const float>(in_s ? (suffix ? p.d_final_s : p.state_in_s)
-                                             : (suffix ? p.d_final_z : p.state_in_z));
-    float* w = ptr<float>(in_s ? p.work_s : p.work_z);
+    const float* src = ptr<const float>(in_s ? (from_final ? p.d_final_s : p.state_in_s)
+                                             : (from_final ? p.d_final_z : p.state_in_z));
+    float* w = ptr<float>(in_s ? p.work_s : p.work_z) + sh * p.num_parts * per + x;
     float acc = src != nullptr ? src[sh * per + x] : 0.0f;
     for (int k = 0; k < p.num_parts; ++k) {
-        float* slot = w + (sh * p.num_parts + (suffix ? p.num_parts - 1 - k : k)) * per + x;
+        float* slot = w + (suffix ? p.num_parts - 1 - k : k) * per;
         const float part = *slot;
-        *slot = acc;
+        if (!total) *slot = acc;
         acc += part;
+    }
+    if (total) {
+        for (int k = 0; k < p.num_parts; ++k) w[k * per] = acc;
     }
 }
 

@@ -60,20 +60,24 @@ typedef enum LinattnStateStore {
 } LinattnStateStore;
 
 /*
- * The split schedule of the backward's whole-head walks (causal only):
- * partition p = blockIdx.y of each sequence covers tokens p*part_len ..
- * (p+1)*part_len. The walks first sum each partition's state from zero into
- * its work slot (PARTIALS), causal_backward_state_scan turns the slots into
- * the state at each partition's start (prefix S, z from state_in: the prep
- * + dq walk) or end (suffix dS, dz from d_final: the dk + dv walk), and the
- * walks then run every partition from its slot (FROM_WORK).
+ * The split schedule of the backward's whole-head walks: partition p =
+ * blockIdx.y of each sequence covers tokens p*part_len .. (p+1)*part_len.
+ * The walks first sum each partition's state from zero into its work slot
+ * (PARTIALS), the state scan turns the slots into the state each partition
+ * starts from, and the walks then run every partition from its slot
+ * (FROM_WORK). Causal: the state at each partition's start (prefix S, z
+ * from state_in: the prep + dq walk) or end (suffix dS, dz from d_final:
+ * the dk + dv walk). Non-causal: the total in every slot (S, z from
+ * state_in; dS, dz from d_final), and the walks only read it out.
  */
 typedef enum LinattnBackwardState {
     LINATTN_BWD_WHOLE = 0,         /* one partition: state_in / d_final in, d_initial out */
     LINATTN_BWD_PARTIALS = 1,      /* sum the partition's state from zero into its work slot, nothing else */
     LINATTN_BWD_FROM_WORK = 2,     /* start from the work slot; partition 0 writes d_initial */
     LINATTN_BWD_SCAN_PREFIX = 3,   /* the scan: exclusive prefix over partitions, from state_in */
-    LINATTN_BWD_SCAN_SUFFIX = 4    /* the scan: exclusive suffix over partitions, from d_final */
+    LINATTN_BWD_SCAN_SUFFIX = 4,   /* the scan: exclusive suffix over partitions, from d_final */
+    LINATTN_BWD_SCAN_TOTAL_IN = 5, /* the scan: every slot the total, from state_in (non-causal) */
+    LINATTN_BWD_SCAN_TOTAL_FINAL = 6 /* the scan: every slot the total, from d_final (non-causal) */
 } LinattnBackwardState;
 
 /*

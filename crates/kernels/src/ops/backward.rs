@@ -5,7 +5,7 @@
 //! Same conventions as [`crate::ops::forward`]: the shape is an
 //! [`AttentionShape`] (+ optional host `cu_seqlens` for packed varlen
 //! batches), the options are the forward's [`AttentionOptions`] (its
-//! `schedule` also picks walk or split for the causal whole-head walks,
+//! `schedule` also picks walk or split for the whole-head walks,
 //! [`split_schedule`]), states are fp32, one per (sequence, head).
 //! Every gradient uses the strides of its primal: `dq` those of q, `dk` of
 //! k, `dv` of v, and the incoming `d_o` (dL/do) those of o.
@@ -67,7 +67,7 @@ pub enum Pass {
     /// [`Pass::Dq`]; see [`fused_prep_dq`]).
     PrepDq,
     /// The split whole-head walks' fixed-order combine of partition sums
-    /// (causal only, every dtype's kernel; see [`split_schedule`]).
+    /// (see [`split_schedule`]).
     StateScan,
 }
 
@@ -88,8 +88,9 @@ pub fn kernel_name(kind: Kind, pass: Pass, dtype: DType) -> Option<&'static str>
         ($($k:ident $p:ident $t:ident => $n:literal),* $(,)?) => {
             match (kind, pass, dtype) {
                 $((Kind::$k, $p, $t) => Some($n),)*
-                (_, Dkv | PrepDq, F32) | (Kind::NonCausal, StateScan, _) => None,
+                (_, Dkv | PrepDq, F32) => None,
                 (Kind::Causal, StateScan, _) => Some("causal_backward_state_scan"),
+                (Kind::NonCausal, StateScan, _) => Some("noncausal_backward_state_scan"),
             }
         };
     }
@@ -520,9 +521,9 @@ pub struct BackwardProblem {
     pub tiling: BackwardTiling,
     /// Whether the call normalises (needs the prep workspace).
     pub normalize: bool,
-    /// Partitions of the causal whole-head walks ([`split_schedule`]; one
+    /// Partitions of the whole-head walks ([`split_schedule`]; one
     /// partition otherwise). The workspace holds their states whenever
-    /// `parts > 1`, also for non-causal calls, which never split.
+    /// `parts > 1`.
     pub schedule: Schedule,
 }
 
@@ -693,8 +694,8 @@ fn scan_blocks(d: usize, m: usize) -> usize {
     (d * m + d).div_ceil(THREADS as usize)
 }
 
-/// The split schedule of the causal whole-head walks, plain Rust so it is
-/// unit-tested without a GPU.
+/// The split schedule of the whole-head walks (causal and non-causal),
+/// plain Rust so it is unit-tested without a GPU.
 ///
 /// A whole-head walk is one block per sequence-head walking its sequence
 /// chunk by chunk; with few sequence-heads and long sequences most SMs
@@ -833,8 +834,8 @@ pub struct BackwardLaunch {
 
 /// Builds the launches: prep (when normalising) and dq, or the fused prep +
 /// dq walk; then dk and dv, or the merged dk + dv walk. A split schedule
-/// (causal whole-head walks, `bp.schedule.parts > 1`) precedes each walk
-/// with its partition sums and the scan: six launches.
+/// (whole-head walks, `bp.schedule.parts > 1`) precedes each walk with its
+/// partition sums and the scan: six launches.
 pub fn plan(
     kind: Kind,
     dtype: DType,
@@ -865,10 +866,11 @@ pub fn plan(
     } else {
         (0, 0)
     };
-    // The split walks (causal whole-head walks only): partition states after
-    // the per-token workspace.
+    // The split whole-head walks: partition states after the per-token
+    // workspace.
     let parts = bp.schedule.parts;
-    let split = kind == Kind::Causal && fused.is_some() && merged.is_some() && parts > 1;
+    let split = fused.is_some() && merged.is_some() && parts > 1;
+    let causal = kind == Kind::Causal;
     let (work_s, work_z) = if split {
         let s = ptrs.workspace + (norm_floats(bp) * 4) as u64;
         (s, s + (sh * parts * d * m * 4) as u64)
@@ -997,11 +999,12 @@ pub fn plan(
     let work = vec![(work_den, rows * 4), (work_dden, prep_slots * rows * 4)];
     if let Some(pt) = fused {
         if split {
-            out.extend(sums_and_scan(
-                Pass::PrepDq,
-                pt,
-                LinattnBackwardState::LINATTN_BWD_SCAN_PREFIX,
-            ));
+            let scan = if causal {
+                LinattnBackwardState::LINATTN_BWD_SCAN_PREFIX
+            } else {
+                LinattnBackwardState::LINATTN_BWD_SCAN_TOTAL_IN
+            };
+            out.extend(sums_and_scan(Pass::PrepDq, pt, scan));
         }
         let mut writes = if bp.normalize { work } else { Vec::new() };
         writes.push(bytes(ptrs.dq, &sp.q, d));
@@ -1015,11 +1018,12 @@ pub fn plan(
     let (sn, zn) = (problem.state_s_len() * 4, problem.state_z_len() * 4);
     if let Some(pt) = merged {
         if split {
-            out.extend(sums_and_scan(
-                Pass::Dkv,
-                pt,
-                LinattnBackwardState::LINATTN_BWD_SCAN_SUFFIX,
-            ));
+            let scan = if causal {
+                LinattnBackwardState::LINATTN_BWD_SCAN_SUFFIX
+            } else {
+                LinattnBackwardState::LINATTN_BWD_SCAN_TOTAL_FINAL
+            };
+            out.extend(sums_and_scan(Pass::Dkv, pt, scan));
         }
         out.push(launch(
             Pass::Dkv,
@@ -1882,15 +1886,23 @@ mod tests {
         for i in [0, 1, 3, 4] {
             assert_eq!(l[i].writes, [(work_s, h * 3 * (d * m + d) * 4)]);
         }
-        // Non-causal calls never split (their workspace keeps the room).
+        // Non-causal: the scans put the total in every slot.
         let nc = plan(Kind::NonCausal, DType::F16, &bp, &opts, &ptrs);
-        assert_eq!(
-            nc.iter().map(|l| l.pass).collect::<Vec<_>>(),
-            [Pass::PrepDq, Pass::Dkv]
-        );
-        assert!(nc
+        let got: Vec<(Pass, i32)> = nc
             .iter()
-            .all(|l| l.plan.grid[1] == 1 && l.plan.params.num_parts == 1));
+            .map(|l| (l.pass, l.plan.params.state_mode))
+            .collect();
+        let want = [
+            (Pass::PrepDq, LINATTN_BWD_PARTIALS),
+            (Pass::StateScan, LINATTN_BWD_SCAN_TOTAL_IN),
+            (Pass::PrepDq, LINATTN_BWD_FROM_WORK),
+            (Pass::Dkv, LINATTN_BWD_PARTIALS),
+            (Pass::StateScan, LINATTN_BWD_SCAN_TOTAL_FINAL),
+            (Pass::Dkv, LINATTN_BWD_FROM_WORK),
+        ]
+        .map(|(p, s)| (p, s as i32));
+        assert_eq!(got, want);
+        assert_eq!(nc[1].plan.kernel, "noncausal_backward_state_scan");
     }
 
     #[test]

@@ -184,8 +184,8 @@ pub struct AttentionOptions {
     pub eps: f32,
     /// The scale `s` on phi(q) (default 1.0).
     pub scale: f32,
-    /// Walk or split: the forward kernels, and the causal backward's
-    /// whole-head walks ([`crate::ops::backward::split_schedule`]).
+    /// Walk or split: the forward kernels, and the backward's whole-head
+    /// walks ([`crate::ops::backward::split_schedule`]).
     pub schedule: ScheduleChoice,
 }
 
