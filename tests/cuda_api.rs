@@ -138,14 +138,7 @@ fn cuda_and_raw_entry_points_match_device_bits() {
                 },
             ),
             _ => {
-                let lens = Lens {
-                    q: usize::MAX,
-                    k: usize::MAX,
-                    v: usize::MAX,
-                    o: usize::MAX,
-                    initial: None,
-                    final_state: Some((usize::MAX, usize::MAX)),
-                };
+                let lens = Lens::unknown(false, true);
                 let problem =
                     forward::validate("cuda_api", bf16::DTYPE, &shape, Some(&cu), &opts, &lens)
                         .unwrap();
@@ -263,22 +256,8 @@ fn cuda_and_raw_entry_points_match_device_bits() {
                     },
                 ),
                 _ => {
-                    let lens = Lens {
-                        q: usize::MAX,
-                        k: usize::MAX,
-                        v: usize::MAX,
-                        o: usize::MAX,
-                        initial: Some((usize::MAX, usize::MAX)),
-                        final_state: None,
-                    };
-                    let glens = backward::GradLens {
-                        d_o: usize::MAX,
-                        dq: usize::MAX,
-                        dk: usize::MAX,
-                        dv: usize::MAX,
-                        d_final: None,
-                        d_initial: Some((usize::MAX, usize::MAX)),
-                    };
+                    let lens = Lens::unknown(true, false);
+                    let glens = backward::GradLens::unknown(false, true);
                     let bp = backward::validate(
                         "cuda_api",
                         bf16::DTYPE,

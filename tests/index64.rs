@@ -258,17 +258,6 @@ fn emulator() -> Emulator {
     Emulator::unchecked().expect("the emulator is compiled into tests")
 }
 
-fn unknown_lens() -> Lens {
-    Lens {
-        q: usize::MAX,
-        k: usize::MAX,
-        v: usize::MAX,
-        o: usize::MAX,
-        initial: None,
-        final_state: None,
-    }
-}
-
 fn check(what: &str, got: &[f64], want: &[f64], tol: f64) {
     assert!(
         got.iter().all(|x| x.is_finite()),
@@ -333,8 +322,15 @@ fn forward_case<T: Element>(
         schedule,
         ..AttentionOptions::default()
     };
-    let problem = forward::validate("index64", T::DTYPE, &shape, cu, &opts, &unknown_lens())
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let problem = forward::validate(
+        "index64",
+        T::DTYPE,
+        &shape,
+        cu,
+        &opts,
+        &Lens::unknown(false, false),
+    )
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
     let mut ws = vec![0f32; forward::workspace_len(kind, &problem, &opts)];
     let cu64: Vec<i64> = cu.unwrap_or(&[]).iter().map(|&c| c as i64).collect();
     let ptrs = RawForward {
@@ -423,21 +419,14 @@ fn backward_case<T: Element>(kind: Kind, big: Big, d: usize, m: usize, schedule:
         schedule,
         ..AttentionOptions::default()
     };
-    let grads = GradLens {
-        d_o: usize::MAX,
-        dq: usize::MAX,
-        dk: usize::MAX,
-        dv: usize::MAX,
-        d_final: None,
-        d_initial: None,
-    };
+    let grads = GradLens::unknown(false, false);
     let bp = backward::validate(
         "index64",
         T::DTYPE,
         &shape,
         None,
         &opts,
-        &unknown_lens(),
+        &Lens::unknown(false, false),
         &grads,
     )
     .unwrap_or_else(|e| panic!("{what}: {e}"));

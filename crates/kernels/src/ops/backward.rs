@@ -552,6 +552,22 @@ pub struct GradLens {
     pub d_initial: Option<(usize, usize)>,
 }
 
+impl GradLens {
+    /// Lengths the caller cannot vouch for (raw addresses): every gradient
+    /// unknown, the state gradients present or absent as given.
+    pub fn unknown(d_final: bool, d_initial: bool) -> Self {
+        let pair = |on: bool| on.then_some((usize::MAX, usize::MAX));
+        GradLens {
+            d_o: usize::MAX,
+            dq: usize::MAX,
+            dk: usize::MAX,
+            dv: usize::MAX,
+            d_final: pair(d_final),
+            d_initial: pair(d_initial),
+        }
+    }
+}
+
 /// Elements a buffer needs for `s` over `dim` (None on overflow).
 fn span(shape: &AttentionShape, s: &Strides, dim: usize) -> Option<usize> {
     if shape.tokens == 0 || shape.batch == 0 || shape.heads == 0 {
@@ -1502,23 +1518,8 @@ unsafe fn backward_raw<E: Executor>(
     opts: &AttentionOptions,
 ) -> Result<()> {
     let kernel = module(kind);
-    let pair = |s: u64| (s != 0).then_some((usize::MAX, usize::MAX));
-    let lens = Lens {
-        q: usize::MAX,
-        k: usize::MAX,
-        v: usize::MAX,
-        o: usize::MAX,
-        initial: pair(ptrs.initial_s),
-        final_state: None,
-    };
-    let glens = GradLens {
-        d_o: usize::MAX,
-        dq: usize::MAX,
-        dk: usize::MAX,
-        dv: usize::MAX,
-        d_final: pair(ptrs.d_final_s),
-        d_initial: pair(ptrs.d_initial_s),
-    };
+    let lens = Lens::unknown(ptrs.initial_s != 0, false);
+    let glens = GradLens::unknown(ptrs.d_final_s != 0, ptrs.d_initial_s != 0);
     let bp = validate(kernel, dtype, shape, cu_seqlens, opts, &lens, &glens)?;
     check_raw(kernel, dtype, ptrs, &bp)?;
     let launches = plan(kind, dtype, &bp, opts, ptrs);
@@ -1851,21 +1852,29 @@ mod tests {
             ..Default::default()
         };
         use LinattnBackwardState::*;
+        // (pass, state mode) of each launch, and the six a split plans with
+        // the given scans.
+        let modes = |l: &[BackwardLaunch]| -> Vec<(Pass, i32)> {
+            l.iter()
+                .map(|l| (l.pass, l.plan.params.state_mode))
+                .collect()
+        };
+        let six = |into_dq: LinattnBackwardState, into_dkv: LinattnBackwardState| {
+            [
+                (Pass::PrepDq, LINATTN_BWD_PARTIALS),
+                (Pass::StateScan, into_dq),
+                (Pass::PrepDq, LINATTN_BWD_FROM_WORK),
+                (Pass::Dkv, LINATTN_BWD_PARTIALS),
+                (Pass::StateScan, into_dkv),
+                (Pass::Dkv, LINATTN_BWD_FROM_WORK),
+            ]
+            .map(|(p, s)| (p, s as i32))
+        };
         let l = plan(Kind::Causal, DType::F16, &bp, &opts, &ptrs);
-        let got: Vec<(Pass, i32)> = l
-            .iter()
-            .map(|l| (l.pass, l.plan.params.state_mode))
-            .collect();
-        let want = [
-            (Pass::PrepDq, LINATTN_BWD_PARTIALS),
-            (Pass::StateScan, LINATTN_BWD_SCAN_PREFIX),
-            (Pass::PrepDq, LINATTN_BWD_FROM_WORK),
-            (Pass::Dkv, LINATTN_BWD_PARTIALS),
-            (Pass::StateScan, LINATTN_BWD_SCAN_SUFFIX),
-            (Pass::Dkv, LINATTN_BWD_FROM_WORK),
-        ]
-        .map(|(p, s)| (p, s as i32));
-        assert_eq!(got, want);
+        assert_eq!(
+            modes(&l),
+            six(LINATTN_BWD_SCAN_PREFIX, LINATTN_BWD_SCAN_SUFFIX)
+        );
         let work_s = ws + (norm * 4) as u64;
         for x in &l {
             let p = &x.plan.params;
@@ -1888,20 +1897,10 @@ mod tests {
         }
         // Non-causal: the scans put the total in every slot.
         let nc = plan(Kind::NonCausal, DType::F16, &bp, &opts, &ptrs);
-        let got: Vec<(Pass, i32)> = nc
-            .iter()
-            .map(|l| (l.pass, l.plan.params.state_mode))
-            .collect();
-        let want = [
-            (Pass::PrepDq, LINATTN_BWD_PARTIALS),
-            (Pass::StateScan, LINATTN_BWD_SCAN_TOTAL_IN),
-            (Pass::PrepDq, LINATTN_BWD_FROM_WORK),
-            (Pass::Dkv, LINATTN_BWD_PARTIALS),
-            (Pass::StateScan, LINATTN_BWD_SCAN_TOTAL_FINAL),
-            (Pass::Dkv, LINATTN_BWD_FROM_WORK),
-        ]
-        .map(|(p, s)| (p, s as i32));
-        assert_eq!(got, want);
+        assert_eq!(
+            modes(&nc),
+            six(LINATTN_BWD_SCAN_TOTAL_IN, LINATTN_BWD_SCAN_TOTAL_FINAL)
+        );
         assert_eq!(nc[1].plan.kernel, "noncausal_backward_state_scan");
     }
 

@@ -516,6 +516,22 @@ pub struct Lens {
     pub final_state: Option<(usize, usize)>,
 }
 
+impl Lens {
+    /// Lengths the caller cannot vouch for (raw addresses): every tensor
+    /// unknown, the states present or absent as given.
+    pub fn unknown(initial: bool, final_state: bool) -> Self {
+        let pair = |on: bool| on.then_some((usize::MAX, usize::MAX));
+        Lens {
+            q: usize::MAX,
+            k: usize::MAX,
+            v: usize::MAX,
+            o: usize::MAX,
+            initial: pair(initial),
+            final_state: pair(final_state),
+        }
+    }
+}
+
 /// Validates a forward call; `cu_seqlens` makes it a varlen call.
 pub fn validate(
     kernel: &'static str,
@@ -1264,14 +1280,7 @@ unsafe fn forward_raw<E: Executor>(
     opts: &AttentionOptions,
 ) -> Result<()> {
     let kernel = kind.module();
-    let lens = Lens {
-        q: usize::MAX,
-        k: usize::MAX,
-        v: usize::MAX,
-        o: usize::MAX,
-        initial: (ptrs.initial_s != 0).then_some((usize::MAX, usize::MAX)),
-        final_state: (ptrs.final_s != 0).then_some((usize::MAX, usize::MAX)),
-    };
+    let lens = Lens::unknown(ptrs.initial_s != 0, ptrs.final_s != 0);
     let problem = validate(kernel, dtype, shape, cu_seqlens, opts, &lens)?;
     let ws_floats = workspace_len(kind, &problem, opts);
     check_raw(kernel, dtype, ptrs, &problem, ws_floats)?;
@@ -1555,14 +1564,7 @@ mod tests {
             tokens: usize::MAX / 4,
             ..shape
         };
-        let hl = Lens {
-            q: usize::MAX,
-            k: usize::MAX,
-            v: usize::MAX,
-            o: usize::MAX,
-            initial: None,
-            final_state: None,
-        };
+        let hl = Lens::unknown(false, false);
         assert!(err(&huge, None, &opts, &hl).contains("overflows"));
     }
 
