@@ -139,9 +139,16 @@ fn cuda_and_raw_entry_points_match_device_bits() {
             ),
             _ => {
                 let lens = Lens::unknown(false, true);
-                let problem =
-                    forward::validate("cuda_api", bf16::DTYPE, &shape, Some(&cu), &opts, &lens)
-                        .unwrap();
+                let problem = forward::validate(
+                    "cuda_api",
+                    bf16::DTYPE,
+                    &shape,
+                    Some(&cu),
+                    &opts,
+                    &lens,
+                    &g.target(),
+                )
+                .unwrap();
                 let ws_len = forward::workspace_len(forward::Kind::Causal, &problem, &opts);
                 let ws = g.stream().alloc_zeros::<f32>(ws_len.max(1)).unwrap();
                 let cu64: Vec<i64> = cu.iter().map(|&c| c as i64).collect();
@@ -266,6 +273,7 @@ fn cuda_and_raw_entry_points_match_device_bits() {
                         &opts,
                         &lens,
                         &glens,
+                        &g.target(),
                     )
                     .unwrap();
                     let ws_len = backward::workspace_len(&bp);

@@ -71,6 +71,7 @@ pub mod params;
 #[rustfmt::skip]
 mod params_sys;
 pub mod plan;
+pub mod target;
 
 pub use device::{Buffer, Device};
 pub use dtype::{DType, Element};
@@ -80,6 +81,7 @@ pub use emu::Emulator;
 pub use error::{Error, Result};
 pub use gpu::{device_count, driver_present, DeviceInfo, Gpu};
 pub use plan::{Executor, LaunchPlan};
+pub use target::{KernelFootprint, Target};
 
 /// Whether this build includes the CPU emulator (feature `emulator`).
 pub const EMULATOR_BUILT: bool = cfg!(feature = "emulator");
