@@ -76,8 +76,10 @@ impl KernelFootprint {
         threads: u32,
         shared_bytes: u32,
     ) -> Self {
-        let denom = max_threads * min_blocks;
-        let cap = if denom == 0 { 255 } else { 65_536 / denom };
+        let cap = match 65_536u32.checked_div(max_threads * min_blocks) {
+            Some(c) => c,
+            None => 255,
+        };
         let cap = if cap > 255 { 255 } else { cap };
         KernelFootprint {
             threads,
@@ -180,11 +182,10 @@ impl Target {
         let warps = k.threads.div_ceil(32);
         let by_threads = self.max_threads_per_sm / (warps * 32);
         let regs_per_warp = (k.regs_per_thread * 32).next_multiple_of(REG_ALLOC_UNIT_PER_WARP);
-        let by_regs = if regs_per_warp == 0 {
-            u32::MAX
-        } else {
-            (self.regs_per_sm / regs_per_warp) / warps
-        };
+        let by_regs = self
+            .regs_per_sm
+            .checked_div(regs_per_warp)
+            .map_or(u32::MAX, |w| w / warps);
         by_shared
             .min(by_threads)
             .min(by_regs)
