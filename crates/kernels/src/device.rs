@@ -37,14 +37,16 @@ pub enum Buffer<T> {
 /// when dropped and no kernel ever touches it.
 fn empty_cuda<T: Element>(g: &Gpu) -> Result<CudaSlice<T>> {
     let st = g.stream();
-    let one = st
-        .alloc_zeros::<T>(1)
-        .map_err(|e| Error::driver("cuMemAlloc (the backing of an empty buffer)", e))?;
-    let ptr = one.leak();
-    // SAFETY: `ptr` is a live allocation of this stream's context that
-    // nothing else owns (leaked above); the new slice takes it over and
-    // frees it on drop, and its length 0 lets no copy or kernel touch it.
-    Ok(unsafe { st.upgrade_device_ptr(ptr, 0) })
+    crate::gpu::guarded("an empty buffer", || {
+        let one = st
+            .alloc_zeros::<T>(1)
+            .map_err(|e| Error::driver("cuMemAlloc (the backing of an empty buffer)", e))?;
+        let ptr = one.leak();
+        // SAFETY: `ptr` is a live allocation of this stream's context that
+        // nothing else owns (leaked above); the new slice takes it over and
+        // frees it on drop, and its length 0 lets no copy or kernel touch it.
+        Ok(unsafe { st.upgrade_device_ptr(ptr, 0) })
+    })
 }
 
 /// Keeps cudarc's stream-ordering guard alive until the launch is enqueued.

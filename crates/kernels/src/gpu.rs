@@ -42,7 +42,7 @@ pub struct DeviceInfo {
 
 /// Runs a driver call, turning cudarc's panics (it panics when a symbol or
 /// library is missing) into errors: linking this crate must never abort a host.
-fn guarded<T>(context: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(crate) fn guarded<T>(context: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(panic) => {
