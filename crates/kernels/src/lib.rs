@@ -79,7 +79,7 @@ pub use embedded::{build_status, embedded_modules, ptxas_report, BuildStatus, Ke
 #[cfg(feature = "emulator")]
 pub use emu::Emulator;
 pub use error::{Error, Result};
-pub use gpu::{device_count, driver_present, DeviceInfo, Gpu};
+pub use gpu::{device_count, driver_present, DeviceInfo, Gpu, SYNC_LAUNCHES_ENV};
 pub use plan::{Executor, LaunchPlan};
 pub use target::{KernelFootprint, Target};
 
