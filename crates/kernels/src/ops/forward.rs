@@ -1816,4 +1816,119 @@ mod tests {
             "{e}"
         );
     }
+
+    /// The executor's target reaches the schedule: on the emulator standing
+    /// in for an H200 (264 resident f32 D = M = 64 walks) 120 sequence-heads
+    /// split in two, standing in for an A100 (216) they walk; both match the
+    /// f64 reference (NaN-poisoned output, every element checked).
+    #[cfg(feature = "emulator")]
+    #[test]
+    fn the_executor_target_decides_the_schedule() {
+        use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
+        use std::sync::Arc;
+        let (h, n, d) = (120, 256, 64);
+        let shape = AttentionShape::bhnd(1, h, n, d, d);
+        let opts = AttentionOptions::default();
+        let mut rng = Rng::new(test_seed());
+        let host: Vec<Vec<f32>> = (0..3)
+            .map(|_| {
+                rng.normal_vec(h * n * d)
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect()
+            })
+            .collect();
+        let lay = linattn_reference::Layout {
+            batch: 1,
+            heads: h,
+            tokens: n,
+            dim: d,
+            batch_stride: h * n * d,
+            token_stride: d,
+            head_stride: n * d,
+        };
+        let f64s: Vec<Vec<f64>> = host
+            .iter()
+            .map(|x| x.iter().map(|&v| v as f64).collect())
+            .collect();
+        let view = |x| linattn_reference::View::new(x, lay).unwrap();
+        let ropts = linattn_reference::LinearAttentionOptions {
+            feature_map: linattn_reference::FeatureMap::EluPlusOne,
+            normalize: true,
+            eps: opts.eps as f64,
+            scale: 1.0,
+        };
+        let (want, _) = linattn_reference::causal_linear_attention(
+            view(&f64s[0]),
+            view(&f64s[1]),
+            view(&f64s[2]),
+            &ropts,
+            None,
+        )
+        .unwrap();
+        for (target, parts) in [(Target::H200, 2), (Target::A100, 1)] {
+            let p = validate(
+                "t",
+                DType::F32,
+                &shape,
+                None,
+                &opts,
+                &lens_for(&shape),
+                &target,
+            )
+            .unwrap();
+            let sched = schedule(opts.schedule, h, &p.tiling, n, p.resident_walks);
+            assert_eq!(sched.parts, parts, "{}", target.arch());
+            let emu = crate::Emulator::unchecked().unwrap().with_target(target);
+            let dev = Device::Emulator(Arc::new(emu));
+            let up = |x: &Vec<f32>| dev.upload(x).unwrap();
+            let (q, k, v) = (up(&host[0]), up(&host[1]), up(&host[2]));
+            let mut o = dev.upload(&vec![f32::NAN; h * n * d]).unwrap();
+            causal_forward(
+                &dev,
+                Qkv {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                },
+                &mut o,
+                &shape,
+                None,
+                &opts,
+                StateIo::none(),
+            )
+            .unwrap();
+            let got: Vec<f64> = dev
+                .download(&o)
+                .unwrap()
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            assert!(
+                got.iter().all(|x| x.is_finite()),
+                "{}: unwritten output",
+                target.arch()
+            );
+            let err = rel_l2_error(&got, want.data());
+            assert!(err < 1e-6, "{}: rel L2 error {err:e}", target.arch());
+            // The raw path asks the executor: without a workspace the split
+            // (H200) is refused, the walk (A100) runs.
+            let emu = crate::Emulator::unchecked().unwrap().with_target(target);
+            let mut o = vec![f32::NAN; h * n * d];
+            let ptrs = RawForward {
+                q: host[0].as_ptr() as u64,
+                k: host[1].as_ptr() as u64,
+                v: host[2].as_ptr() as u64,
+                o: o.as_mut_ptr() as u64,
+                ..RawForward::default()
+            };
+            // SAFETY: host buffers covering the shape; nothing else aliases o.
+            let r = unsafe { causal_forward_raw(&emu, DType::F32, &ptrs, &shape, None, &opts) };
+            match (parts, r) {
+                (1, Ok(())) => assert!(o.iter().all(|x| x.is_finite())),
+                (2, Err(e)) => assert!(e.to_string().contains("workspace"), "{e}"),
+                (_, r) => panic!("{}: {r:?}", target.arch()),
+            }
+        }
+    }
 }
