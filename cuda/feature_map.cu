@@ -16,17 +16,27 @@ constexpr int kItems = 4;
 
 template <typename T>
 __device__ __forceinline__ void feature_map_body(const LinattnFeatureMapParams& p) {
-    const T* __restrict__ x = linattn::ptr<const T>(p.x);
-    T* __restrict__ y = linattn::ptr<T>(p.y);
+    // No __restrict__: y may be x (in place, equal row strides; the raw entry
+    // point refuses any other overlap). Every element is read and written by
+    // one thread, all its loads before its stores, so in place is safe and the
+    // loads are still issued together.
+    const T* x = linattn::ptr<const T>(p.x);
+    T* y = linattn::ptr<T>(p.y);
     const int64_t col0 = (int64_t)blockIdx.x * (kThreads * kItems) + threadIdx.x;
     for (int64_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
         const T* xr = x + r * p.x_row_stride;
         T* yr = y + r * p.y_row_stride;
+        float v[kItems];
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) {
+            const int64_t c = col0 + (int64_t)i * kThreads;
+            v[i] = c < p.cols ? linattn::to_float(xr[c]) : 0.0f;
+        }
 #pragma unroll
         for (int i = 0; i < kItems; ++i) {
             const int64_t c = col0 + (int64_t)i * kThreads;
             if (c < p.cols) {
-                yr[c] = linattn::from_float<T>(linattn::phi(linattn::to_float(xr[c]), p.feature_map));
+                yr[c] = linattn::from_float<T>(linattn::phi(v[i], p.feature_map));
             }
         }
     }

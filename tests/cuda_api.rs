@@ -4,6 +4,10 @@
 //! offsets, states). Forward (varlen, final state), backward (whole-head
 //! walks, initial state, d_initial), decode and the feature map.
 //!
+//! Also: two threads sharing one `Gpu` with different shared-memory sizes
+//! of the same kernel (the attribute is set once, at load, never per
+//! launch), empty buffers, and the `LINATTN_SYNC_LAUNCHES` switch.
+//!
 //! GPU only: without one it says so and checks nothing here. On every
 //! machine the raw entry points run through the emulator in
 //! `tests/index64.rs`, and the `Device` ones everywhere else.
@@ -21,8 +25,8 @@ use linattn_kernels::ops::forward::{
     self, causal_forward, causal_forward_cuda, AttentionOptions, AttentionShape, Lens, Qkv,
     RawForward, ScheduleChoice, StateIo, StateMut, StateRef,
 };
-use linattn_kernels::{Buffer, BuildStatus, Device, Element, Gpu};
-use linattn_reference::testing::{test_seed, Rng};
+use linattn_kernels::{Buffer, BuildStatus, Device, Element, Executor, Gpu};
+use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
 
 fn gpu() -> Option<Arc<Gpu>> {
     match (Gpu::new(0), linattn_kernels::build_status()) {
@@ -139,9 +143,16 @@ fn cuda_and_raw_entry_points_match_device_bits() {
             ),
             _ => {
                 let lens = Lens::unknown(false, true);
-                let problem =
-                    forward::validate("cuda_api", bf16::DTYPE, &shape, Some(&cu), &opts, &lens)
-                        .unwrap();
+                let problem = forward::validate(
+                    "cuda_api",
+                    bf16::DTYPE,
+                    &shape,
+                    Some(&cu),
+                    &opts,
+                    &lens,
+                    &g.target(),
+                )
+                .unwrap();
                 let ws_len = forward::workspace_len(forward::Kind::Causal, &problem, &opts);
                 let ws = g.stream().alloc_zeros::<f32>(ws_len.max(1)).unwrap();
                 let cu64: Vec<i64> = cu.iter().map(|&c| c as i64).collect();
@@ -266,6 +277,7 @@ fn cuda_and_raw_entry_points_match_device_bits() {
                         &opts,
                         &lens,
                         &glens,
+                        &g.target(),
                     )
                     .unwrap();
                     let ws_len = backward::workspace_len(&bp);
@@ -361,4 +373,172 @@ fn cuda_and_raw_entry_points_match_device_bits() {
         bits(&dev, &y1),
         "feature map: cudarc-typed vs Device"
     );
+}
+
+/// One causal bf16 forward of `[1, heads, n, d]` on `dev` (walk schedule),
+/// its output, and its rel. L2 error against the f64 reference.
+fn walk_bf16(dev: &Device, heads: usize, n: usize, d: usize, seed: u64) -> (Vec<u64>, f64) {
+    let mut rng = Rng::new(seed);
+    let shape = AttentionShape::bhnd(1, heads, n, d, d);
+    let len = heads * n * d;
+    let host: Vec<Vec<bf16>> = (0..3)
+        .map(|_| {
+            rng.normal_vec(len)
+                .iter()
+                .map(|&v| bf16::from_f64(v))
+                .collect()
+        })
+        .collect();
+    let up = |x: &Vec<bf16>| dev.upload(x).unwrap();
+    let (q, k, v) = (up(&host[0]), up(&host[1]), up(&host[2]));
+    let mut o = nan::<bf16>(dev, len);
+    let opts = AttentionOptions {
+        schedule: ScheduleChoice::Walk,
+        ..AttentionOptions::default()
+    };
+    causal_forward(
+        dev,
+        Qkv {
+            q: &q,
+            k: &k,
+            v: &v,
+        },
+        &mut o,
+        &shape,
+        None,
+        &opts,
+        StateIo::none(),
+    )
+    .unwrap();
+    let got: Vec<f64> = dev
+        .download(&o)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_f64())
+        .collect();
+    let f64s = |x: &Vec<bf16>| x.iter().map(|v| v.to_f64()).collect::<Vec<f64>>();
+    let lay = linattn_reference::Layout {
+        batch: 1,
+        heads,
+        tokens: n,
+        dim: d,
+        batch_stride: heads * n * d,
+        token_stride: d,
+        head_stride: n * d,
+    };
+    let (q64, k64, v64) = (f64s(&host[0]), f64s(&host[1]), f64s(&host[2]));
+    let view = |x| linattn_reference::View::new(x, lay).unwrap();
+    let ropts = linattn_reference::LinearAttentionOptions {
+        feature_map: linattn_reference::FeatureMap::EluPlusOne,
+        normalize: true,
+        eps: opts.eps as f64,
+        scale: 1.0,
+    };
+    let (want, _) = linattn_reference::causal_linear_attention(
+        view(&q64),
+        view(&k64),
+        view(&v64),
+        &ropts,
+        None,
+    )
+    .unwrap();
+    assert!(got.iter().all(|x| x.is_finite()), "non-finite output");
+    let err = rel_l2_error(&got, want.data());
+    (got.iter().map(|x| x.to_bits()).collect(), err)
+}
+
+/// Two threads share one `Gpu` and launch the same kernel
+/// (`causal_forward_bf16`) with different dynamic shared memory (D = M =
+/// 128: 98,176 B; 64: 72,256 B; both past the 48 KiB default), alternating
+/// for many rounds. The old executor set the kernel's shared-memory
+/// attribute to each launch's own size on every launch, so one thread's
+/// set could land between the other's set and launch:
+/// CUDA_ERROR_INVALID_VALUE. Every run must succeed and give the bits of
+/// a single-threaded run (checked once against the f64 reference).
+#[test]
+fn threads_sharing_a_gpu_with_different_shared_sizes() {
+    use linattn_kernels::ops::forward::{tiling, walk_shared_bytes};
+    use linattn_kernels::DType;
+    let Some(g) = gpu() else { return };
+    let dev = Device::Gpu(g);
+    let bytes = |d| {
+        let t = tiling(DType::Bf16, d, d);
+        walk_shared_bytes(DType::Bf16, d, t.chunk, t.m_tile)
+    };
+    assert!(bytes(128) > 48 * 1024 && bytes(64) > 48 * 1024 && bytes(128) != bytes(64));
+    let seed = test_seed();
+    let cases = [(2usize, 256usize, 128usize), (3, 320, 64)];
+    let want: Vec<Vec<u64>> = cases
+        .iter()
+        .map(|&(h, n, d)| {
+            let (bits, err) = walk_bf16(&dev, h, n, d, seed ^ d as u64);
+            assert!(
+                err < 1e-2,
+                "d {d}: rel L2 error {err:e} against the reference"
+            );
+            eprintln!("d {d}: rel L2 error {err:e}");
+            bits
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        for (i, &(h, n, d)) in cases.iter().enumerate() {
+            let (dev, want) = (&dev, &want[i]);
+            scope.spawn(move || {
+                for round in 0..40 {
+                    let (bits, _) = walk_bf16(dev, h, n, d, seed ^ d as u64);
+                    assert!(
+                        bits == *want,
+                        "d {d}, round {round}: bits differ from the single-threaded run"
+                    );
+                }
+            });
+        }
+    });
+}
+
+/// Empty buffers on the GPU: upload and download of nothing, zeros of
+/// length 0, and a feature map over an empty view (no cuMemAlloc(0)).
+#[test]
+fn empty_buffers_on_the_gpu() {
+    let Some(g) = gpu() else { return };
+    let dev = Device::Gpu(g);
+    let e = dev.upload::<bf16>(&[]).unwrap();
+    assert!(e.is_empty());
+    assert!(dev.download(&e).unwrap().is_empty());
+    let mut z = dev.alloc_zeros::<bf16>(0).unwrap();
+    feature_map(
+        &dev,
+        &e,
+        &mut z,
+        &RowsShape::contiguous(0, 16),
+        linattn_kernels::FeatureMap::Relu,
+    )
+    .unwrap();
+    let z = dev.alloc_zeros::<f32>(3).unwrap();
+    assert_eq!(dev.download(&z).unwrap(), vec![0f32; 3]);
+    dev.synchronize().unwrap();
+}
+
+/// The GPU reports its own target: a supported capability, its SMs, and
+/// the per-block opt-in the 99 KiB tiling needs. With
+/// `LINATTN_SYNC_LAUNCHES=1` a `Gpu` opened afterwards synchronises after
+/// each launch and still computes the same bits.
+#[test]
+fn gpu_target_and_sync_launches() {
+    let Some(g) = gpu() else { return };
+    let t = g.target();
+    eprintln!("{} {t:?}", g.info().name);
+    assert!(t.compute_capability >= (8, 0), "{t:?}");
+    assert!(t.sms > 0 && t.shared_per_block_optin >= 99 * 1024, "{t:?}");
+    assert_eq!(Device::Gpu(g.clone()).target(), t);
+    let dev = Device::Gpu(g);
+    let (plain, _) = walk_bf16(&dev, 1, 96, 64, 5);
+    // SAFETY (edition 2021: safe): other tests in this binary that open a
+    // Gpu after this only synchronise more often.
+    std::env::set_var("LINATTN_SYNC_LAUNCHES", "1");
+    let synced = Gpu::new(0).unwrap();
+    std::env::remove_var("LINATTN_SYNC_LAUNCHES");
+    assert!(synced.syncs_launches());
+    let (bits, _) = walk_bf16(&Device::Gpu(Arc::new(synced)), 1, 96, 64, 5);
+    assert!(bits == plain, "synchronised launches changed the result");
 }

@@ -329,6 +329,7 @@ fn forward_case<T: Element>(
         cu,
         &opts,
         &Lens::unknown(false, false),
+        &emulator().target(),
     )
     .unwrap_or_else(|e| panic!("{what}: {e}"));
     let mut ws = vec![0f32; forward::workspace_len(kind, &problem, &opts)];
@@ -428,6 +429,7 @@ fn backward_case<T: Element>(kind: Kind, big: Big, d: usize, m: usize, schedule:
         &opts,
         &Lens::unknown(false, false),
         &grads,
+        &emulator().target(),
     )
     .unwrap_or_else(|e| panic!("{what}: {e}"));
     let mut ws = vec![0f32; backward::workspace_len(&bp)];

@@ -31,27 +31,41 @@ pub enum Buffer<T> {
     Cuda(CudaSlice<T>),
 }
 
+/// An empty `CudaSlice` on `g`'s stream. The driver refuses `cuMemAlloc(0)`
+/// (cudarc's `alloc(0)` and `null()` both ask for it), so this allocates one
+/// element and hands cudarc the address with length 0: the slice frees it
+/// when dropped and no kernel ever touches it.
+fn empty_cuda<T: Element>(g: &Gpu) -> Result<CudaSlice<T>> {
+    let st = g.stream();
+    crate::gpu::guarded("an empty buffer", || {
+        let one = st
+            .alloc_zeros::<T>(1)
+            .map_err(|e| Error::driver("cuMemAlloc (the backing of an empty buffer)", e))?;
+        let ptr = one.leak();
+        // SAFETY: `ptr` is a live allocation of this stream's context that
+        // nothing else owns (leaked above); the new slice takes it over and
+        // frees it on drop, and its length 0 lets no copy or kernel touch it.
+        Ok(unsafe { st.upgrade_device_ptr(ptr, 0) })
+    })
+}
+
 /// Keeps cudarc's stream-ordering guard alive until the launch is enqueued.
 pub(crate) struct PtrGuard<'a>(#[allow(dead_code)] Option<SyncOnDrop<'a>>);
 
 impl Device {
-    /// The first GPU if a driver and device are present, else the emulator
-    /// when compiled in; the error says why neither is available.
+    /// The first GPU if a driver and a supported device (compute capability
+    /// 8.0 or newer) are present, else the emulator when compiled in; the
+    /// error says why neither is available.
     ///
-    /// A GPU without device code in this build (no nvcc at build time) is
-    /// passed over for the emulator, since it could run nothing.
+    /// A GPU without device code in this build (no nvcc at build time), or
+    /// one too old to run it ([`Error::UnsupportedDevice`]), is passed over
+    /// for the emulator, since it could run nothing.
     pub fn best_available() -> Result<Self> {
         let gpu = match crate::build_status() {
             crate::BuildStatus::Built { .. } => Gpu::new(0),
             crate::BuildStatus::NotBuilt(reason) => Err(Error::KernelsNotBuilt { reason }),
         };
-        match gpu {
-            Ok(g) => Ok(Device::Gpu(Arc::new(g))),
-            #[cfg(feature = "emulator")]
-            Err(_) => Ok(Device::Emulator(Arc::new(crate::Emulator::new()?))),
-            #[cfg(not(feature = "emulator"))]
-            Err(e) => Err(e),
-        }
+        choose(gpu, fallback)
     }
 
     /// A short name for logs: the GPU's name or "CPU emulator".
@@ -68,9 +82,12 @@ impl Device {
         }
     }
 
-    /// Copies host data to this device.
+    /// Copies host data to this device. An empty slice gives an empty
+    /// buffer on every device (on a GPU without asking the driver for zero
+    /// bytes, which `cuMemAlloc` refuses).
     pub fn upload<T: Element>(&self, data: &[T]) -> Result<Buffer<T>> {
         match self {
+            Device::Gpu(g) if data.is_empty() => empty_cuda(g).map(Buffer::Cuda),
             Device::Gpu(g) => g
                 .stream()
                 .clone_htod(data)
@@ -78,6 +95,21 @@ impl Device {
                 .map_err(|e| Error::driver("cuMemcpyHtoD", e)),
             #[cfg(feature = "emulator")]
             Device::Emulator(_) => Ok(Buffer::Host(data.to_vec())),
+        }
+    }
+
+    /// A buffer of `len` zeros on this device (set where it lives: no host
+    /// copy crosses the bus). `len` 0 gives an empty buffer on every device.
+    pub fn alloc_zeros<T: Element>(&self, len: usize) -> Result<Buffer<T>> {
+        match self {
+            Device::Gpu(g) if len == 0 => empty_cuda(g).map(Buffer::Cuda),
+            Device::Gpu(g) => g
+                .stream()
+                .alloc_zeros::<T>(len)
+                .map(Buffer::Cuda)
+                .map_err(|e| Error::driver(format!("cuMemAlloc + cuMemset ({len} elements)"), e)),
+            #[cfg(feature = "emulator")]
+            Device::Emulator(_) => Ok(Buffer::Host(vec![bytemuck::Zeroable::zeroed(); len])),
         }
     }
 
@@ -105,6 +137,28 @@ impl Device {
             #[cfg(feature = "emulator")]
             Device::Emulator(_) => Ok(()),
         }
+    }
+}
+
+/// The emulator, when compiled in, for [`Device::best_available`].
+#[cfg(feature = "emulator")]
+fn fallback(_why: Error) -> Result<Device> {
+    Ok(Device::Emulator(Arc::new(crate::Emulator::new()?)))
+}
+
+/// Without the emulator there is nothing to fall back on: the GPU's error.
+#[cfg(not(feature = "emulator"))]
+fn fallback(why: Error) -> Result<Device> {
+    Err(why)
+}
+
+/// The decision of [`Device::best_available`], apart from opening devices:
+/// a usable GPU wins; any reason it is unusable (no driver, no device, no
+/// device code, compute capability below 8.0) goes to `fallback`.
+fn choose(gpu: Result<Gpu>, fallback: impl FnOnce(Error) -> Result<Device>) -> Result<Device> {
+    match gpu {
+        Ok(g) => Ok(Device::Gpu(Arc::new(g))),
+        Err(e) => fallback(e),
     }
 }
 
@@ -166,6 +220,14 @@ impl<T: Element> Buffer<T> {
 }
 
 impl Executor for Device {
+    fn target(&self) -> crate::Target {
+        match self {
+            Device::Gpu(g) => g.target(),
+            #[cfg(feature = "emulator")]
+            Device::Emulator(e) => e.target(),
+        }
+    }
+
     unsafe fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<()> {
         match self {
             // SAFETY: forwarded contract.
@@ -186,5 +248,56 @@ impl Executor for Device {
             #[cfg(feature = "emulator")]
             Device::Emulator(e) => unsafe { e.launch_writing(plan, writes) },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn too_old() -> Result<Gpu> {
+        Err(crate::target::check_compute_capability(0, "Tesla T4", (7, 5)).unwrap_err())
+    }
+
+    /// An sm_75 GPU (or no GPU, or no device code) is passed over: the
+    /// fallback gets the reason, and with the emulator compiled in, that is
+    /// what `best_available` gives.
+    #[test]
+    fn an_unusable_gpu_falls_back() {
+        let mut seen = None;
+        let r = choose(too_old(), |e| {
+            seen = Some(e.to_string());
+            Err(Error::EmulatorNotBuilt)
+        });
+        assert!(matches!(r, Err(Error::EmulatorNotBuilt)), "{r:?}");
+        let seen = seen.expect("the fallback was not asked");
+        assert!(seen.contains("Tesla T4") && seen.contains("7.5"), "{seen}");
+        let r = choose(Err(Error::NoDriver), fallback);
+        #[cfg(feature = "emulator")]
+        assert!(matches!(r, Ok(Device::Emulator(_))), "{r:?}");
+        #[cfg(not(feature = "emulator"))]
+        assert!(matches!(r, Err(Error::NoDriver)), "{r:?}");
+        let r = choose(too_old(), fallback);
+        #[cfg(feature = "emulator")]
+        assert!(matches!(r, Ok(Device::Emulator(_))), "{r:?}");
+        #[cfg(not(feature = "emulator"))]
+        assert!(matches!(r, Err(Error::UnsupportedDevice { .. })), "{r:?}");
+    }
+
+    /// Empty uploads and zero-filled buffers of any length work on every
+    /// device `best_available` gives (on a GPU without `cuMemAlloc(0)`).
+    #[test]
+    fn empty_and_zeroed_buffers() {
+        let Ok(dev) = Device::best_available() else {
+            eprintln!("no device: skipped");
+            return;
+        };
+        let e = dev.upload::<f32>(&[]).unwrap();
+        assert!(e.is_empty());
+        assert_eq!(dev.download(&e).unwrap(), Vec::<f32>::new());
+        let z = dev.alloc_zeros::<half::bf16>(0).unwrap();
+        assert_eq!(z.len(), 0);
+        let z = dev.alloc_zeros::<f32>(5).unwrap();
+        assert_eq!(dev.download(&z).unwrap(), vec![0f32; 5]);
     }
 }

@@ -8,6 +8,7 @@ use linattn_emulator::{LaunchConfig, Module};
 
 use crate::params::KernelParams;
 use crate::plan::{Executor, LaunchPlan};
+use crate::target::{Target, MIN_SHARED_PER_BLOCK_OPTIN};
 use crate::{Error, Result};
 
 extern "C" {
@@ -22,10 +23,17 @@ extern "C" {
 /// twice, threads resumed in forward and in reverse order, and any difference
 /// is an error naming the kernel and block: a missing `__syncthreads` or a
 /// shared-memory race.
+///
+/// Scheduling plans for [`Emulator::target`] (default [`Target::H200`];
+/// choose another with [`Emulator::with_target`]), but dynamic shared
+/// memory is capped at [`MIN_SHARED_PER_BLOCK_OPTIN`] (99 KiB, the smallest
+/// opt-in of the supported architectures) whatever the target: the tiling
+/// is the same on every GPU, so every emulated launch proves it fits all.
 #[derive(Debug)]
 pub struct Emulator {
     module: Module,
     check_schedule: bool,
+    target: Target,
 }
 
 impl Emulator {
@@ -44,11 +52,26 @@ impl Emulator {
         // SAFETY: the symbol is the module descriptor the build helper generated
         // for this crate's static library; from_raw checks its magic and version.
         let module = unsafe { Module::from_raw(linattn_kernels_emu_module()) }
-            .map_err(|e| Error::Emulator(e.to_string()))?;
+            .map_err(|e| Error::Emulator(e.to_string()))?
+            .with_shared_limit(MIN_SHARED_PER_BLOCK_OPTIN as usize);
         Ok(Emulator {
             module,
             check_schedule,
+            target: Target::H200,
         })
+    }
+
+    /// This emulator, planning schedules for `target` (e.g. [`Target::A100`]
+    /// to run the launches an A100 would get). The shared memory cap stays
+    /// at [`MIN_SHARED_PER_BLOCK_OPTIN`].
+    pub fn with_target(mut self, target: Target) -> Self {
+        self.target = target;
+        self
+    }
+
+    /// The GPU the schedule policies plan for.
+    pub fn target(&self) -> Target {
+        self.target
     }
 
     /// The emulator without the schedule check, whatever `LINATTN_EMU_CHECK`
@@ -75,6 +98,14 @@ impl Emulator {
                 reason: "not compiled into the emulator library".into(),
             });
         }
+        if plan.shared_bytes > MIN_SHARED_PER_BLOCK_OPTIN {
+            return Err(Error::SharedMemory {
+                kernel: plan.kernel.to_string(),
+                bytes: plan.shared_bytes,
+                limit: MIN_SHARED_PER_BLOCK_OPTIN,
+                device: "the CPU emulator (the smallest opt-in of sm_80/86/89/90)".into(),
+            });
+        }
         Ok(LaunchConfig::new(
             plan.grid,
             plan.block,
@@ -84,6 +115,10 @@ impl Emulator {
 }
 
 impl Executor for Emulator {
+    fn target(&self) -> Target {
+        self.target
+    }
+
     unsafe fn launch<P: KernelParams>(&self, plan: &LaunchPlan<P>) -> Result<()> {
         let cfg = self.config(plan)?;
         // SAFETY: P is the kernel's params struct from params.h (KernelParams
@@ -124,7 +159,9 @@ impl Executor for Emulator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::forward::{self, AttentionShape, Kind, Lens, RawForward};
     use crate::params::LinattnFeatureMapParams;
+    use crate::DType;
 
     /// A plan naming a kernel the library lacks is an error naming it, not
     /// a crash, on both launch paths.
@@ -149,5 +186,66 @@ mod tests {
                 other => panic!("expected KernelMissing, got {other:?}"),
             }
         }
+    }
+
+    /// A real walk plan at the budget runs; the same plan one byte over is
+    /// [`Error::SharedMemory`] on both launch paths, before anything runs
+    /// (and the emulator crate's own limit agrees).
+    #[test]
+    fn shared_memory_past_99_kib_is_refused() {
+        let emu = Emulator::checked().unwrap().with_target(Target::A40);
+        assert_eq!(emu.target(), Target::A40);
+        assert_eq!(emu.module.shared_limit(), 99 * 1024);
+        // A walk whose plan sits near the budget (f32, d = m = 64).
+        let (h, n, d, m) = (1, 64, 64, 64);
+        let shape = AttentionShape::bnhd(1, h, n, d, m);
+        let opts = forward::AttentionOptions::default();
+        let lens = Lens::unknown(false, false);
+        let problem =
+            forward::validate("t", DType::F32, &shape, None, &opts, &lens, &emu.target()).unwrap();
+        let (q, k, v) = (vec![0.5f32; n * d], vec![0.25f32; n * d], vec![1f32; n * m]);
+        let mut o = vec![f32::NAN; n * m];
+        let ptrs = RawForward {
+            q: q.as_ptr() as u64,
+            k: k.as_ptr() as u64,
+            v: v.as_ptr() as u64,
+            o: o.as_mut_ptr() as u64,
+            ..RawForward::default()
+        };
+        let plan = forward::plan(Kind::Causal, DType::F32, &problem, &opts, &ptrs);
+        let forward::Launch::Walk(mut walk) = plan.launches[0] else {
+            panic!("expected the walk first: {:?}", plan.launches[0]);
+        };
+        assert!(walk.shared_bytes > 48 * 1024, "{}", walk.shared_bytes);
+        let writes = [(o.as_mut_ptr() as u64, o.len() * 4)];
+        // SAFETY: the buffers cover the shape.
+        unsafe { emu.launch_writing(&walk, &writes) }.unwrap();
+        assert!(o.iter().all(|x| x.is_finite()));
+        walk.shared_bytes = MIN_SHARED_PER_BLOCK_OPTIN;
+        // SAFETY: as above; the kernel uses less than it is given.
+        unsafe { emu.launch(&walk) }.unwrap();
+        walk.shared_bytes = MIN_SHARED_PER_BLOCK_OPTIN + 1;
+        o.fill(f32::NAN);
+        // SAFETY: refused before it runs.
+        for r in unsafe { [emu.launch(&walk), emu.launch_writing(&walk, &writes)] } {
+            match r {
+                Err(Error::SharedMemory {
+                    kernel,
+                    bytes,
+                    limit,
+                    ..
+                }) => {
+                    assert_eq!(kernel, "causal_forward_f32");
+                    assert_eq!((bytes, limit), (101_377, 101_376));
+                }
+                other => panic!("expected SharedMemory, got {other:?}"),
+            }
+        }
+        assert!(o.iter().all(|x| x.is_nan()), "a refused launch wrote");
+        // The emulator crate refuses it too, had the check above been missed.
+        let cfg = LaunchConfig::new(walk.grid, walk.block, 101_377);
+        // SAFETY: refused before it runs.
+        let r = unsafe { emu.module.launch_params(walk.kernel, &cfg, &walk.params) };
+        assert!(r.is_err(), "the emulator crate ran past its shared limit");
     }
 }

@@ -58,6 +58,49 @@ pub enum Error {
         /// The driver's message.
         message: String,
     },
+    /// The GPU's compute capability is below what the kernels need.
+    #[error("CUDA device {ordinal} ({name}) has compute capability {}.{}; linattn needs {}.{} or newer", compute_capability.0, compute_capability.1, minimum.0, minimum.1)]
+    UnsupportedDevice {
+        /// The device ordinal.
+        ordinal: usize,
+        /// The device's name.
+        name: String,
+        /// Its compute capability (major, minor).
+        compute_capability: (i32, i32),
+        /// The oldest supported capability.
+        minimum: (i32, i32),
+    },
+    /// A launch asks for more dynamic shared memory than the executor allows
+    /// it (the device's opt-in limit less the kernel's static shared memory
+    /// on a GPU; the smallest supported opt-in, 99 KiB, on the emulator).
+    #[error("{kernel}: {bytes} bytes of dynamic shared memory exceed the {limit} bytes {device} allows this kernel")]
+    SharedMemory {
+        /// The kernel's symbol.
+        kernel: String,
+        /// Dynamic shared memory the plan asks for.
+        bytes: u32,
+        /// The most the executor allows.
+        limit: u32,
+        /// The executor (GPU name and architecture, or the emulator).
+        device: String,
+    },
+    /// A kernel launch failed, at launch or (with `LINATTN_SYNC_LAUNCHES=1`,
+    /// which synchronises after every launch) while running.
+    #[error("kernel `{kernel}` (grid {grid:?}, block {block:?}, {shared_bytes} B dynamic shared memory) failed {stage}: {message}")]
+    Launch {
+        /// The kernel's symbol.
+        kernel: String,
+        /// Grid in blocks.
+        grid: [u32; 3],
+        /// Block in threads.
+        block: [u32; 3],
+        /// Dynamic shared memory per block.
+        shared_bytes: u32,
+        /// "at launch" or "while running".
+        stage: &'static str,
+        /// The driver's message.
+        message: String,
+    },
     /// The CPU emulator reported an error (a deadlock, a race, a bad launch).
     #[error("CPU emulator: {0}")]
     Emulator(String),

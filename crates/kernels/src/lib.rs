@@ -71,6 +71,7 @@ pub mod params;
 #[rustfmt::skip]
 mod params_sys;
 pub mod plan;
+pub mod target;
 
 pub use device::{Buffer, Device};
 pub use dtype::{DType, Element};
@@ -78,8 +79,9 @@ pub use embedded::{build_status, embedded_modules, ptxas_report, BuildStatus, Ke
 #[cfg(feature = "emulator")]
 pub use emu::Emulator;
 pub use error::{Error, Result};
-pub use gpu::{device_count, driver_present, DeviceInfo, Gpu};
+pub use gpu::{device_count, driver_present, DeviceInfo, Gpu, SYNC_LAUNCHES_ENV};
 pub use plan::{Executor, LaunchPlan};
+pub use target::{KernelFootprint, Target};
 
 /// Whether this build includes the CPU emulator (feature `emulator`).
 pub const EMULATOR_BUILT: bool = cfg!(feature = "emulator");

@@ -37,6 +37,10 @@ impl<P: KernelParams> LaunchPlan<P> {
 /// Runs launch plans. Implemented by [`crate::Gpu`] (a CUDA stream) and, with
 /// the `emulator` feature, by `Emulator` (the CPU).
 pub trait Executor {
+    /// The GPU the schedule policies plan for: the device's own properties
+    /// on a [`crate::Gpu`], the chosen stand-in on the emulator.
+    fn target(&self) -> crate::Target;
+
     /// Enqueue (GPU) or run to completion (emulator) one launch.
     ///
     /// # Safety

@@ -36,10 +36,11 @@ use crate::device::PtrGuard;
 use crate::dtype::{DType, Element};
 use crate::ops::forward::{
     self, AttentionOptions, AttentionShape, Kind, Lens, Problem, Schedule, ScheduleChoice,
-    StateMut, StateRef, Strides, ASSUMED_SMS, SHARED_BUDGET_BYTES, THREADS,
+    StateMut, StateRef, Strides, SHARED_BUDGET_BYTES, THREADS,
 };
 use crate::params::{LinattnBackwardParams, LinattnBackwardState};
 use crate::plan::{Executor, LaunchPlan};
+use crate::target::{KernelFootprint, Target};
 use crate::{Buffer, Device, Error, Gpu, Result};
 
 const MAX_GRID_X: usize = i32::MAX as usize;
@@ -605,7 +606,10 @@ fn rows_disjoint(shape: &AttentionShape, s: &Strides, dim: usize) -> bool {
 
 /// Validates a backward call: everything [`forward::validate`] checks for
 /// q, k, v, o and the initial state, plus dL/do, the gradient buffers
-/// (lengths, rows that never overlap) and the state gradients.
+/// (lengths, rows that never overlap) and the state gradients. `target`
+/// (the executor's [`Executor::target`]) decides the split schedule, never
+/// the tiling.
+#[allow(clippy::too_many_arguments)]
 pub fn validate(
     kernel: &'static str,
     dtype: DType,
@@ -614,13 +618,14 @@ pub fn validate(
     opts: &AttentionOptions,
     lens: &Lens,
     grads: &GradLens,
+    target: &Target,
 ) -> Result<BackwardProblem> {
     let fwd_lens = Lens {
         o: usize::MAX,
         final_state: None,
         ..*lens
     };
-    let problem = forward::validate(kernel, dtype, shape, cu_seqlens, opts, &fwd_lens)?;
+    let problem = forward::validate(kernel, dtype, shape, cu_seqlens, opts, &fwd_lens, target)?;
     for (arg, s, dim, len) in [
         ("d_o", &shape.o, shape.m, grads.d_o),
         ("dq", &shape.q, shape.d, grads.dq),
@@ -696,6 +701,7 @@ pub fn validate(
         shape.m,
         sh,
         problem.max_len,
+        whole_head_resident(target, shape.d, shape.m, &tiling),
     );
     Ok(BackwardProblem {
         problem,
@@ -710,19 +716,58 @@ fn scan_blocks(d: usize, m: usize) -> usize {
     (d * m + d).div_ceil(THREADS as usize)
 }
 
+/// The launch bounds of the whole-head walks (`*_dkv_*`, `*_prepdq_*`):
+/// `__launch_bounds__(512, 1)`, so ptxas gives a thread up to 128
+/// registers and a 512-thread block takes the whole register file: one
+/// block per SM on every architecture (two at 256 threads, if shared
+/// memory allows).
+pub const WHOLE_HEAD_LAUNCH_BOUNDS: (u32, u32) = (512, 1);
+
+/// Blocks of the whole-head walks for (d, m) the target holds at once: the
+/// smaller of the two walks' [`Target::resident_blocks`] (0 when the
+/// tiling has no whole-head walks).
+pub fn whole_head_resident(target: &Target, d: usize, m: usize, tiling: &BackwardTiling) -> usize {
+    let Some(threads) = dkv_threads(d, m) else {
+        return 0;
+    };
+    let (max_threads, min_blocks) = WHOLE_HEAD_LAUNCH_BOUNDS;
+    [
+        tiling.dkv.map(|t| dkv_mma_bytes(d, m, t.chunk)),
+        tiling.prep_dq.map(|t| prep_dq_mma_bytes(d, m, t.chunk)),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|bytes| {
+        let fp =
+            KernelFootprint::with_launch_bounds(max_threads, min_blocks, threads, bytes as u32);
+        target.resident_blocks(&fp)
+    })
+    .min()
+    .unwrap_or(0)
+}
+
 /// The split schedule of the whole-head walks (causal and non-causal),
 /// plain Rust so it is unit-tested without a GPU.
 ///
 /// A whole-head walk is one block per sequence-head walking its sequence
 /// chunk by chunk; with few sequence-heads and long sequences most SMs
 /// idle (B 2, H 16: 32 blocks, 512 chunks each at T = 16384). Split cuts
-/// every sequence into partitions of at least four chunks, up to one block
-/// per SM of [`ASSUMED_SMS`]: each walk then runs twice, once summing its
+/// every sequence into `p = floor(resident / seq_heads)` partitions (of at
+/// least four chunks), where `resident` is how many whole-head blocks the
+/// GPU holds at once ([`whole_head_resident`]: one per SM at D = M = 128,
+/// so 132 on an H200, 108 on an A100), so the split grid `seq_heads * p`
+/// runs in one wave. Each walk then runs twice, once summing its
 /// partition's state from zero, once from the state a fixed-order scan
-/// gives it, so a walk costs ~1.5x its work in exchange for `parts`-fold
-/// parallelism. `Walk`, heads without whole-head walks (f32, or a state
-/// past 64 tiles) and shapes whose scan grid would pass the x limit never
-/// split; `Split { parts }` forces it (capped by the chunks).
+/// gives it: ~1.5x the work in exchange for `p`-fold parallelism, a gain
+/// from `p = 2` on (`1.5 / 2 = 0.75` of the walk). Rounding `p` up
+/// instead would start a second wave that costs as much as the first (B 2,
+/// H 16 on an A100: `ceil(108 / 32) = 4` gives 128 blocks on 108 SMs, two
+/// waves of a quarter each, `1.5 * 2 / 4 = 0.75`; `floor` gives 3, one wave
+/// of a third, `1.5 / 3 = 0.5`). `Walk`, heads without whole-head walks
+/// (f32, or a state past 64 tiles) and shapes whose scan grid would pass
+/// the x limit never split; `Split { parts }` forces it (capped by the
+/// chunks).
+#[allow(clippy::too_many_arguments)]
 pub fn split_schedule(
     choice: ScheduleChoice,
     dtype: DType,
@@ -731,6 +776,7 @@ pub fn split_schedule(
     m: usize,
     seq_heads: usize,
     max_len: usize,
+    resident: usize,
 ) -> Schedule {
     let whole = match (tiling.prep_dq, tiling.dkv) {
         (Some(a), Some(b)) if uses_mma(dtype) && dkv_threads(d, m).is_some() => Some((a, b)),
@@ -753,7 +799,7 @@ pub fn split_schedule(
         ScheduleChoice::Walk => return one,
         ScheduleChoice::Split { parts } => parts.max(1),
         ScheduleChoice::Auto => {
-            let parts = (ASSUMED_SMS / seq_heads.max(1)).min(chunks / 4);
+            let parts = (resident / seq_heads.max(1)).min(chunks / 4);
             if parts < 2 {
                 return one;
             }
@@ -1161,7 +1207,16 @@ fn backward_device<T: Element>(
         d_final: states.d_final.as_ref().map(|s| (s.s.len(), s.z.len())),
         d_initial: states.d_initial.as_ref().map(|s| (s.s.len(), s.z.len())),
     };
-    let bp = validate(kernel, T::DTYPE, shape, cu_seqlens, opts, &lens, &glens)?;
+    let bp = validate(
+        kernel,
+        T::DTYPE,
+        shape,
+        cu_seqlens,
+        opts,
+        &lens,
+        &glens,
+        &dev.target(),
+    )?;
     let (_tc, cu) = temp::offsets(dev, &bp.problem.cu_seqlens, kernel)?;
     let ws_floats = workspace_len(&bp);
     let (_tw, ws) = temp::workspace(dev, ws_floats, kernel)?;
@@ -1295,7 +1350,16 @@ fn backward_cuda<
         d_final: states.d_final.as_ref().map(|s| (s.s.len(), s.z.len())),
         d_initial: states.d_initial.as_ref().map(|s| (s.s.len(), s.z.len())),
     };
-    let bp = validate(kernel, T::DTYPE, shape, cu_seqlens, opts, &lens, &glens)?;
+    let bp = validate(
+        kernel,
+        T::DTYPE,
+        shape,
+        cu_seqlens,
+        opts,
+        &lens,
+        &glens,
+        &gpu.target(),
+    )?;
     let st = gpu.stream();
     let (_tc, cu) = temp::offsets_cuda(gpu, &bp.problem.cu_seqlens, kernel)?;
     let ws_floats = workspace_len(&bp);
@@ -1520,7 +1584,16 @@ unsafe fn backward_raw<E: Executor>(
     let kernel = module(kind);
     let lens = Lens::unknown(ptrs.initial_s != 0, false);
     let glens = GradLens::unknown(ptrs.d_final_s != 0, ptrs.d_initial_s != 0);
-    let bp = validate(kernel, dtype, shape, cu_seqlens, opts, &lens, &glens)?;
+    let bp = validate(
+        kernel,
+        dtype,
+        shape,
+        cu_seqlens,
+        opts,
+        &lens,
+        &glens,
+        &exec.target(),
+    )?;
     check_raw(kernel, dtype, ptrs, &bp)?;
     let launches = plan(kind, dtype, &bp, opts, ptrs);
     // SAFETY: forwarded to the caller.
@@ -1770,9 +1843,11 @@ mod tests {
         let t = tiling_for(DType::Bf16, 128, 128);
         let chunk = t.dkv.unwrap().chunk.max(t.prep_dq.unwrap().chunk);
         let auto = ScheduleChoice::Auto;
+        let h200 = whole_head_resident(&Target::H200, 128, 128, &t);
+        assert_eq!(h200, 132);
         let s = |choice, dtype, sh, len| {
             let t = tiling_for(dtype, 128, 128);
-            split_schedule(choice, dtype, &t, 128, 128, sh, len)
+            split_schedule(choice, dtype, &t, 128, 128, sh, len, h200)
         };
         // B 2, H 16, T 16384: 32 blocks become 4 x 32 = 128 (<= 132 SMs).
         let a = s(auto, DType::Bf16, 32, 16384);
@@ -1806,10 +1881,11 @@ mod tests {
             5 * chunk + 7,
         );
         assert_eq!((f.parts, f.part_len), (3, 2 * chunk));
-        // D = M = 256 keeps the tiled passes: no split.
+        // D = M = 256 keeps the tiled passes: nothing resident, no split.
         let t256 = tiling_for(DType::Bf16, 256, 256);
+        assert_eq!(whole_head_resident(&Target::H200, 256, 256, &t256), 0);
         assert_eq!(
-            split_schedule(auto, DType::Bf16, &t256, 256, 256, 1, 1 << 16).parts,
+            split_schedule(auto, DType::Bf16, &t256, 256, 256, 1, 1 << 16, 132).parts,
             1
         );
         // A scan grid past the x limit: no split.
@@ -1825,6 +1901,71 @@ mod tests {
         );
     }
 
+    /// The split per architecture at bf16 D = M = 128 (512-thread
+    /// whole-head walks: one block per SM everywhere).
+    #[test]
+    fn split_schedule_per_architecture() {
+        let t = tiling_for(DType::Bf16, 128, 128);
+        let a100 = Target::A100;
+        let sm86 = Target::sm86(84);
+        for (g, want) in [(Target::H200, 132), (a100, 108), (sm86, 84)] {
+            assert_eq!(whole_head_resident(&g, 128, 128, &t), want, "{}", g.arch());
+        }
+        let parts = |g: &Target, sh: usize, len: usize| {
+            let r = whole_head_resident(g, 128, 128, &t);
+            split_schedule(ScheduleChoice::Auto, DType::Bf16, &t, 128, 128, sh, len, r).parts
+        };
+        // B 2, H 16, T 16384 (32 sequence-heads): 4 on the H200 (128 of
+        // 132 SMs), 3 on the A100 (96 of 108: one wave, not 128 in two),
+        // 2 on an 84-SM sm_86.
+        assert_eq!(parts(&Target::H200, 32, 16384), 4);
+        assert_eq!(parts(&a100, 32, 16384), 3);
+        assert_eq!(parts(&sm86, 32, 16384), 2);
+        // 60 sequence-heads: two on the H200, none on the A100 or sm_86.
+        assert_eq!(parts(&Target::H200, 60, 16384), 2);
+        assert_eq!(parts(&a100, 60, 16384), 1);
+        assert_eq!(parts(&sm86, 60, 16384), 1);
+        // At 256 threads (D = M = 64) two blocks fit an SM where shared
+        // memory allows: the H200 holds two, the 100 KiB parts one.
+        let t64 = tiling_for(DType::Bf16, 64, 64);
+        assert_eq!(dkv_threads(64, 64), Some(256));
+        assert_eq!(whole_head_resident(&Target::H200, 64, 64, &t64), 264);
+        assert_eq!(whole_head_resident(&sm86, 64, 64, &t64), 84);
+        // Every split grid stays within one wave.
+        for g in [Target::H200, a100, sm86, Target::sm89(142)] {
+            let r = whole_head_resident(&g, 128, 128, &t);
+            for sh in 1..300 {
+                let p = parts(&g, sh, 1 << 16);
+                assert!(p == 1 || sh * p <= r, "{} {sh}: {p}", g.arch());
+            }
+        }
+    }
+
+    /// The footprint the policy assumes is the one the `.cu` files declare.
+    #[test]
+    fn whole_head_launch_bounds_match_the_sources() {
+        let (threads, min_blocks) = WHOLE_HEAD_LAUNCH_BOUNDS;
+        let bounds = format!("__launch_bounds__({threads}, {min_blocks})");
+        for (src, kind) in [
+            (
+                include_str!("../../../../cuda/causal_backward.cu"),
+                Kind::Causal,
+            ),
+            (
+                include_str!("../../../../cuda/noncausal_backward.cu"),
+                Kind::NonCausal,
+            ),
+        ] {
+            for dtype in [DType::F16, DType::Bf16] {
+                for pass in [Pass::Dkv, Pass::PrepDq] {
+                    let name = kernel_name(kind, pass, dtype).unwrap();
+                    let decl = format!("{bounds} {name}(");
+                    assert!(src.contains(&decl), "missing `{decl}`");
+                }
+            }
+        }
+    }
+
     #[test]
     fn split_plans_sum_scan_and_walk() {
         let (h, n, d, m) = (2, 1000, 40, 24);
@@ -1834,7 +1975,17 @@ mod tests {
             schedule: ScheduleChoice::Split { parts: 3 },
             ..Default::default()
         };
-        let bp = validate("t", DType::F16, &shape, None, &opts, &lens, &glens).unwrap();
+        let bp = validate(
+            "t",
+            DType::F16,
+            &shape,
+            None,
+            &opts,
+            &lens,
+            &glens,
+            &Target::H200,
+        )
+        .unwrap();
         assert_eq!(bp.schedule.parts, 3);
         let rows = n * h;
         let norm = (1 + bp.tiling.prep.tiles) * rows;
@@ -1909,7 +2060,17 @@ mod tests {
         let shape = AttentionShape::bhnd(2, 3, 100, 40, 24);
         let (lens, glens) = full_lens(&shape);
         let opts = AttentionOptions::default();
-        let bp = validate("t", DType::Bf16, &shape, None, &opts, &lens, &glens).unwrap();
+        let bp = validate(
+            "t",
+            DType::Bf16,
+            &shape,
+            None,
+            &opts,
+            &lens,
+            &glens,
+            &Target::H200,
+        )
+        .unwrap();
         assert_eq!(bp.tiling, tiling_for(DType::Bf16, 40, 24));
         let pt = bp.tiling.prep.tiles;
         assert_eq!(workspace_len(&bp), (1 + pt) * 2 * 100 * 3);
@@ -1970,7 +2131,17 @@ mod tests {
             assert!(x.plan.shared_bytes as usize <= SHARED_BUDGET_BYTES);
         }
         // The same shape in fp32: separate dk and dv walks.
-        let bp32 = validate("t", DType::F32, &shape, None, &opts, &lens, &glens).unwrap();
+        let bp32 = validate(
+            "t",
+            DType::F32,
+            &shape,
+            None,
+            &opts,
+            &lens,
+            &glens,
+            &Target::H200,
+        )
+        .unwrap();
         assert!(bp32.tiling.dkv.is_none());
         let l = plan(Kind::Causal, DType::F32, &bp32, &opts, &ptrs);
         let passes: Vec<Pass> = l.iter().map(|l| l.pass).collect();
@@ -2016,7 +2187,17 @@ mod tests {
         for (dim, merged) in [(128, true), (256, false)] {
             let shape = AttentionShape::bhnd(1, 2, 50, dim, dim);
             let (lens, glens) = full_lens(&shape);
-            let mut bp = validate("t", DType::F16, &shape, None, &opts, &lens, &glens).unwrap();
+            let mut bp = validate(
+                "t",
+                DType::F16,
+                &shape,
+                None,
+                &opts,
+                &lens,
+                &glens,
+                &Target::H200,
+            )
+            .unwrap();
             let whole = Some(PassTiling {
                 chunk: 32,
                 tile: dim,
@@ -2038,7 +2219,17 @@ mod tests {
             normalize: false,
             ..opts
         };
-        let bp2 = validate("t", DType::F32, &shape, None, &plain, &lens, &glens).unwrap();
+        let bp2 = validate(
+            "t",
+            DType::F32,
+            &shape,
+            None,
+            &plain,
+            &lens,
+            &glens,
+            &Target::H200,
+        )
+        .unwrap();
         assert_eq!(workspace_len(&bp2), 0);
         let l = plan(Kind::NonCausal, DType::F32, &bp2, &plain, &ptrs);
         assert_eq!(l.len(), 3);
@@ -2046,7 +2237,17 @@ mod tests {
         assert_eq!(l[0].plan.params.causal, 0);
         assert_eq!(l[0].plan.params.work_den, 0);
         // ... and in bf16 the fused walk writes dq alone.
-        let bp3 = validate("t", DType::Bf16, &shape, None, &plain, &lens, &glens).unwrap();
+        let bp3 = validate(
+            "t",
+            DType::Bf16,
+            &shape,
+            None,
+            &plain,
+            &lens,
+            &glens,
+            &Target::H200,
+        )
+        .unwrap();
         let l = plan(Kind::NonCausal, DType::Bf16, &bp3, &plain, &ptrs);
         assert_eq!(l[0].plan.kernel, "noncausal_backward_prepdq_bf16");
         assert_eq!(l[0].writes, [(6 << 20, 2 * 3 * 100 * 40 * 2)]);
@@ -2061,9 +2262,19 @@ mod tests {
         let shape = AttentionShape::bnhd(2, 3, 10, 17, 5);
         let opts = AttentionOptions::default();
         let (lens, glens) = full_lens(&shape);
-        assert!(validate("t", DType::F32, &shape, None, &opts, &lens, &glens).is_ok());
+        assert!(validate(
+            "t",
+            DType::F32,
+            &shape,
+            None,
+            &opts,
+            &lens,
+            &glens,
+            &Target::H200
+        )
+        .is_ok());
         let err = |s: &AttentionShape, o: &AttentionOptions, l: &Lens, g: &GradLens| {
-            validate("t", DType::F32, s, None, o, l, g)
+            validate("t", DType::F32, s, None, o, l, g, &Target::H200)
                 .unwrap_err()
                 .to_string()
         };
@@ -2114,7 +2325,17 @@ mod tests {
         let shape = AttentionShape::bhnd(1, 1, 4, 2, 2);
         let opts = AttentionOptions::default();
         let (lens, glens) = full_lens(&shape);
-        let bp = validate("t", DType::F32, &shape, None, &opts, &lens, &glens).unwrap();
+        let bp = validate(
+            "t",
+            DType::F32,
+            &shape,
+            None,
+            &opts,
+            &lens,
+            &glens,
+            &Target::H200,
+        )
+        .unwrap();
         let ok = RawBackward {
             q: 1000,
             k: 2000,

@@ -477,6 +477,9 @@ mod tests {
         };
         struct NoExec;
         impl Executor for NoExec {
+            fn target(&self) -> crate::Target {
+                crate::Target::H200
+            }
             unsafe fn launch<P: crate::params::KernelParams>(
                 &self,
                 _: &LaunchPlan<P>,

@@ -171,7 +171,8 @@ pub fn feature_map_cuda<T: Element>(
 /// of `dtype` and `y` as many writable ones (with `y_row_stride`), in memory
 /// the executor can reach (device memory of the GPU's context, host memory for
 /// the emulator), and stay valid until the launch completes. `y` may equal `x`
-/// with equal strides (in place); partial overlap is undefined.
+/// with equal row strides (in place); any other overlap of the two views'
+/// address ranges is refused (checked).
 pub unsafe fn feature_map_raw<E: Executor>(
     exec: &E,
     dtype: DType,
@@ -190,8 +191,44 @@ pub unsafe fn feature_map_raw<E: Executor>(
             "null pointer",
         ));
     }
+    check_aliasing(shape, dtype, x, y)?;
     // SAFETY: forwarded to the caller.
     unsafe { exec.launch(&plan(dtype, shape, map, x, y)) }
+}
+
+/// In place (`y == x`) needs equal row strides (each element is then read
+/// and written by one thread); any other overlap of the byte ranges would
+/// let one thread overwrite what another still has to read.
+fn check_aliasing(shape: &RowsShape, dtype: DType, x: u64, y: u64) -> Result<()> {
+    let bytes = |stride| {
+        shape
+            .span(stride)
+            .map_or(u64::MAX, |n| (n as u64).saturating_mul(dtype.size() as u64))
+    };
+    let (xb, yb) = (bytes(shape.x_row_stride), bytes(shape.y_row_stride));
+    if x == y {
+        if shape.rows > 1 && shape.x_row_stride != shape.y_row_stride {
+            return Err(Error::invalid(
+                KERNEL,
+                "y",
+                format!(
+                    "in place (y == x) needs equal row strides, found x_row_stride {} and y_row_stride {}",
+                    shape.x_row_stride, shape.y_row_stride
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    if x < y.saturating_add(yb) && y < x.saturating_add(xb) {
+        return Err(Error::invalid(
+            KERNEL,
+            "y",
+            format!(
+                "y (0x{y:x}, {yb} bytes) partly overlaps x (0x{x:x}, {xb} bytes); only y == x with equal row strides (in place) may alias"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -256,5 +293,91 @@ mod tests {
     fn empty_views_do_nothing() {
         assert!(!RowsShape::contiguous(0, 5).validate(0, 0).unwrap());
         assert!(!RowsShape::contiguous(5, 0).validate(0, 0).unwrap());
+    }
+
+    #[test]
+    fn aliasing_other_than_in_place_is_refused() {
+        let s = RowsShape {
+            rows: 3,
+            cols: 5,
+            x_row_stride: 7,
+            y_row_stride: 7,
+        };
+        // 19 f32 elements: 76 bytes from 0x1000.
+        assert!(check_aliasing(&s, DType::F32, 0x1000, 0x1000).is_ok());
+        assert!(check_aliasing(&s, DType::F32, 0x1000, 0x1000 + 76).is_ok());
+        assert!(check_aliasing(&s, DType::F32, 0x1000 + 76, 0x1000).is_ok());
+        for y in [0x1000 + 4, 0x1000 + 72, 0x1000 - 72] {
+            let e = check_aliasing(&s, DType::F32, 0x1000, y).unwrap_err();
+            assert!(e.to_string().contains("partly overlaps"), "{e}");
+        }
+        let other = RowsShape {
+            y_row_stride: 8,
+            ..s
+        };
+        let e = check_aliasing(&other, DType::F32, 0x1000, 0x1000).unwrap_err();
+        assert!(e.to_string().contains("equal row strides"), "{e}");
+        // One row: the strides never matter.
+        let one = RowsShape { rows: 1, ..other };
+        assert!(check_aliasing(&one, DType::F32, 0x1000, 0x1000).is_ok());
+    }
+
+    /// In place on the emulator: every element of the view becomes phi of
+    /// itself, the gaps between rows stay as they were (NaN), all dtypes.
+    #[cfg(feature = "emulator")]
+    #[test]
+    fn in_place_matches_phi() {
+        fn run<T: Element>(emu: &crate::Emulator) {
+            let s = RowsShape {
+                rows: 5,
+                cols: 1100,
+                x_row_stride: 1103,
+                y_row_stride: 1103,
+            };
+            let len = (s.rows - 1) * s.x_row_stride + s.cols;
+            let mut buf: Vec<T> = (0..len)
+                .map(|i| {
+                    if i % s.x_row_stride < s.cols {
+                        T::from_f64(((i * 7919) % 601) as f64 / 100.0 - 3.0)
+                    } else {
+                        T::nan()
+                    }
+                })
+                .collect();
+            let before = buf.clone();
+            let p = buf.as_mut_ptr() as u64;
+            for map in [FeatureMap::EluPlusOne, FeatureMap::Relu] {
+                buf.copy_from_slice(&before);
+                // SAFETY: `buf` covers the view; y == x with equal strides.
+                unsafe { feature_map_raw(emu, T::DTYPE, p, p, &s, map) }.unwrap();
+                let (mut got, mut want) = (Vec::new(), Vec::new());
+                for (i, (&a, &b)) in buf.iter().zip(&before).enumerate() {
+                    if i % s.x_row_stride < s.cols {
+                        got.push(a.to_f64());
+                        want.push(T::from_f64(map.apply(b.to_f64())).to_f64());
+                    } else {
+                        assert!(a.to_f64().is_nan(), "{map:?}: wrote the gap at {i}");
+                    }
+                }
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| ((g - w) / w.abs().max(1e-30)).abs())
+                    .fold(
+                        0f64,
+                        |a, e| if e.is_nan() { f64::INFINITY } else { a.max(e) },
+                    );
+                let tol = if T::DTYPE == DType::F32 { 1e-6 } else { 8e-3 };
+                assert!(
+                    worst < tol,
+                    "{:?} {map:?}: worst relative error {worst:e}",
+                    T::DTYPE
+                );
+            }
+        }
+        let emu = crate::Emulator::checked().unwrap();
+        run::<f32>(&emu);
+        run::<half::f16>(&emu);
+        run::<half::bf16>(&emu);
     }
 }

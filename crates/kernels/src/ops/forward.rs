@@ -21,6 +21,7 @@ use crate::params::{
     LinattnForwardParams, LinattnStateLoad, LinattnStateScanParams, LinattnStateStore,
 };
 use crate::plan::{Executor, LaunchPlan};
+use crate::target::{KernelFootprint, Target, MIN_SHARED_PER_BLOCK_OPTIN};
 use crate::{Buffer, Device, Error, FeatureMap, Gpu, Result};
 
 /// Largest key size D and value size M the kernels accept.
@@ -29,14 +30,20 @@ pub const MAX_DIM: usize = 256;
 pub const THREADS: u32 = 256;
 /// Dynamic shared memory one walk block may use: 99 KiB, the largest
 /// opt-in every default architecture grants (sm_86/sm_89 allow 99 KiB per
-/// block, sm_80 163 KiB, sm_90 227 KiB), so one tiling serves every GPU and
-/// the emulator tests exactly the shapes the GPU runs. Above 48 KiB the GPU
-/// executor sets the kernel's dynamic shared memory attribute; an H100 or
-/// A100 still holds two such blocks per SM.
-pub const SHARED_BUDGET_BYTES: usize = 99 * 1024;
-/// Streaming multiprocessors the policy plans for (an H100 SXM has 132); a
-/// GPU with fewer is still filled, one with more slightly under-filled.
-pub const ASSUMED_SMS: usize = 132;
+/// block, sm_80 163 KiB, sm_90 227 KiB;
+/// [`MIN_SHARED_PER_BLOCK_OPTIN`]). The tiling is deliberately
+/// arch-independent: one tiling serves every GPU and the emulator (which
+/// refuses anything larger) tests exactly the blocks every GPU runs. Only
+/// the schedule depends on the GPU ([`schedule`], [`Target`]). How many
+/// such blocks an SM holds does depend on it: at bf16 D = M = 128 (98,176
+/// B) two on sm_90 (228 KiB per SM), one on sm_80 (164 KiB) and sm_86/89
+/// (100 KiB); see [`Target::blocks_per_sm`].
+pub const SHARED_BUDGET_BYTES: usize = MIN_SHARED_PER_BLOCK_OPTIN as usize;
+/// Threads of a walk block and the minimum blocks per SM in its
+/// `__launch_bounds__(256, 2)` (every `causal_forward_*` and
+/// `noncausal_forward_*`): ptxas keeps it within 128 registers, so an SM's
+/// 64K registers hold at most two, whatever its shared memory.
+pub const WALK_LAUNCH_BOUNDS: (u32, u32) = (THREADS, 2);
 const MAX_GRID_X: u64 = i32::MAX as u64;
 const MAX_GRID_Y: usize = 65_535;
 
@@ -391,6 +398,19 @@ pub fn tiling(dtype: DType, d: usize, m: usize) -> Tiling {
     }
 }
 
+/// What one walk block of this tiling asks of an SM (threads, registers
+/// from [`WALK_LAUNCH_BOUNDS`], shared memory from [`walk_shared_bytes`]),
+/// for [`Target::resident_blocks`].
+pub fn walk_footprint(dtype: DType, d: usize, tiling: &Tiling) -> KernelFootprint {
+    let (max_threads, min_blocks) = WALK_LAUNCH_BOUNDS;
+    KernelFootprint::with_launch_bounds(
+        max_threads,
+        min_blocks,
+        THREADS,
+        walk_shared_bytes(dtype, d, tiling.chunk, tiling.m_tile) as u32,
+    )
+}
+
 /// Walk or split, as decided by [`schedule`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Schedule {
@@ -402,16 +422,41 @@ pub struct Schedule {
 
 /// The walk/split policy, plain Rust so it is unit-tested without a GPU.
 ///
-/// `blocks = seq_heads * m_tiles` blocks can walk in parallel. When that
-/// fills the GPU (two blocks per SM of [`ASSUMED_SMS`]) or the longest
-/// sequence is at most two chunks, walk: one launch, no workspace. Otherwise
-/// split each sequence into enough partitions (of at least two chunks each)
-/// to fill it; the extra cost is one state write and read per partition.
+/// `blocks = seq_heads * m_tiles` walk blocks each walk a whole sequence
+/// of `L` chunks; `resident` is how many the GPU holds at once (SMs times
+/// blocks per SM for this walk's shared memory, registers and threads:
+/// [`Target::resident_blocks`] of [`walk_footprint`]). Counting time in
+/// whole-sequence walks of one block (and taking a block's speed as
+/// independent of its neighbours), the walk takes `ceil(blocks /
+/// resident)` waves of `L`.
+///
+/// A split into `p` partitions runs a state-only pass and the output pass,
+/// each over `blocks * p` blocks of `L / p` chunks (plus a small scan). The
+/// state-only pass does one of the output pass's four chunk products
+/// (phi(k)^T v; the output pass also forms the scores, scores * v and
+/// phi(q) S), so it costs `c` ~ 1/4 to 1/2 of it. With `p = floor(resident
+/// / blocks)` both passes fit one wave: `(1 + c) / p <= 0.75` of the walk
+/// when `p >= 2`. With `p = 1` (more than half the resident slots already
+/// busy) any split spills into a second wave and costs more than it
+/// saves (`blocks = 0.6 * resident`, `p = 2`: two waves of `L / 2` per
+/// pass, `(1 + c) L >= L`). So: split, with `p = floor(resident / blocks)`
+/// partitions of at least two chunks each, when that gives `p >= 2`; else
+/// walk (one launch, no workspace). The non-causal forward runs the state
+/// pass anyway, so there the same rule is conservative.
+///
+/// Examples (bf16, D = M = 128: 98,176 B per block, two value tiles): on
+/// an H200 (132 SMs, two blocks each: 264 resident) B1 T8192 H96 has 192
+/// blocks: `p = 1`, walk, every SM busy; on an A100 (108 SMs, one block
+/// each: 108 resident) it walks in two waves, as a split would too. B1 H1
+/// T8192 (2 blocks, 128 chunks) splits into `min(264 / 2, 128 / 2) = 64`
+/// partitions on the H200; on an A100 `floor(108 / 2) = 54` asked become
+/// 43 partitions of three whole chunks.
 pub fn schedule(
     choice: ScheduleChoice,
     seq_heads: usize,
     tiling: &Tiling,
     max_len: usize,
+    resident: usize,
 ) -> Schedule {
     let chunk = tiling.chunk;
     let chunks = max_len.div_ceil(chunk).max(1);
@@ -423,12 +468,12 @@ pub fn schedule(
         ScheduleChoice::Walk => return walk,
         ScheduleChoice::Split { parts } => parts.max(1),
         ScheduleChoice::Auto => {
-            let blocks = seq_heads.saturating_mul(tiling.m_tiles);
-            let target = 2 * ASSUMED_SMS;
-            if blocks >= target || chunks <= 2 {
+            let blocks = seq_heads.saturating_mul(tiling.m_tiles).max(1);
+            let parts = (resident / blocks).min(chunks / 2);
+            if parts < 2 {
                 return walk;
             }
-            target.div_ceil(blocks).min(chunks / 2)
+            parts
         }
     };
     let parts = parts.min(chunks).min(MAX_GRID_Y);
@@ -452,6 +497,10 @@ pub struct Problem {
     pub cu_seqlens: Vec<i64>,
     /// Tiling for (d, m).
     pub tiling: Tiling,
+    /// Walk blocks of this call's dtype and tiling the target GPU holds at
+    /// once ([`Target::resident_blocks`] of [`walk_footprint`]): the
+    /// schedule policy's measure of a full GPU.
+    pub resident_walks: usize,
 }
 
 impl Problem {
@@ -532,7 +581,9 @@ impl Lens {
     }
 }
 
-/// Validates a forward call; `cu_seqlens` makes it a varlen call.
+/// Validates a forward call; `cu_seqlens` makes it a varlen call. `target`
+/// is the GPU the schedule is planned for (the executor's
+/// [`Executor::target`]); it changes the schedule, never the tiling.
 pub fn validate(
     kernel: &'static str,
     dtype: DType,
@@ -540,6 +591,7 @@ pub fn validate(
     cu_seqlens: Option<&[usize]>,
     opts: &AttentionOptions,
     lens: &Lens,
+    target: &Target,
 ) -> Result<Problem> {
     opts.check(kernel)?;
     check_dim(kernel, "d", shape.d)?;
@@ -645,6 +697,7 @@ pub fn validate(
         max_len,
         cu_seqlens: cu,
         tiling,
+        resident_walks: target.resident_blocks(&walk_footprint(dtype, shape.d, &tiling)),
     };
     let (s_need, z_need) = (
         seq_heads
@@ -727,6 +780,7 @@ pub fn workspace_len(kind: Kind, problem: &Problem, opts: &AttentionOptions) -> 
         problem.seq_heads(),
         &problem.tiling,
         problem.max_len,
+        problem.resident_walks,
     );
     if kind == Kind::Causal && s.parts == 1 {
         return 0;
@@ -745,7 +799,13 @@ pub fn plan(
 ) -> ForwardPlan {
     let sh = problem.seq_heads();
     let t = problem.tiling;
-    let sched = schedule(opts.schedule, sh, &t, problem.max_len);
+    let sched = schedule(
+        opts.schedule,
+        sh,
+        &t,
+        problem.max_len,
+        problem.resident_walks,
+    );
     let sp = &problem.shape;
     let (d, m) = (sp.d, sp.m);
     let work_s = ptrs.workspace;
@@ -1010,7 +1070,15 @@ fn forward_device<T: Element>(
         initial: states.initial.as_ref().map(|s| (s.s.len(), s.z.len())),
         final_state: states.final_state.as_ref().map(|s| (s.s.len(), s.z.len())),
     };
-    let problem = validate(kernel, T::DTYPE, shape, cu_seqlens, opts, &lens)?;
+    let problem = validate(
+        kernel,
+        T::DTYPE,
+        shape,
+        cu_seqlens,
+        opts,
+        &lens,
+        &dev.target(),
+    )?;
     let (_tc, cu) = temp::offsets(dev, &problem.cu_seqlens, kernel)?;
     let ws_floats = workspace_len(kind, &problem, opts);
     let (_tw, ws) = temp::workspace(dev, ws_floats, kernel)?;
@@ -1099,7 +1167,15 @@ fn forward_cuda<T: Element, B: DevicePtr<T>, I: DevicePtr<f32>, F: DevicePtrMut<
         initial: states.initial.as_ref().map(|s| (s.s.len(), s.z.len())),
         final_state: states.final_state.as_ref().map(|s| (s.s.len(), s.z.len())),
     };
-    let problem = validate(kernel, T::DTYPE, shape, cu_seqlens, opts, &lens)?;
+    let problem = validate(
+        kernel,
+        T::DTYPE,
+        shape,
+        cu_seqlens,
+        opts,
+        &lens,
+        &gpu.target(),
+    )?;
     let st = gpu.stream();
     let (_tc, cu) = temp::offsets_cuda(gpu, &problem.cu_seqlens, kernel)?;
     let ws_floats = workspace_len(kind, &problem, opts);
@@ -1281,7 +1357,15 @@ unsafe fn forward_raw<E: Executor>(
 ) -> Result<()> {
     let kernel = kind.module();
     let lens = Lens::unknown(ptrs.initial_s != 0, ptrs.final_s != 0);
-    let problem = validate(kernel, dtype, shape, cu_seqlens, opts, &lens)?;
+    let problem = validate(
+        kernel,
+        dtype,
+        shape,
+        cu_seqlens,
+        opts,
+        &lens,
+        &exec.target(),
+    )?;
     let ws_floats = workspace_len(kind, &problem, opts);
     check_raw(kernel, dtype, ptrs, &problem, ws_floats)?;
     let plan = plan(kind, dtype, &problem, opts, ptrs);
@@ -1336,6 +1420,7 @@ pub unsafe fn noncausal_forward_raw<E: Executor>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    const H200: Target = Target::H200;
 
     fn lens_for(shape: &AttentionShape) -> Lens {
         Lens {
@@ -1421,31 +1506,119 @@ mod tests {
     #[test]
     fn policy_walks_when_the_gpu_is_full_and_splits_when_not() {
         let t = tiling(DType::F32, 128, 128);
+        let resident = H200.resident_blocks(&walk_footprint(DType::F32, 128, &t));
+        assert!(resident >= 132, "{resident}");
         // Many seq-heads: walk.
-        let s = schedule(ScheduleChoice::Auto, 1024, &t, 8192);
+        let s = schedule(ScheduleChoice::Auto, 1024, &t, 8192, resident);
         assert_eq!(s.parts, 1);
         assert!(s.part_len >= 8192);
         // One seq-head, long sequence: split to fill the GPU.
-        let s = schedule(ScheduleChoice::Auto, 1, &t, 8192);
+        let s = schedule(ScheduleChoice::Auto, 1, &t, 8192, resident);
         assert!(s.parts > 1);
         assert!(s.parts * s.part_len >= 8192 && (s.parts - 1) * s.part_len < 8192);
         assert_eq!(s.part_len % t.chunk, 0);
         assert!(s.part_len >= 2 * t.chunk);
         // Short sequences never split.
-        assert_eq!(schedule(ScheduleChoice::Auto, 1, &t, 2 * t.chunk).parts, 1);
-        assert_eq!(schedule(ScheduleChoice::Auto, 1, &t, 0).parts, 1);
+        let auto = |sh, n| schedule(ScheduleChoice::Auto, sh, &t, n, resident).parts;
+        assert_eq!(auto(1, 2 * t.chunk), 1);
+        assert_eq!(auto(1, 3 * t.chunk), 1);
+        assert_eq!(auto(1, 0), 1);
+        // A GPU reporting nothing resident never splits (and never divides by 0).
+        assert_eq!(schedule(ScheduleChoice::Auto, 0, &t, 8192, 0).parts, 1);
         // Forced choices; partitions are capped by the chunks there are.
-        assert_eq!(schedule(ScheduleChoice::Walk, 1, &t, 8192).parts, 1);
-        let s = schedule(ScheduleChoice::Split { parts: 3 }, 1, &t, 5 * t.chunk);
+        assert_eq!(
+            schedule(ScheduleChoice::Walk, 1, &t, 8192, resident).parts,
+            1
+        );
+        let s = schedule(ScheduleChoice::Split { parts: 3 }, 1, &t, 5 * t.chunk, 0);
         assert_eq!((s.parts, s.part_len), (3, 2 * t.chunk));
-        let s = schedule(ScheduleChoice::Split { parts: 100 }, 4, &t, 3);
+        let s = schedule(ScheduleChoice::Split { parts: 100 }, 4, &t, 3, resident);
         assert_eq!((s.parts, s.part_len), (1, t.chunk));
         // Partitions exactly cover every length.
         for n in 1..300 {
             for parts in 1..6 {
-                let s = schedule(ScheduleChoice::Split { parts }, 1, &t, n);
+                let s = schedule(ScheduleChoice::Split { parts }, 1, &t, n, resident);
                 assert!(s.parts * s.part_len >= n && (s.parts - 1) * s.part_len < n);
                 assert!(s.parts <= parts);
+            }
+        }
+    }
+
+    /// The policy per architecture at bf16 D = M = 128 (98,176 B per walk
+    /// block, two value tiles): sm_90 holds two blocks per SM, sm_80 and
+    /// sm_86/89 one, and the decisions follow the SM counts.
+    #[test]
+    fn policy_per_architecture() {
+        let t = tiling(DType::Bf16, 128, 128);
+        assert_eq!((t.chunk, t.m_tiles), (64, 2));
+        let fp = walk_footprint(DType::Bf16, 128, &t);
+        assert_eq!(fp.shared_bytes, 98_176);
+        let a100 = Target::A100;
+        let sm86 = Target::sm86(84);
+        let sm89 = Target::sm89(142);
+        let per_sm: Vec<u32> = [H200, a100, sm86, sm89]
+            .iter()
+            .map(|g| g.blocks_per_sm(&fp))
+            .collect();
+        assert_eq!(per_sm, [2, 1, 1, 1]);
+        let auto = |g: &Target, sh: usize, n: usize| {
+            schedule(ScheduleChoice::Auto, sh, &t, n, g.resident_blocks(&fp)).parts
+        };
+        // First anchor, B1 T8192 H96: 192 blocks. H200: 264 resident, a
+        // split would spill into a second wave: walk. A100 (108), sm_86
+        // (84): two or three waves already: walk.
+        for g in [&H200, &a100, &sm86, &sm89] {
+            assert_eq!(auto(g, 96, 8192), 1, "{}", g.arch());
+        }
+        // 66 seq-heads = 132 blocks: half the H200's slots, split in two;
+        // the A100 is already full.
+        assert_eq!(auto(&H200, 66, 8192), 2);
+        assert_eq!(auto(&a100, 66, 8192), 1);
+        assert_eq!(auto(&sm86, 66, 8192), 1);
+        // 67 seq-heads (134 blocks): past half of 264, walk.
+        assert_eq!(auto(&H200, 67, 8192), 1);
+        // B1 H1 T8192: 2 blocks, 128 chunks. H200 and sm_89 (142 SMs):
+        // capped at 64 partitions of two chunks. A100: 54 asked, whole
+        // chunks per partition make it 43 of three; sm_86: 42 asked, 32 of
+        // four.
+        assert_eq!(auto(&H200, 1, 8192), 64);
+        assert_eq!(auto(&a100, 1, 8192), 43);
+        assert_eq!(auto(&sm86, 1, 8192), 32);
+        assert_eq!(auto(&sm89, 1, 8192), 64);
+        // 16 seq-heads (32 blocks): 264 / 32 = 8 on the H200, 108 / 32 = 3
+        // on the A100 (one wave of 96, not two waves of 128), 2 on sm_86.
+        assert_eq!(auto(&H200, 16, 8192), 8);
+        assert_eq!(auto(&a100, 16, 8192), 3);
+        assert_eq!(auto(&sm86, 16, 8192), 2);
+        // Whatever the partitions, the grid stays within one wave.
+        for g in [&H200, &a100, &sm86, &sm89] {
+            for sh in 1..200 {
+                let p = auto(g, sh, 1 << 16);
+                if p > 1 {
+                    assert!(sh * 2 * p <= g.resident_blocks(&fp), "{} {sh}", g.arch());
+                }
+            }
+        }
+    }
+
+    /// The footprint the policy assumes is the one the `.cu` files declare.
+    #[test]
+    fn walk_launch_bounds_match_the_sources() {
+        let (threads, min_blocks) = WALK_LAUNCH_BOUNDS;
+        let bounds = format!("__launch_bounds__({threads}, {min_blocks})");
+        for (src, kind) in [
+            (
+                include_str!("../../../../cuda/causal_forward.cu"),
+                Kind::Causal,
+            ),
+            (
+                include_str!("../../../../cuda/noncausal_forward.cu"),
+                Kind::NonCausal,
+            ),
+        ] {
+            for dtype in [DType::F32, DType::F16, DType::Bf16] {
+                let decl = format!("{bounds} {}(", kind.kernel_name(dtype));
+                assert!(src.contains(&decl), "missing `{decl}`");
             }
         }
     }
@@ -1454,7 +1627,16 @@ mod tests {
     fn plans_have_the_expected_launches() {
         let shape = AttentionShape::bhnd(1, 2, 300, 32, 48);
         let mut opts = AttentionOptions::default();
-        let p = validate("t", DType::F32, &shape, None, &opts, &lens_for(&shape)).unwrap();
+        let p = validate(
+            "t",
+            DType::F32,
+            &shape,
+            None,
+            &opts,
+            &lens_for(&shape),
+            &H200,
+        )
+        .unwrap();
         let ptrs = RawForward {
             q: 16,
             k: 32,
@@ -1515,9 +1697,9 @@ mod tests {
         let shape = AttentionShape::bnhd(2, 3, 10, 17, 5);
         let opts = AttentionOptions::default();
         let lens = lens_for(&shape);
-        assert!(validate("t", DType::F32, &shape, None, &opts, &lens).is_ok());
+        assert!(validate("t", DType::F32, &shape, None, &opts, &lens, &H200).is_ok());
         let err = |s: &AttentionShape, cu: Option<&[usize]>, o: &AttentionOptions, l: &Lens| {
-            validate("t", DType::F32, s, cu, o, l)
+            validate("t", DType::F32, s, cu, o, l, &H200)
                 .unwrap_err()
                 .to_string()
         };
@@ -1554,7 +1736,16 @@ mod tests {
         // Varlen: batch 1, offsets 0..=tokens, never decreasing.
         let packed = AttentionShape::packed(10, 3, 17, 5);
         let pl = lens_for(&packed);
-        let p = validate("t", DType::F32, &packed, Some(&[0, 4, 4, 10]), &opts, &pl).unwrap();
+        let p = validate(
+            "t",
+            DType::F32,
+            &packed,
+            Some(&[0, 4, 4, 10]),
+            &opts,
+            &pl,
+            &H200,
+        )
+        .unwrap();
         assert_eq!((p.num_seqs, p.max_len, p.seq_heads()), (3, 6, 9));
         assert!(err(&packed, Some(&[0, 4, 3, 10]), &opts, &pl).contains("decrease"));
         assert!(err(&packed, Some(&[0, 4, 9]), &opts, &pl).contains("offsets"));
@@ -1575,7 +1766,16 @@ mod tests {
             schedule: ScheduleChoice::Walk,
             ..Default::default()
         };
-        let p = validate("t", DType::F32, &shape, None, &opts, &lens_for(&shape)).unwrap();
+        let p = validate(
+            "t",
+            DType::F32,
+            &shape,
+            None,
+            &opts,
+            &lens_for(&shape),
+            &H200,
+        )
+        .unwrap();
         let ok = RawForward {
             q: 1000,
             k: 2000,
@@ -1615,5 +1815,120 @@ mod tests {
                 .contains("needs a workspace of 10 fp32 elements, 9 given"),
             "{e}"
         );
+    }
+
+    /// The executor's target reaches the schedule: on the emulator standing
+    /// in for an H200 (264 resident f32 D = M = 64 walks) 120 sequence-heads
+    /// split in two, standing in for an A100 (216) they walk; both match the
+    /// f64 reference (NaN-poisoned output, every element checked).
+    #[cfg(feature = "emulator")]
+    #[test]
+    fn the_executor_target_decides_the_schedule() {
+        use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
+        use std::sync::Arc;
+        let (h, n, d) = (120, 256, 64);
+        let shape = AttentionShape::bhnd(1, h, n, d, d);
+        let opts = AttentionOptions::default();
+        let mut rng = Rng::new(test_seed());
+        let host: Vec<Vec<f32>> = (0..3)
+            .map(|_| {
+                rng.normal_vec(h * n * d)
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect()
+            })
+            .collect();
+        let lay = linattn_reference::Layout {
+            batch: 1,
+            heads: h,
+            tokens: n,
+            dim: d,
+            batch_stride: h * n * d,
+            token_stride: d,
+            head_stride: n * d,
+        };
+        let f64s: Vec<Vec<f64>> = host
+            .iter()
+            .map(|x| x.iter().map(|&v| v as f64).collect())
+            .collect();
+        let view = |x| linattn_reference::View::new(x, lay).unwrap();
+        let ropts = linattn_reference::LinearAttentionOptions {
+            feature_map: linattn_reference::FeatureMap::EluPlusOne,
+            normalize: true,
+            eps: opts.eps as f64,
+            scale: 1.0,
+        };
+        let (want, _) = linattn_reference::causal_linear_attention(
+            view(&f64s[0]),
+            view(&f64s[1]),
+            view(&f64s[2]),
+            &ropts,
+            None,
+        )
+        .unwrap();
+        for (target, parts) in [(Target::H200, 2), (Target::A100, 1)] {
+            let p = validate(
+                "t",
+                DType::F32,
+                &shape,
+                None,
+                &opts,
+                &lens_for(&shape),
+                &target,
+            )
+            .unwrap();
+            let sched = schedule(opts.schedule, h, &p.tiling, n, p.resident_walks);
+            assert_eq!(sched.parts, parts, "{}", target.arch());
+            let emu = crate::Emulator::unchecked().unwrap().with_target(target);
+            let dev = Device::Emulator(Arc::new(emu));
+            let up = |x: &Vec<f32>| dev.upload(x).unwrap();
+            let (q, k, v) = (up(&host[0]), up(&host[1]), up(&host[2]));
+            let mut o = dev.upload(&vec![f32::NAN; h * n * d]).unwrap();
+            causal_forward(
+                &dev,
+                Qkv {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                },
+                &mut o,
+                &shape,
+                None,
+                &opts,
+                StateIo::none(),
+            )
+            .unwrap();
+            let got: Vec<f64> = dev
+                .download(&o)
+                .unwrap()
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            assert!(
+                got.iter().all(|x| x.is_finite()),
+                "{}: unwritten output",
+                target.arch()
+            );
+            let err = rel_l2_error(&got, want.data());
+            assert!(err < 1e-6, "{}: rel L2 error {err:e}", target.arch());
+            // The raw path asks the executor: without a workspace the split
+            // (H200) is refused, the walk (A100) runs.
+            let emu = crate::Emulator::unchecked().unwrap().with_target(target);
+            let mut o = vec![f32::NAN; h * n * d];
+            let ptrs = RawForward {
+                q: host[0].as_ptr() as u64,
+                k: host[1].as_ptr() as u64,
+                v: host[2].as_ptr() as u64,
+                o: o.as_mut_ptr() as u64,
+                ..RawForward::default()
+            };
+            // SAFETY: host buffers covering the shape; nothing else aliases o.
+            let r = unsafe { causal_forward_raw(&emu, DType::F32, &ptrs, &shape, None, &opts) };
+            match (parts, r) {
+                (1, Ok(())) => assert!(o.iter().all(|x| x.is_finite())),
+                (2, Err(e)) => assert!(e.to_string().contains("workspace"), "{e}"),
+                (_, r) => panic!("{}: {r:?}", target.arch()),
+            }
+        }
     }
 }
