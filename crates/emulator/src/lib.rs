@@ -14,7 +14,14 @@
 //!   shared memory show up in results;
 //! * a barrier that not every thread reaches is reported as an [`EmuError`] naming
 //!   the kernel and block instead of hanging, and [`Module::launch_checked`] runs a
-//!   launch under two thread schedules to catch missing barriers.
+//!   launch under two thread schedules to catch missing barriers;
+//! * what a GPU rejects or leaves undefined is an error here too: blocks beyond the
+//!   kernel's `__launch_bounds__` ([`EmuError::LaunchBounds`]), shared memory beyond
+//!   the module's limit, wmma pointers not 32-byte aligned or `ldm` not a multiple
+//!   of 16 bytes, and a dynamic shared memory base aligned only as far as the
+//!   kernel's `extern __shared__ __align__(N)` declares (at least 16 bytes); the
+//!   fast intrinsics (`__fdividef`, `__expf`, `__logf`, `__powf`, ...) follow their
+//!   documented approximate construction, not the exact host functions.
 //!
 //! A kernels crate compiles its sources from its `build.rs` with
 //! [`build::Build`], then wraps the generated module descriptor in a [`Module`]:
