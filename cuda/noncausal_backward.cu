@@ -29,67 +29,67 @@
 #include "linattn/backward_mma.cuh"
 
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_prep_f32(const LinattnBackwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::bwd::prep<float>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_prep_f16(const LinattnBackwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::bwd::prep<__half>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_prep_bf16(const LinattnBackwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::bwd::prep<__nv_bfloat16>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_dq_f32(const LinattnBackwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::bwd::dq_walk<float>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_dq_f16(const LinattnBackwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::bwd::dq_walk<__half>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_dq_bf16(const LinattnBackwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::bwd::dq_walk<__nv_bfloat16>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_dk_f32(const LinattnBackwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::bwd::dk_walk<float>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_dk_f16(const LinattnBackwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::bwd::dk_walk<__half>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_dk_bf16(const LinattnBackwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::bwd::dk_walk<__nv_bfloat16>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_dv_f32(const LinattnBackwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::bwd::dv_walk<float>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_dv_f16(const LinattnBackwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::bwd::dv_walk<__half>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) noncausal_backward_dv_bf16(const LinattnBackwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::bwd::dv_walk<__nv_bfloat16>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(512, 1) noncausal_backward_dkv_f16(const LinattnBackwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::bwd::dkv_walk<__half>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(512, 1) noncausal_backward_dkv_bf16(const LinattnBackwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::bwd::dkv_walk<__nv_bfloat16>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(512, 1) noncausal_backward_prepdq_f16(const LinattnBackwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::bwd::prep_dq_walk<__half>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(512, 1) noncausal_backward_prepdq_bf16(const LinattnBackwardParams p) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(128) float smem[];
     linattn::bwd::prep_dq_walk<__nv_bfloat16>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256) noncausal_backward_state_scan(const LinattnBackwardParams p) {

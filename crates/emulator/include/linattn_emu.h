@@ -41,7 +41,7 @@
 /// kernel bodies) may branch on it.
 #define LINATTN_EMULATOR 1
 /// Version of the C ABI between this header and the Rust runtime.
-#define LINATTN_EMU_ABI_VERSION 1
+#define LINATTN_EMU_ABI_VERSION 2
 
 // The emulated architecture: sources that branch on __CUDA_ARCH__ take the sm_80 path
 // (no TMA, wgmma or clusters). The build helper may override it.
@@ -196,6 +196,11 @@ struct LinattnEmuKernel {
   void (*entry)(const void* params);
   unsigned long long params_size;
   unsigned long long params_align;
+  // First argument of the kernel's __launch_bounds__ (maxThreadsPerBlock), 1024 without.
+  unsigned long long max_threads;
+  // Largest __align__(N) on the extern __shared__ declarations in the kernel's body, 0
+  // without: the dynamic shared memory base is aligned to max(N, 16) and no more.
+  unsigned long long dyn_align;
 };
 
 struct LinattnEmuModule {
@@ -261,10 +266,38 @@ inline void* static_shared(const void* key, uint64_t size, uint64_t align) {
   return c->cb->static_shared(c, key, size, align);
 }
 
-inline void* dynamic_shared() {
+// The dynamic shared memory base (extern __shared__). The runtime aligns it to the
+// largest __align__ on the kernel's own extern __shared__ declarations (at least 16
+// bytes) and to nothing more, so a declaration that needs more alignment than the
+// kernel declares is a fault here, not a silent misalignment on the GPU.
+inline void* dynamic_shared(uint64_t explicit_align, uint64_t type_align, const char* name) {
   LinattnEmuThreadCtx* c = ctx();
   if (c == nullptr) fail("extern __shared__ variable used outside a kernel launch");
+  const uint64_t need = explicit_align > type_align ? explicit_align : type_align;
+  const uintptr_t base = reinterpret_cast<uintptr_t>(c->dyn_shared);
+  if (need > 1 && base % need != 0) {
+    const uint64_t have = base & (~base + 1);
+    char msg[320];
+    std::snprintf(msg, sizeof msg,
+                  "extern __shared__ `%s` needs %llu-byte alignment but the dynamic shared memory base is only "
+                  "%llu-byte aligned: the base is aligned to the largest __align__ on the extern __shared__ "
+                  "declarations in the kernel's body (at least 16 bytes)",
+                  name, (unsigned long long)need, (unsigned long long)have);
+    fail(msg);
+  }
   return c->dyn_shared;
+}
+
+// Registry helpers (the build helper's generated kernel info functions call them).
+template <class N>
+constexpr unsigned long long launch_bound(N max_threads) {
+  static_assert(std::is_integral<N>::value, "__launch_bounds__ takes integer constants");
+  return max_threads > 0 ? (unsigned long long)max_threads : 0ull;
+}
+constexpr unsigned long long max_align(std::initializer_list<unsigned long long> aligns) {
+  unsigned long long m = 0;
+  for (unsigned long long a : aligns) m = a > m ? a : m;
+  return m;
 }
 
 inline uint64_t warp_op(uint32_t op, uint32_t mask, uint64_t value, int32_t arg, int32_t width) {
@@ -318,9 +351,10 @@ inline void kernel_info(void (*)(), unsigned long long* size, unsigned long long
       *static_cast<::linattn_emu::type_identity_t<__VA_ARGS__>*>(::linattn_emu::static_shared(   \
           &linattn_emu_shared_key_##NAME, sizeof(::linattn_emu::type_identity_t<__VA_ARGS__>),   \
           ::linattn_emu::shared_align((ALIGN), alignof(::linattn_emu::type_identity_t<__VA_ARGS__>))))
-#define LINATTN_EMU_EXTERN_SHARED(ALIGN, NAME, ...) \
-  ::linattn_emu::type_identity_t<__VA_ARGS__>* const NAME = \
-      static_cast<::linattn_emu::type_identity_t<__VA_ARGS__>*>(::linattn_emu::dynamic_shared())
+#define LINATTN_EMU_EXTERN_SHARED(ALIGN, NAME, ...)                                    \
+  ::linattn_emu::type_identity_t<__VA_ARGS__>* const NAME =                             \
+      static_cast<::linattn_emu::type_identity_t<__VA_ARGS__>*>(::linattn_emu::dynamic_shared( \
+          (ALIGN), alignof(::linattn_emu::type_identity_t<__VA_ARGS__>), #NAME))
 
 // ---------------------------------------------------------------------------------
 // Built-in variables
@@ -600,22 +634,46 @@ inline int __double2int_rn(double x) { return (int)std::nearbyint(x); }
 inline int __double2int_rz(double x) { return (int)x; }
 
 // ---------------------------------------------------------------------------------
-// Math with CUDA's names. The fast intrinsics use the accurate host functions.
+// Math with CUDA's names.
+//
+// The fast intrinsics follow the GPU's documented construction (CUDA Math API,
+// "Single Precision Intrinsics"; PTX ISA ex2/lg2/div.approx) rather than the exact
+// host functions, so code that relies on exact results notices:
+//   __expf(x)      = ex2.approx(x * log2(e)), the product rounded to float first
+//   __exp10f(x)    = ex2.approx(x * log2(10))
+//   __log2f(x)     = lg2.approx(x);  __logf(x) = lg2.approx(x) * ln(2);
+//   __log10f(x)    = lg2.approx(x) * log10(2)
+//   __powf(x, y)   = ex2.approx(y * lg2.approx(x))   (NaN for x < 0)
+//   __fdividef(x, y) = x * (1 / y), with 1 / y = 0 for 2^126 < |y| (so 0 there, and
+//                    NaN if x is infinite)
+// ex2.approx and lg2.approx flush subnormal inputs and results to sign-preserving zero
+// ("most input and output values around denormal range are flushed to sign preserving
+// 0.0"). Their own few-ulp approximation error is not modelled (the host exp2f/log2f
+// are used on the flushed float argument). The other functions (expf, logf, sqrtf,
+// __sinf, __tanhf, rsqrtf, ...) use the accurate host functions.
 // ---------------------------------------------------------------------------------
-inline float __expf(float x) { return expf(x); }
-inline float __exp10f(float x) { return exp10f(x); }
-inline float __logf(float x) { return logf(x); }
-inline float __log2f(float x) { return log2f(x); }
-inline float __log10f(float x) { return log10f(x); }
-inline float __powf(float x, float y) { return powf(x, y); }
+namespace linattn_emu {
+inline float ftz(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x; }
+inline float ex2_approx(float x) { return ftz(exp2f(ftz(x))); }
+inline float lg2_approx(float x) { return log2f(ftz(x)); }
+}  // namespace linattn_emu
+inline float __expf(float x) { return ::linattn_emu::ex2_approx(x * 1.44269504f); }
+inline float __exp10f(float x) { return ::linattn_emu::ex2_approx(x * 3.32192809f); }
+inline float __logf(float x) { return ::linattn_emu::lg2_approx(x) * 0.693147181f; }
+inline float __log2f(float x) { return ::linattn_emu::lg2_approx(x); }
+inline float __log10f(float x) { return ::linattn_emu::lg2_approx(x) * 0.301029996f; }
+inline float __powf(float x, float y) { return ::linattn_emu::ex2_approx(y * ::linattn_emu::lg2_approx(x)); }
 inline float __sinf(float x) { return sinf(x); }
 inline float __cosf(float x) { return cosf(x); }
 inline float __tanf(float x) { return tanf(x); }
 inline void __sincosf(float x, float* s, float* c) { *s = sinf(x); *c = cosf(x); }
 inline void sincosf(float x, float* s, float* c) { *s = sinf(x); *c = cosf(x); }
 inline float __tanhf(float x) { return tanhf(x); }
-inline float __fdividef(float a, float b) { return a / b; }
-inline float fdividef(float a, float b) { return a / b; }
+inline float __fdividef(float a, float b) {
+  const float r = std::fabs(b) > 0x1p126f ? std::copysign(0.0f, b) : 1.0f / b;
+  return a * r;
+}
+inline float fdividef(float a, float b) { return __fdividef(a, b); }
 inline float __frcp_rn(float x) { return 1.0f / x; }
 inline double __drcp_rn(double x) { return 1.0 / x; }
 inline float __fsqrt_rn(float x) { return sqrtf(x); }

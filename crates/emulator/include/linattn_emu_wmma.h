@@ -7,6 +7,12 @@
 // matrix element a slot holds follows the mma.m16n8k16 register layout, but kernels
 // must not rely on it (CUDA documents the mapping as unspecified).
 //
+// load_matrix_sync / store_matrix_sync check what the CUDA C++ Programming Guide
+// requires of their arguments: the pointer 256-bit (32-byte) aligned and ldm a multiple
+// of 16 bytes (8 elements of __half / __nv_bfloat16, 4 of float). A violation is a
+// device fault naming the call, the pointer and ldm (the launch fails with
+// EmuError::DeviceFault); on a GPU it is undefined behaviour.
+//
 // load/store/mma_sync are warp collectives (they synchronise the warp). mma_sync
 // computes D[r][c] = C[r][c] + sum_{k=0..15} A[r][k] * B[k][c] in float, adding the
 // exact 16-bit products one by one in order k = 0..15.
@@ -69,6 +75,23 @@ template <class L>
 constexpr bool is_row_major() {
   return std::is_same<L, row_major>::value;
 }
+// The pointer and leading-dimension requirements of load/store_matrix_sync. O(1).
+template <class T>
+inline void check_tile(const char* call, const char* use, const void* p, unsigned ldm) {
+  constexpr unsigned step = 16u / (unsigned)sizeof(T);
+  const bool aligned = (reinterpret_cast<uintptr_t>(p) & 31u) == 0;
+  if (aligned && ldm % step == 0) return;
+  char msg[320];
+  if (!aligned)
+    std::snprintf(msg, sizeof msg,
+                  "wmma::%s (%s): pointer %p is not 256-bit (32-byte) aligned (ldm %u)", call, use, p, ldm);
+  else
+    std::snprintf(msg, sizeof msg,
+                  "wmma::%s (%s): ldm %u is not a multiple of %u elements (16 bytes) of %u-byte elements "
+                  "(pointer %p)",
+                  call, use, ldm, step, (unsigned)sizeof(T), p);
+  ::linattn_emu::fail(msg);
+}
 }  // namespace detail
 
 template <typename Use, int m, int n, int k, typename T, typename L, typename V>
@@ -79,6 +102,7 @@ inline void fill_fragment(fragment<Use, m, n, k, T, L>& f, const V& v) {
 
 template <typename T, typename L>
 inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+  detail::check_tile<T>("load_matrix_sync", "matrix_a", p, ldm);
   detail::warp_sync();
   unsigned lane = detail::lane();
   for (int i = 0; i < f.num_elements; ++i) {
@@ -89,6 +113,7 @@ inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, L>& f, const T* p
 }
 template <typename T, typename L>
 inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+  detail::check_tile<T>("load_matrix_sync", "matrix_b", p, ldm);
   detail::warp_sync();
   unsigned lane = detail::lane();
   for (int i = 0; i < f.num_elements; ++i) {
@@ -99,6 +124,7 @@ inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, L>& f, const T* p
 }
 template <typename T>
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const T* p, unsigned ldm, layout_t layout) {
+  detail::check_tile<T>("load_matrix_sync", "accumulator", p, ldm);
   detail::warp_sync();
   unsigned lane = detail::lane();
   for (int i = 0; i < f.num_elements; ++i) {
@@ -109,6 +135,7 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const T* p
 }
 template <typename T>
 inline void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T>& f, unsigned ldm, layout_t layout) {
+  detail::check_tile<T>("store_matrix_sync", "accumulator", p, ldm);
   detail::warp_sync();
   unsigned lane = detail::lane();
   for (int i = 0; i < f.num_elements; ++i) {

@@ -122,6 +122,30 @@ pub struct KernelDecl {
     pub file: PathBuf,
     /// 1-based line of the `__global__` keyword.
     pub line: usize,
+    /// The first argument of the kernel's `__launch_bounds__` (maxThreadsPerBlock) as
+    /// written, `None` without the attribute (the launch limit is then 1024 threads).
+    pub launch_bounds: Option<String>,
+    /// The `__align__` values (as written) of the `extern __shared__` declarations in
+    /// the kernel's body: the dynamic shared memory base gets the largest (at least 16).
+    pub extern_shared_align: Vec<String>,
+}
+
+/// A kernel definition whose body has not opened yet.
+#[derive(Debug, Clone)]
+struct PendingKernel {
+    name: String,
+    params_type: String,
+    line: usize,
+    launch_bounds: Option<String>,
+}
+
+/// A kernel whose body is open: its brace depth and what its info function needs.
+#[derive(Debug, Clone)]
+struct OpenKernel {
+    depth: usize,
+    name: String,
+    launch_bounds: Option<String>,
+    extern_align: Vec<String>,
 }
 
 /// What [`Build::compile`] produced.
@@ -581,7 +605,7 @@ fn registry_source(lib: &str, kernels: &[KernelDecl]) -> String {
     ));
     for k in kernels {
         s.push_str(&format!(
-            "extern \"C\" void {lib}__emu_entry__{n}(const void*);\nextern \"C\" void {lib}__emu_info__{n}(unsigned long long*, unsigned long long*);\n",
+            "extern \"C\" void {lib}__emu_entry__{n}(const void*);\nextern \"C\" void {lib}__emu_info__{n}(LinattnEmuKernel*);\n",
             n = k.name
         ));
     }
@@ -603,18 +627,18 @@ fn registry_source(lib: &str, kernels: &[KernelDecl]) -> String {
     ));
     for k in kernels {
         s.push_str(&format!(
-            "    {{\"{n}\", {lib}__emu_entry__{n}, 0, 0}},\n",
+            "    {{\"{n}\", {lib}__emu_entry__{n}, 0, 0, 0, 0}},\n",
             n = k.name
         ));
     }
     if kernels.is_empty() {
-        s.push_str("    {nullptr, nullptr, 0, 0},\n");
+        s.push_str("    {nullptr, nullptr, 0, 0, 0, 0},\n");
     }
     s.push_str("  };\n");
     s.push_str("  static const LinattnEmuModule module = [] {\n");
     for (i, k) in kernels.iter().enumerate() {
         s.push_str(&format!(
-            "    {lib}__emu_info__{n}(&kernels[{i}].params_size, &kernels[{i}].params_align);\n",
+            "    {lib}__emu_info__{n}(&kernels[{i}]);\n",
             n = k.name
         ));
     }
@@ -870,14 +894,14 @@ pub fn rewrite(src: &str, path: &Path, lib: Option<&str>) -> Result<Rewritten, B
     let is = |i: usize, s: &str| i < toks.len() && t(i) == s;
 
     let mut edits: Vec<Edit> = Vec::new();
-    let mut kernels = Vec::new();
+    let mut kernels: Vec<KernelDecl> = Vec::new();
     let mut braces: Vec<Brace> = Vec::new();
     let mut stmt_start = 0usize; // first token of the current statement
     let mut shared_decls = 0;
     let mut i = 0;
     // Kernels whose body starts at a given brace depth: (depth, name, line).
-    let mut pending_kernel: Option<(String, String, usize)> = None;
-    let mut open_kernels: Vec<(usize, String)> = Vec::new();
+    let mut pending_kernel: Option<PendingKernel> = None;
+    let mut open_kernels: Vec<OpenKernel> = Vec::new();
     while i < toks.len() {
         let tok = toks[i];
         match tok.kind {
@@ -959,7 +983,10 @@ pub fn rewrite(src: &str, path: &Path, lib: Option<&str>) -> Result<Rewritten, B
                         }
                         j += 1;
                     }
-                    let text = shared_decl(src, &toks, stmt_start, j, path)?;
+                    let (text, extern_align) = shared_decl(src, &toks, stmt_start, j, path)?;
+                    if let (Some(align), Some(k)) = (extern_align, open_kernels.last_mut()) {
+                        k.extern_align.push(align);
+                    }
                     let start = toks[stmt_start].start;
                     let end = toks[j].end;
                     let newlines = src[start..end].matches('\n').count();
@@ -988,25 +1015,27 @@ pub fn rewrite(src: &str, path: &Path, lib: Option<&str>) -> Result<Rewritten, B
                     "{" => {
                         let kind = classify_brace(src, &toks, stmt_start, i);
                         braces.push(kind);
-                        if let Some((name, _, _)) = pending_kernel.take() {
-                            open_kernels.push((braces.len(), name));
+                        if let Some(k) = pending_kernel.take() {
+                            open_kernels.push(OpenKernel {
+                                depth: braces.len(),
+                                name: k.name,
+                                launch_bounds: k.launch_bounds,
+                                extern_align: Vec::new(),
+                            });
                         }
                         stmt_start = i + 1;
                     }
                     "}" => {
-                        if let Some((depth, _)) = open_kernels.last() {
-                            if *depth == braces.len() {
-                                let (_, name) = open_kernels.pop().unwrap_or_default();
-                                if let Some(lib) = lib {
-                                    edits.push(Edit {
-                                        start: tok.end,
-                                        end: tok.end,
-                                        text: format!(
-                                            " extern \"C\" void {lib}__emu_entry__{name}(const void* p) {{ ::linattn_emu::invoke_kernel(&{name}, p); }} \
-                                             extern \"C\" void {lib}__emu_info__{name}(unsigned long long* s, unsigned long long* a) {{ ::linattn_emu::kernel_info(&{name}, s, a); }}"
-                                        ),
-                                    });
+                        if open_kernels.last().is_some_and(|k| k.depth == braces.len()) {
+                            if let (Some(k), Some(lib)) = (open_kernels.pop(), lib) {
+                                if let Some(decl) = kernels.iter_mut().find(|d| d.name == k.name) {
+                                    decl.extern_shared_align = k.extern_align.clone();
                                 }
+                                edits.push(Edit {
+                                    start: tok.end,
+                                    end: tok.end,
+                                    text: entry_points(lib, &k),
+                                });
                             }
                         }
                         braces.pop();
@@ -1018,16 +1047,18 @@ pub fn rewrite(src: &str, path: &Path, lib: Option<&str>) -> Result<Rewritten, B
             _ => {}
         }
         // Record kernel definitions when their body opens.
-        if let Some((name, ty, line)) = &pending_kernel {
+        if let Some(k) = &pending_kernel {
             if is(i + 1, "{")
                 && lib.is_some()
-                && !kernels.iter().any(|k: &KernelDecl| &k.name == name)
+                && !kernels.iter().any(|d: &KernelDecl| d.name == k.name)
             {
                 kernels.push(KernelDecl {
-                    name: name.clone(),
-                    params_type: ty.clone(),
+                    name: k.name.clone(),
+                    params_type: k.params_type.clone(),
                     file: path.to_path_buf(),
-                    line: *line,
+                    line: k.line,
+                    launch_bounds: k.launch_bounds.clone(),
+                    extern_shared_align: Vec::new(),
                 });
             }
         }
@@ -1055,6 +1086,29 @@ pub fn rewrite(src: &str, path: &Path, lib: Option<&str>) -> Result<Rewritten, B
         kernels,
         shared_decls,
     })
+}
+
+/// The entry point and the info function appended after a kernel's closing brace (in
+/// the kernel's own scope, so constants in `__launch_bounds__` and `__align__` resolve).
+fn entry_points(lib: &str, k: &OpenKernel) -> String {
+    let name = &k.name;
+    let max_threads = match &k.launch_bounds {
+        Some(e) => format!("::linattn_emu::launch_bound({e})"),
+        None => "1024ull".to_string(),
+    };
+    let aligns: Vec<String> = k
+        .extern_align
+        .iter()
+        .map(|a| format!("(unsigned long long)({a})"))
+        .collect();
+    format!(
+        " extern \"C\" void {lib}__emu_entry__{name}(const void* p) {{ ::linattn_emu::invoke_kernel(&{name}, p); }} \
+         extern \"C\" void {lib}__emu_info__{name}(LinattnEmuKernel* k) {{ \
+         ::linattn_emu::kernel_info(&{name}, &k->params_size, &k->params_align); \
+         k->max_threads = {max_threads}; k->dyn_align = ::linattn_emu::max_align({{0ull{sep}{list}}}); }}",
+        sep = if aligns.is_empty() { "" } else { ", " },
+        list = aligns.join(", ")
+    )
 }
 
 fn escape_path(p: &Path) -> String {
@@ -1124,8 +1178,42 @@ fn classify_brace(src: &str, toks: &[Tok], from: usize, to: usize) -> Brace {
     }
 }
 
-/// Parses `__global__ void [__launch_bounds__(..)] NAME(PARAMS)`. Returns
-/// `Some((name, params_type, line))` for extern "C" kernels, `None` for others.
+/// The first argument of the `__launch_bounds__(...)` whose keyword is token `at`
+/// (tokens joined by spaces), or an error message.
+fn launch_bounds_arg(src: &str, toks: &[Tok], at: usize) -> Result<String, String> {
+    let t = |i: usize| &src[toks[i].start..toks[i].end];
+    if at + 1 >= toks.len() || t(at + 1) != "(" {
+        return Err("`__launch_bounds__` without an argument list".into());
+    }
+    let mut depth = 0i32;
+    let mut first: Vec<&str> = Vec::new();
+    let mut in_first = true;
+    for j in at + 1..toks.len() {
+        let s = t(j);
+        match s {
+            "(" | "[" | "{" => depth += 1,
+            ")" | "]" | "}" => {
+                depth -= 1;
+                if depth == 0 {
+                    return if first.is_empty() {
+                        Err("empty `__launch_bounds__()`".into())
+                    } else {
+                        Ok(first.join(" "))
+                    };
+                }
+            }
+            "," if depth == 1 => in_first = false,
+            _ => {}
+        }
+        if in_first && !(depth == 1 && s == "(" && j == at + 1) {
+            first.push(s);
+        }
+    }
+    Err("unbalanced parentheses after `__launch_bounds__`".into())
+}
+
+/// Parses `__global__ void [__launch_bounds__(..)] NAME(PARAMS)`. Returns the
+/// kernel for extern "C" kernels, `None` for others.
 fn kernel_decl(
     src: &str,
     toks: &[Tok],
@@ -1133,7 +1221,7 @@ fn kernel_decl(
     at: usize,
     braces: &[Brace],
     path: &Path,
-) -> Result<Option<(String, String, usize)>, BuildError> {
+) -> Result<Option<PendingKernel>, BuildError> {
     let t = |i: usize| &src[toks[i].start..toks[i].end];
     let line = toks[at].line;
     let perr = |message: String| BuildError::Parse {
@@ -1147,11 +1235,20 @@ fn kernel_decl(
     }
     let extern_c = head.windows(2).any(|w| w[0] == "extern" && w[1] == "\"C\"")
         || braces.contains(&Brace::ExternC);
+    let mut launch_bounds = None;
+    for j in stmt_start..at {
+        if t(j) == "__launch_bounds__" {
+            launch_bounds = Some(launch_bounds_arg(src, toks, j).map_err(&perr)?);
+        }
+    }
     // Skip to the name: identifiers/attributes until an identifier followed by `(`.
     let mut j = at + 1;
     let mut name = None;
     while j < toks.len() {
         let s = t(j);
+        if s == "__launch_bounds__" {
+            launch_bounds = Some(launch_bounds_arg(src, toks, j).map_err(&perr)?);
+        }
         if s == "__launch_bounds__" || s == "__attribute__" || s == "alignas" || s == "__align__" {
             // skip balanced parens
             j += 1;
@@ -1255,17 +1352,23 @@ fn kernel_decl(
             )))
         }
     };
-    Ok(Some((name, params_type, line)))
+    Ok(Some(PendingKernel {
+        name,
+        params_type,
+        line,
+        launch_bounds,
+    }))
 }
 
-/// Translates one `__shared__` statement (tokens `from..=semi`).
+/// Translates one `__shared__` statement (tokens `from..=semi`). Also returns the
+/// explicit alignment of an `extern __shared__` declaration.
 fn shared_decl(
     src: &str,
     toks: &[Tok],
     from: usize,
     semi: usize,
     path: &Path,
-) -> Result<String, BuildError> {
+) -> Result<(String, Option<String>), BuildError> {
     let t = |i: usize| &src[toks[i].start..toks[i].end];
     let line = toks
         .iter()
@@ -1427,5 +1530,6 @@ fn shared_decl(
             ));
         }
     }
-    Ok(format!("{};", out.join("; ")))
+    let extern_align = (is_extern && align != "0").then_some(align);
+    Ok((format!("{};", out.join("; ")), extern_align))
 }

@@ -5,7 +5,7 @@ use std::ffi::{c_char, c_void};
 /// `LINATTN_EMU_MAGIC` ("LEMU").
 pub const MAGIC: u32 = 0x4C45_4D55;
 /// `LINATTN_EMU_ABI_VERSION`.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Barrier kinds passed to `syncthreads`.
 pub const BAR_PLAIN: u32 = 0;
@@ -86,6 +86,11 @@ pub struct RawKernel {
     pub entry: Option<unsafe extern "C" fn(*const c_void)>,
     pub params_size: u64,
     pub params_align: u64,
+    /// First argument of the kernel's `__launch_bounds__`, or 1024 without one.
+    pub max_threads: u64,
+    /// Largest `__align__` on the `extern __shared__` declarations in the
+    /// kernel's body (0 without one).
+    pub dyn_align: u64,
 }
 
 #[repr(C)]

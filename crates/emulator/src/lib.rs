@@ -14,7 +14,14 @@
 //!   shared memory show up in results;
 //! * a barrier that not every thread reaches is reported as an [`EmuError`] naming
 //!   the kernel and block instead of hanging, and [`Module::launch_checked`] runs a
-//!   launch under two thread schedules to catch missing barriers.
+//!   launch under two thread schedules to catch missing barriers;
+//! * what a GPU rejects or leaves undefined is an error here too: blocks beyond the
+//!   kernel's `__launch_bounds__` ([`EmuError::LaunchBounds`]), shared memory beyond
+//!   the module's limit, wmma pointers not 32-byte aligned or `ldm` not a multiple
+//!   of 16 bytes, and a dynamic shared memory base aligned only as far as the
+//!   kernel's `extern __shared__ __align__(N)` declares (at least 16 bytes); the
+//!   fast intrinsics (`__fdividef`, `__expf`, `__logf`, `__powf`, ...) follow their
+//!   documented approximate construction, not the exact host functions.
 //!
 //! A kernels crate compiles its sources from its `build.rs` with
 //! [`build::Build`], then wraps the generated module descriptor in a [`Module`]:
@@ -97,6 +104,22 @@ pub enum EmuError {
         kernel: String,
         /// What is wrong.
         reason: String,
+    },
+    /// The block has more threads than the kernel's `__launch_bounds__` allows (on a
+    /// GPU the launch fails with `CUDA_ERROR_INVALID_VALUE`).
+    #[error(
+        "kernel `{kernel}`: block {block:?} has {threads} threads but the kernel's __launch_bounds__ allows \
+         at most {max_threads}"
+    )]
+    LaunchBounds {
+        /// Kernel name.
+        kernel: String,
+        /// `blockDim` of the launch.
+        block: [u32; 3],
+        /// Threads per block of the launch.
+        threads: u64,
+        /// maxThreadsPerBlock from `__launch_bounds__` (1024 without the attribute).
+        max_threads: u32,
     },
     /// Static plus dynamic shared memory exceeds the module's limit.
     #[error(
@@ -286,7 +309,16 @@ struct KernelInfo {
     entry: unsafe extern "C" fn(*const c_void),
     params_size: usize,
     params_align: usize,
+    max_threads: u32,
+    /// Alignment of the dynamic shared memory base: the largest `__align__` on the
+    /// kernel's `extern __shared__` declarations, at least 16.
+    dyn_align: usize,
 }
+
+/// The dynamic shared memory base is aligned to at least this many bytes.
+const MIN_DYN_ALIGN: usize = 16;
+/// The largest `__align__` accepted on `extern __shared__` declarations.
+const MAX_DYN_ALIGN: usize = 1 << 16;
 
 /// A library of emulated kernels: the descriptor that the build helper generates
 /// (`extern "C" const LinattnEmuModule* <lib>_emu_module(void)`), checked and indexed.
@@ -364,11 +396,25 @@ impl Module {
             let name = unsafe { CStr::from_ptr(k.name) }
                 .to_string_lossy()
                 .into_owned();
+            if k.max_threads == 0 {
+                return Err(EmuError::BadModule(format!(
+                    "kernel `{name}`: __launch_bounds__ must name a positive thread count"
+                )));
+            }
+            let dyn_align = k.dyn_align.max(MIN_DYN_ALIGN as u64);
+            if !dyn_align.is_power_of_two() || dyn_align > MAX_DYN_ALIGN as u64 {
+                return Err(EmuError::BadModule(format!(
+                    "kernel `{name}`: extern __shared__ alignment {} is not a power of two up to {MAX_DYN_ALIGN}",
+                    k.dyn_align
+                )));
+            }
             kernels.push(KernelInfo {
                 name,
                 entry,
                 params_size: k.params_size as usize,
                 params_align: (k.params_align as usize).max(1),
+                max_threads: k.max_threads.min(1024) as u32,
+                dyn_align: dyn_align as usize,
             });
         }
         Ok(Module {
@@ -401,6 +447,27 @@ impl Module {
             .iter()
             .find(|k| k.name == name)
             .map(|k| k.params_size)
+    }
+
+    /// The most threads per block the kernel accepts: the first argument of its
+    /// `__launch_bounds__`, or 1024 (CUDA's limit) without the attribute. `None` if
+    /// the kernel does not exist.
+    pub fn max_threads(&self, name: &str) -> Option<u32> {
+        self.kernels
+            .iter()
+            .find(|k| k.name == name)
+            .map(|k| k.max_threads)
+    }
+
+    /// Alignment in bytes of the kernel's dynamic shared memory base: the largest
+    /// `__align__(N)` on the `extern __shared__` declarations in its body, at least
+    /// 16. The base is aligned to exactly that (never to more), as the least a GPU
+    /// guarantees. `None` if the kernel does not exist.
+    pub fn dyn_shared_align(&self, name: &str) -> Option<usize> {
+        self.kernels
+            .iter()
+            .find(|k| k.name == name)
+            .map(|k| k.dyn_align)
     }
 
     /// The per-block shared memory limit (static + dynamic), default
@@ -447,6 +514,15 @@ impl Module {
             });
         }
         cfg.validate(kernel, self.shared_limit)?;
+        let threads = cfg.block.iter().map(|&d| d as u64).product::<u64>();
+        if threads > k.max_threads as u64 {
+            return Err(EmuError::LaunchBounds {
+                kernel: kernel.to_string(),
+                block: cfg.block,
+                threads,
+                max_threads: k.max_threads,
+            });
+        }
         let layout = std::alloc::Layout::from_size_align(params_len.max(1), k.params_align.max(16))
             .map_err(|e| EmuError::Resource(format!("params buffer: {e}")))?;
         // SAFETY: non-zero size.
@@ -478,6 +554,7 @@ impl Module {
             grid: cfg.grid,
             block: cfg.block,
             dyn_bytes: cfg.shared_bytes,
+            dyn_offset: k.dyn_align,
             limit: self.shared_limit,
         }
     }

@@ -74,6 +74,8 @@ struct BlockRt {
     arena: *mut u8,
     limit: usize,
     dyn_bytes: usize,
+    /// Where the dynamic region starts in the arena (its alignment: see `Launch`).
+    dyn_offset: usize,
     static_top: usize,
     statics: Vec<(usize, usize)>,
     /// Lanes of each warp that exist and have not exited.
@@ -159,8 +161,9 @@ unsafe extern "C" fn cb_static_shared(
         let size = size as usize;
         let off = b.static_top.div_ceil(align) * align;
         let end = off.saturating_add(size);
-        if end > b.limit {
-            let static_bytes = end.saturating_sub(b.dyn_bytes);
+        // Bytes in use count from the dynamic base (the offset before it is padding).
+        if end - b.dyn_offset > b.limit {
+            let static_bytes = end - b.dyn_offset - b.dyn_bytes;
             fail_fiber(f, Fault::SharedLimit { static_bytes });
         }
         // Poison: unwritten shared memory reads as NaN (all-ones bytes).
@@ -201,6 +204,10 @@ pub(crate) struct Launch<'a> {
     pub grid: [u32; 3],
     pub block: [u32; 3],
     pub dyn_bytes: usize,
+    /// Offset of the dynamic shared memory base in the (page-aligned) arena: the
+    /// kernel's `extern __shared__` alignment N (at least 16), so the base is
+    /// N-aligned and not 2N-aligned, the least a GPU guarantees.
+    pub dyn_offset: usize,
     pub limit: usize,
 }
 
@@ -278,7 +285,12 @@ impl Worker {
             })?;
             stacks.push(s);
         }
-        let layout = Layout::from_size_align(launch.limit.max(16), 4096)
+        let arena_align = (2 * launch.dyn_offset).max(4096);
+        let arena_size = launch
+            .limit
+            .checked_add(launch.dyn_offset)
+            .ok_or_else(|| EmuError::Resource("shared memory arena size overflows".into()))?;
+        let layout = Layout::from_size_align(arena_size.max(16), arena_align)
             .map_err(|e| EmuError::Resource(format!("shared memory arena: {e}")))?;
         // SAFETY: layout has non-zero size.
         let arena_ptr = unsafe { alloc(layout) };
@@ -295,6 +307,7 @@ impl Worker {
             arena: arena_ptr,
             limit: launch.limit,
             dyn_bytes: launch.dyn_bytes,
+            dyn_offset: launch.dyn_offset,
             static_top: 0,
             statics: Vec::new(),
             alive: vec![0; warps],
@@ -303,6 +316,8 @@ impl Worker {
         let block_ptr: *mut BlockRt = &mut *block;
         let mut scratch = vec![0f32; warps * ffi::WARP_SCRATCH_FLOATS];
         let scratch_ptr = scratch.as_mut_ptr();
+        // SAFETY: dyn_offset < arena_size.
+        let dyn_base = unsafe { arena_ptr.add(launch.dyn_offset) };
         let [bx, by, bz] = launch.block;
         let mut fibers = Vec::with_capacity(n);
         for t in 0..n {
@@ -320,7 +335,7 @@ impl Worker {
                     lane: (t % 32) as u32,
                     warp: warp as u32,
                     reserved: 0,
-                    dyn_shared: arena_ptr,
+                    dyn_shared: dyn_base,
                     // SAFETY: in bounds of `scratch`.
                     warp_scratch: unsafe { scratch_ptr.add(warp * ffi::WARP_SCRATCH_FLOATS) },
                     cb: &CALLBACKS,
@@ -376,11 +391,12 @@ impl Worker {
         {
             let b = &mut *self.block;
             b.statics.clear();
-            b.static_top = launch.dyn_bytes;
+            b.static_top = launch.dyn_offset + launch.dyn_bytes;
             b.fault = None;
             b.alive.copy_from_slice(&self.exist);
-            // SAFETY: dyn_bytes <= limit = arena size (validated by the launch).
-            unsafe { ptr::write_bytes(b.arena, 0xFF, launch.dyn_bytes) };
+            // SAFETY: dyn_offset + dyn_bytes <= dyn_offset + limit = arena size
+            // (dyn_bytes <= limit is validated by the launch).
+            unsafe { ptr::write_bytes(b.arena.add(launch.dyn_offset), 0xFF, launch.dyn_bytes) };
         }
         self.waiting.iter_mut().for_each(|w| *w = 0);
         self.scratch.iter_mut().for_each(|v| *v = f32::NAN);

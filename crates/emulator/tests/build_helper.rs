@@ -106,6 +106,51 @@ fn kernels_are_registered_with_their_params() {
 }
 
 #[test]
+fn launch_bounds_and_extern_shared_alignment_are_recorded() {
+    let src = "extern \"C\" __global__ void __launch_bounds__(kT * 2, 1) a(P p) {\n\
+               extern __shared__ __align__(128) float s[];\n  { extern __shared__ __align__(32) int t[]; }\n}\n\
+               extern \"C\" __launch_bounds__((64)) __global__ void b(P p) { extern __shared__ float u[]; }\n\
+               extern \"C\" __global__ void c(P p) { __shared__ __align__(256) float w[4]; }\n\
+               __device__ void f() { extern __shared__ __align__(512) float x[]; }\n";
+    let r = rewrite(src, Path::new("k.cu"), Some("lib")).unwrap();
+    let names: Vec<&str> = r.kernels.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    assert_eq!(r.kernels[0].launch_bounds.as_deref(), Some("kT * 2"));
+    assert_eq!(r.kernels[0].extern_shared_align, ["(128)", "(32)"]);
+    assert_eq!(r.kernels[1].launch_bounds.as_deref(), Some("( 64 )"));
+    assert!(r.kernels[1].extern_shared_align.is_empty());
+    // Static __shared__ alignment and extern declarations outside kernels don't count.
+    assert_eq!(r.kernels[2].launch_bounds, None);
+    assert!(r.kernels[2].extern_shared_align.is_empty());
+    // The info functions carry them into the registry.
+    assert!(
+        r.text
+            .contains("k->max_threads = ::linattn_emu::launch_bound(kT * 2);"),
+        "{}",
+        r.text
+    );
+    assert!(
+        r.text
+            .contains("max_align({0ull, (unsigned long long)((128)), (unsigned long long)((32))})"),
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains("k->max_threads = 1024ull;"), "{}", r.text);
+    for bad in [
+        "extern \"C\" __global__ void __launch_bounds__() k(P p) {}\n",
+        "extern \"C\" __global__ void __launch_bounds__ k(P p) {}\n",
+    ] {
+        match rewrite(bad, Path::new("bad.cu"), Some("lib")) {
+            Err(BuildError::Parse { line, message, .. }) => {
+                assert_eq!(line, 1);
+                assert!(message.contains("__launch_bounds__"), "{message}");
+            }
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn unparseable_constructs_are_errors_naming_file_and_line() {
     let cases = [
         ("__shared__ float g[4];\n", 1, "namespace scope"),

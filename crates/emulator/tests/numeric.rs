@@ -1,5 +1,8 @@
 //! Half/bf16 conversions and wmma against plain Rust.
 
+mod common;
+
+use common::DevBuf;
 use half::{bf16, f16};
 use linattn_emulator::{test_kernels, LaunchConfig};
 
@@ -225,8 +228,11 @@ fn run_gemm(
     };
     let a16: Vec<u16> = a.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
     let b16: Vec<u16> = b.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
-    let mut c = vec![0f32; m * n];
-    let mut c16 = vec![0f32; m * n];
+    // wmma needs 32-byte aligned tiles: device-like (256-byte aligned) buffers.
+    let (ah, bh) = (DevBuf::from_slice(&ah), DevBuf::from_slice(&bh));
+    let (a16, b16) = (DevBuf::from_slice(&a16), DevBuf::from_slice(&b16));
+    let mut c = DevBuf::filled(f32::NAN, m * n);
+    let mut c16 = DevBuf::filled(f32::NAN, m * n);
     let p = WmmaParams {
         a: ah.as_ptr(),
         b: bh.as_ptr(),
@@ -244,6 +250,7 @@ fn run_gemm(
     let tiles = (m / 16) * (n / 16);
     let cfg = LaunchConfig::linear(tiles.div_ceil(4) as u32, 128);
     unsafe { test_kernels::module().launch_params("emu_test_wmma_gemm", &cfg, &p) }.unwrap();
+    let (c, c16) = (c.to_vec(), c16.to_vec());
     // c16 was stored column-major: transpose back.
     let c16t: Vec<f32> = (0..m)
         .flat_map(|i| (0..n).map(move |j| (i, j)))
