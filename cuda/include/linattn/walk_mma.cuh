@@ -38,8 +38,9 @@
 // (2) scores, phi(Q) . z, and for bf16 phi(Q) S16 into the output fragments;
 // (3) mask and round A, row sums (f16: row units), z update; (4) f16:
 // phi(Q) S16 into the output fragments; A V into them, outputs to shared
-// memory, state update, S16 publish. Four barriers; tiles and sums in a
-// fixed order, so results are bit-identical run to run.
+// memory, state update, S16 publish. Four barriers (f16: five, the fifth
+// before the publish, as step 4 reads S16 there); tiles and sums in a fixed
+// order, so results are bit-identical run to run.
 //
 // Shared memory, in this order (the plan's `walk_shared_bytes` mirrors it;
 // 16-bit row strides padded by 8 elements and fp32 ones by 4 against bank
@@ -456,6 +457,9 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
                 }
             }
             if (out) {
+                // f16 reads S16 in this step (phi(Q) S16 above): every warp
+                // must be done with it before any publishes (uniform branch).
+                if constexpr (kScaled) __syncthreads();
 #pragma unroll
                 for (int k = 0; k < kStateFrags; ++k) {
                     const int t = warp + k * nwarps;
