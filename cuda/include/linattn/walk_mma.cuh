@@ -26,12 +26,21 @@
 // element mapping, so the element-wise fix-up is exact). bf16 has fp32's
 // exponent range and is published unscaled.
 //
+// f16 also keeps s phi(q) and the masked scores in range (issue 17; the
+// list of roundings is in docs/kernels.md): a row of s phi(q) whose largest
+// magnitude leaves [2^-6, 2^15) is restaged scaled by a power of two, and a
+// row of scores reaching 2^15 is rounded scaled, its Q16 row rescaled by the
+// same factor; each row's numerator then carries a unit 2^-u that its
+// denominator (with eps 2^-u) shares, or that the unnormalised output undoes.
+// Powers of two are exact: in-window rows round exactly as without scaling.
+//
 // Per chunk: (1) write the previous chunk's outputs, load the chunk;
-// (2) scores, phi(Q) S16 into the output fragments, phi(Q) . z;
-// (3) mask and round A, row sums, z update; (4) A V into the output
-// fragments, outputs to shared memory, state update, S16 publish. Four
-// barriers; tiles and sums in a fixed order, so results are bit-identical
-// run to run.
+// (2) scores, phi(Q) . z, and for bf16 phi(Q) S16 into the output fragments;
+// (3) mask and round A, row sums (f16: row units), z update; (4) f16:
+// phi(Q) S16 into the output fragments; A V into them, outputs to shared
+// memory, state update, S16 publish. Four barriers (f16: five, the fifth
+// before the publish, as step 4 reads S16 there); tiles and sums in a fixed
+// order, so results are bit-identical run to run.
 //
 // Shared memory, in this order (the plan's `walk_shared_bytes` mirrors it;
 // 16-bit row strides padded by 8 elements and fp32 ones by 4 against bank
@@ -39,7 +48,8 @@
 //   Q16 C x (DP+8), K16 C x (DP+8), V16 C x (MT+8), S16 DP x (MT+8),
 //   A16 C x (C+8)                                                   [T]
 //   F   C x (max(C, MT)+4): the fp32 scores, then the chunk's outputs;
-//   scratch 8 warps x 16 x 16; z DP; den C; tile scales DP/16 x MT/16 [fp32]
+//   scratch 8 warps x 16 x 16 (f16: warp 0's holds the rows' s phi(q)
+//   exponents from (1) to (3)); z DP; den C; tile scales DP/16 x MT/16 [fp32]
 #pragma once
 #include <cstdint>
 #include <mma.h>
@@ -49,6 +59,7 @@
 #include "linattn/dtype.cuh"
 #include "linattn/feature_map.cuh"
 #include "linattn/walk_common.cuh"
+#include "linattn/scaled_round.cuh"
 
 namespace linattn {
 
@@ -96,10 +107,12 @@ __device__ __forceinline__ bool row_vec_ok(const T* src, int64_t stride, int n) 
 
 // One warp stages a row: dst[x] = T(f(src[x])) for x < n (when live), zero
 // for the rest of n_pad (a multiple of 16). With vec, each lane moves four
-// elements per 8-byte load and store (dst rows are 16-byte aligned).
+// elements per 8-byte load and store (dst rows are 16-byte aligned). Returns
+// the largest |f(src[x])| this lane staged (fp32, before the rounding).
 template <typename T, typename F>
-__device__ __forceinline__ void load_row(T* dst, const T* src, int n, int n_pad, bool live, bool vec, F f) {
+__device__ __forceinline__ float load_row(T* dst, const T* src, int n, int n_pad, bool live, bool vec, F f) {
     const int lane = threadIdx.x & 31;
+    float mx = 0.0f;
     if (vec) {
         for (int x = lane * 4; x < n_pad; x += 128) {
             T v[4] = {from_float<T>(0.0f), from_float<T>(0.0f), from_float<T>(0.0f), from_float<T>(0.0f)};
@@ -107,16 +120,36 @@ __device__ __forceinline__ void load_row(T* dst, const T* src, int n, int n_pad,
                 const uint2 raw = *reinterpret_cast<const uint2*>(src + x);
                 memcpy(v, &raw, sizeof(raw));
 #pragma unroll
-                for (int i = 0; i < 4; ++i) v[i] = from_float<T>(f(to_float(v[i])));
+                for (int i = 0; i < 4; ++i) {
+                    const float y = f(to_float(v[i]));
+                    mx = fmaxf(mx, fabsf(y));
+                    v[i] = from_float<T>(y);
+                }
             }
             uint2 packed;
             memcpy(&packed, v, sizeof(packed));
             *reinterpret_cast<uint2*>(dst + x) = packed;
         }
     } else {
-        for (int x = lane; x < n_pad; x += 32) dst[x] = from_float<T>(live && x < n ? f(to_float(src[x])) : 0.0f);
+        for (int x = lane; x < n_pad; x += 32) {
+            const float y = live && x < n ? f(to_float(src[x])) : 0.0f;
+            mx = fmaxf(mx, fabsf(y));
+            dst[x] = from_float<T>(y);
+        }
     }
+    return mx;
 }
+
+// The f16 walk's range windows (see the rounding list in docs/kernels.md).
+// A row of s phi(q) whose largest magnitude is outside [2^-6, 2^15) is
+// restaged scaled into [2^4, 2^5); a row of masked scores whose largest
+// magnitude reaches 2^15 is rounded scaled into [2^14, 2^15), and its s phi(q)
+// row follows it (exactly: a power of two on an f16 value), so the row's
+// numerator and denominator share one factor, undone with eps in fp32.
+constexpr float kQLo = 0.015625f, kQHi = 32768.0f;
+constexpr int kQTop = 5;
+constexpr float kAHi = 32768.0f;
+constexpr int kATop = 15;
 
 template <typename T>
 __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, float* smem) {
@@ -160,6 +193,10 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
     float* zs = F + C * LF + nwarps * kScratch;
     float* den = zs + DP;
     float* scales = den + C;
+    // f16: each staged s phi(q) row's scale exponent, from its staging (1) to
+    // its score rounding (3), in warp 0's scratch (free until (4)).
+    float* rowq = F + C * LF;
+    constexpr bool kScaled = MmaScaled<T>::value;
 
     const bool causal = p.causal != 0;
     const bool out = p.write_output != 0;
@@ -203,15 +240,54 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
     const bool vec = row_vec_ok(qb, p.q_token_stride, D) && row_vec_ok(kb, p.k_token_stride, D) &&
                      row_vec_ok(vb, p.v_token_stride, mt);
 
-    // Writes one finished chunk (outputs in F, denominators in den).
+    // Writes one finished chunk (outputs in F, denominators in den). f16:
+    // numerators and den are in the row's units 2^-u, and den already holds
+    // eps 2^-u (normalised) or the factor 2^u (unnormalised).
     auto write_outputs = [&](int64_t t0, int rows) {
         for (int row = warp; row < rows; row += nwarps) {
-            const float dn = den[row] + p.eps;
+            const float dn = kScaled ? den[row] : den[row] + p.eps;
             T* orow = ob + (t0 + row) * p.o_token_stride;
             for (int e = lane; e < mt; e += 32) {
                 const float num = F[row * LF + e];
                 // __fdividef: no IEEE slow-path call, 2 ulp.
-                orow[e] = from_float<T>(norm ? __fdividef(num, dn) : num);
+                float o;
+                if constexpr (kScaled) {
+                    o = norm ? __fdividef(num, dn) : num * dn;
+                } else {
+                    o = norm ? __fdividef(num, dn) : num;
+                }
+                orow[e] = from_float<T>(o);
+            }
+        }
+    };
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kOutFrags];
+    // The outputs' phi(Q) S16 part (after (2) for bf16; for f16 after (3),
+    // which may rescale a row of Q16).
+    auto q_times_s16 = [&]() {
+#pragma unroll
+        for (int k = 0; k < kOutFrags; ++k) wmma::fill_fragment(acc[k], 0.0f);
+#pragma unroll 1
+        for (int x0 = 0; x0 < DP; x0 += 16) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> s;
+            if (share) wmma::load_matrix_sync(s, S16 + x0 * LV + e_own, LV);
+#pragma unroll
+            for (int k = 0; k < kOutFrags; ++k) {
+                const int t = warp + k * nwarps;
+                if (t >= out_tiles) continue;
+                const int i0 = (t / tiles_e) * 16, e0 = (t % tiles_e) * 16;
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+                wmma::load_matrix_sync(a, Q16 + i0 * LQ + x0, LQ);
+                if (!share) wmma::load_matrix_sync(s, S16 + x0 * LV + e0, LV);
+                if constexpr (kScaled) {
+                    wmma::fragment<wmma::accumulator, 16, 16, 16, float> part;
+                    wmma::fill_fragment(part, 0.0f);
+                    wmma::mma_sync(part, a, s, part);
+                    const float back = scales[(x0 / 16) * tiles_e + e0 / 16];
+                    for (int i = 0; i < part.num_elements; ++i) acc[k].x[i] = fmaf(part.x[i], back, acc[k].x[i]);
+                } else {
+                    wmma::mma_sync(acc[k], a, s, acc[k]);
+                }
             }
         }
     };
@@ -226,8 +302,21 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
         for (int row = warp; row < C; row += nwarps) {
             const bool live = row < rows;
             if (out) {
-                load_row<T>(Q16 + row * LQ, qb + (t0 + row) * p.q_token_stride, D, DP, live, vec,
-                            [&](float x) { return phi(x, fm) * p.scale; });
+                const T* qrow = qb + (t0 + row) * p.q_token_stride;
+                float mq = load_row<T>(Q16 + row * LQ, qrow, D, DP, live, vec,
+                                       [&](float x) { return phi(x, fm) * p.scale; });
+                if constexpr (kScaled) {
+                    // mq >= 0: its bits order as the value does (one redux, not five shuffles).
+                    mq = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(mq)));
+                    int eq = 0;
+                    if (pow2_out_of(mq, kQLo, kQHi)) {  // warp-uniform; rare
+                        eq = pow2_shift(mq, kQTop);
+                        const float inv = ldexpf(1.0f, -eq);
+                        load_row<T>(Q16 + row * LQ, qrow, D, DP, live, vec,
+                                    [&](float x) { return phi(x, fm) * p.scale * inv; });
+                    }
+                    if (lane == 0) rowq[row] = (float)eq;
+                }
             }
             if (causal) {
                 load_row<T>(K16 + row * LQ, kb + (t0 + row) * p.k_token_stride, D, DP, live, vec,
@@ -239,33 +328,8 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
         __syncthreads();
 
         // ---- (2) scores, phi(Q) S16 into the output fragments, phi(Q) . z
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kOutFrags];
-#pragma unroll
-        for (int k = 0; k < kOutFrags; ++k) wmma::fill_fragment(acc[k], 0.0f);
-        if (out) {
-#pragma unroll 1
-            for (int x0 = 0; x0 < DP; x0 += 16) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> s;
-                if (share) wmma::load_matrix_sync(s, S16 + x0 * LV + e_own, LV);
-#pragma unroll
-                for (int k = 0; k < kOutFrags; ++k) {
-                    const int t = warp + k * nwarps;
-                    if (t >= out_tiles) continue;
-                    const int i0 = (t / tiles_e) * 16, e0 = (t % tiles_e) * 16;
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                    wmma::load_matrix_sync(a, Q16 + i0 * LQ + x0, LQ);
-                    if (!share) wmma::load_matrix_sync(s, S16 + x0 * LV + e0, LV);
-                    if constexpr (MmaScaled<T>::value) {
-                        wmma::fragment<wmma::accumulator, 16, 16, 16, float> part;
-                        wmma::fill_fragment(part, 0.0f);
-                        wmma::mma_sync(part, a, s, part);
-                        const float back = scales[(x0 / 16) * tiles_e + e0 / 16];
-                        for (int i = 0; i < part.num_elements; ++i) acc[k].x[i] = fmaf(part.x[i], back, acc[k].x[i]);
-                    } else {
-                        wmma::mma_sync(acc[k], a, s, acc[k]);
-                    }
-                }
-            }
+        if constexpr (!kScaled) {
+            if (out) q_times_s16();
         }
         if (scores) {
             const int tc = C / 16, tiles = tc * (tc + 1) / 2;
@@ -301,21 +365,48 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
         __syncthreads();
 
         // ---- (3) mask and round A, its row sums; z += colsum(phi(K)) -----
-        if (scores) {
+        // f16 also finishes each row's units here (and non-causal rows too).
+        if (scores || (kScaled && out)) {
             // Row i, quarter q of the columns: four lanes per row again.
             const int tc = C / 4;
             for (int i = tid >> 2; i < C; i += blockDim.x >> 2) {
                 const int j0 = (tid & 3) * tc;
-                float sum = 0.0f;
-                for (int j = j0; j < j0 + tc; ++j) {
-                    if (j / 16 > i / 16) break;  // A V reads the lower block triangle only
-                    const float aij = j <= i ? F[i * LF + j] : 0.0f;
-                    sum += aij;
-                    A16[i * LA + j] = from_float<T>(aij);
+                float sum = 0.0f, amax = 0.0f;
+                if (scores) {
+                    for (int j = j0; j < j0 + tc; ++j) {
+                        if (j / 16 > i / 16) break;  // A V reads the lower block triangle only
+                        const float aij = j <= i ? F[i * LF + j] : 0.0f;
+                        sum += aij;
+                        amax = fmaxf(amax, fabsf(aij));
+                        A16[i * LA + j] = from_float<T>(aij);
+                    }
+                    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+                    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
                 }
-                sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-                sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-                if ((tid & 3) == 0) den[i] += sum;
+                if constexpr (kScaled) {
+                    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+                    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+                    int u = (int)rowq[i];
+                    float inv_a = 1.0f;
+                    if (pow2_out_of(amax, 0.0f, kAHi)) {  // uniform over the row's lanes; rare
+                        const int ea = pow2_shift(amax, kATop);
+                        inv_a = ldexpf(1.0f, -ea);
+                        u += ea;
+                        for (int j = j0; j < j0 + tc; ++j) {
+                            if (j / 16 > i / 16) break;
+                            A16[i * LA + j] = from_float<T>(j <= i ? F[i * LF + j] * inv_a : 0.0f);
+                        }
+                        // Exact (a power of two on f16 values) unless one drops below 2^-14.
+                        for (int x = tid & 3; x < DP; x += 4) Q16[i * LQ + x] = from_float<T>(to_float(Q16[i * LQ + x]) * inv_a);
+                    }
+                    if ((tid & 3) == 0) {
+                        const float dsum = (den[i] + sum) * inv_a;
+                        // u = 0 (the common case) costs no ldexpf.
+                        den[i] = norm ? dsum + (u == 0 ? p.eps : ldexpf(p.eps, -u)) : (u == 0 ? 1.0f : ldexpf(1.0f, u));
+                    }
+                } else {
+                    if ((tid & 3) == 0) den[i] += sum;
+                }
             }
         }
         if (causal) {
@@ -329,6 +420,7 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
 
         // ---- (4) A V into the output fragments, outputs to F; S += K^T V --
         if (out) {
+            if constexpr (kScaled) q_times_s16();
 #pragma unroll
             for (int k = 0; k < kOutFrags; ++k) {
                 const int t = warp + k * nwarps;
@@ -365,6 +457,9 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
                 }
             }
             if (out) {
+                // f16 reads S16 in this step (phi(Q) S16 above): every warp
+                // must be done with it before any publishes (uniform branch).
+                if constexpr (kScaled) __syncthreads();
 #pragma unroll
                 for (int k = 0; k < kStateFrags; ++k) {
                     const int t = warp + k * nwarps;

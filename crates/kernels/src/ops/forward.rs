@@ -186,8 +186,18 @@ pub struct AttentionOptions {
     /// phi applied to q and k.
     pub feature_map: FeatureMap,
     /// Divide by `s phi(q)^T z + eps` (false: the numerator alone).
+    ///
+    /// Normalised outputs with elu+1 or relu are convex combinations of
+    /// values, so within the input's range whatever the size of q, k and
+    /// `scale`. The numerator alone, `s phi(q)^T S`, grows with the sequence
+    /// and can exceed the output type's range (f16: 65,504): such elements
+    /// come out as the infinity of their sign (the correct rounding), while
+    /// every element whose exact value fits is finite.
     pub normalize: bool,
-    /// Keeps the denominator away from zero (default 1e-6).
+    /// Keeps the denominator away from zero (default 1e-6): finite and >= 0,
+    /// and > 0 when `normalize` (eps = 0 is an `InvalidArgument` error there,
+    /// for the forward, the backward and the decode step alike: relu with
+    /// all-negative keys makes a zero denominator routine).
     pub eps: f32,
     /// The scale `s` on phi(q) (default 1.0).
     pub scale: f32,
@@ -215,6 +225,16 @@ impl AttentionOptions {
                 kernel,
                 "opts.eps",
                 format!("eps = {}; expected a finite number >= 0", self.eps),
+            ));
+        }
+        // A zero denominator is routine without eps (relu with all-negative
+        // keys, an empty prefix): with normalize, eps must keep it away.
+        if self.normalize && self.eps == 0.0 {
+            return Err(Error::invalid(
+                kernel,
+                "opts.eps",
+                "eps = 0 with normalize = true; expected eps > 0 (o = num / (den + eps) \
+                 divides by zero wherever s phi(q)^T z = 0)",
             ));
         }
         if !self.scale.is_finite() {
