@@ -9,7 +9,9 @@
 //! case's compulsory bytes over the device-to-device copy bandwidth measured
 //! at the start of the same run, and the tensor work's TFLOP/s where it is
 //! defined. `LINATTN_BENCH_TABLE=path` also writes the table there
-//! (`scripts/gpu-check.sh` does).
+//! (`scripts/gpu-check.sh` does). `LINATTN_BENCH_ANCHORS=n` benches only
+//! the forward and forward + backward at the first `n` anchor shapes (no
+//! sweep, decode or feature map: `scripts/gpu-check.sh --quick` uses 1).
 //!
 //! Without a GPU (or without kernels built by nvcc) this says so and benches
 //! nothing on the device: the emulator is far too slow for these shapes. The
@@ -44,6 +46,19 @@ const ANCHORS: [(usize, usize, usize, usize); 6] = [
 /// The sweep of N: B 1, H 32, D = M = 128 (walk at large N, split at small).
 const SWEEP_N: [usize; 5] = [512, 2048, 8192, 32768, 131072];
 const SWEEP_H: usize = 32;
+
+/// The first `LINATTN_BENCH_ANCHORS` anchor shapes, or `None` for the
+/// whole bench.
+fn quick_anchors() -> Option<usize> {
+    let n = std::env::var("LINATTN_BENCH_ANCHORS").ok()?;
+    match n.trim().parse::<usize>() {
+        Ok(n) if (1..=ANCHORS.len()).contains(&n) => Some(n),
+        _ => panic!(
+            "LINATTN_BENCH_ANCHORS={n:?}: expected 1 to {}",
+            ANCHORS.len()
+        ),
+    }
+}
 
 fn gpu() -> Option<(Device, Arc<Gpu>)> {
     match (Gpu::new(0), linattn_kernels::build_status()) {
@@ -164,10 +179,14 @@ fn forward_cases(c: &mut Criterion, bench: &mut Bench<'_>) {
             .warm_up_time(Duration::from_millis(200))
             .measurement_time(Duration::from_secs(1));
         let sweep = SWEEP_N.map(|t| (1, t, SWEEP_H, 128));
+        let (anchors, sweep) = match quick_anchors() {
+            Some(n) => (&ANCHORS[..n], &[][..]),
+            None => (&ANCHORS[..], &sweep[..]),
+        };
         let shapes = if causal {
-            &[&ANCHORS[..], &sweep[..]]
+            &[anchors, sweep]
         } else {
-            &[&ANCHORS[..], &[][..]]
+            &[anchors, &[][..]]
         };
         for &(b, t, h, d) in shapes.iter().flat_map(|s| s.iter()) {
             let n = b * t * h * d;
@@ -214,7 +233,7 @@ fn backward_cases(c: &mut Criterion, bench: &mut Bench<'_>) {
     g.sample_size(10)
         .warm_up_time(Duration::from_millis(200))
         .measurement_time(Duration::from_secs(2));
-    for (b, t, h, d) in ANCHORS {
+    for &(b, t, h, d) in &ANCHORS[..quick_anchors().unwrap_or(ANCHORS.len())] {
         let n = b * t * h * d;
         let x = dev.upload(&vec![bf16::from_f32(0.01); n]).unwrap();
         let d_o = dev.upload(&vec![bf16::from_f32(0.01); n]).unwrap();
@@ -354,7 +373,9 @@ fn bench(c: &mut Criterion) {
     };
     forward_cases(c, &mut bench);
     backward_cases(c, &mut bench);
-    decode_and_feature_map_cases(c, &mut bench);
+    if quick_anchors().is_none() {
+        decode_and_feature_map_cases(c, &mut bench);
+    }
     let t = table(&bench.rows, copy_bw, &dev.describe());
     eprintln!("\n{t}");
     if let Some(path) = std::env::var_os("LINATTN_BENCH_TABLE") {

@@ -4,7 +4,8 @@
 # cargo nor a network, into ./.gpu-bundle (ignored by git; carry it there):
 #   bin.tar.xz         the executables below; they share most of their bytes
 #                      (embedded fatbins, the emulator), so xz with a window
-#                      larger than one of them packs ~230 MB into ~5 MB
+#                      larger than one of them packs ~370 MB into ~5.7 MB
+#                      (preset 6: 6-9 minutes on 2 busy cores; 9e took ~12)
 #   bin/tests/<name>   release test executables that can reach a GPU
 #                      (fatbins embedded, debug info stripped)
 #   bin/kernels-bench  the criterion kernels bench
@@ -12,7 +13,9 @@
 #   whl/               flash-linear-attention + fla-core wheels (the peer)
 #   paths              repo root and target dir the executables were built
 #                      under (tests find the CLI and sources by those paths;
-#                      gpu-check.sh links them to the carried copies)
+#                      gpu-check.sh links them to the carried copies), and
+#                      the glibc they were linked against (the GPU machine's
+#                      must be the same or newer; gpu-check.sh prints both)
 # Usage: scripts/gpu-bundle.sh   (then carry `.gpu-bundle`, run gpu-check.sh)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -49,7 +52,8 @@ cargo test --release --no-run --message-format=json -p linattn -p linattn-kernel
 while read -r name kind path; do
   dest="$out/bin/tests/$name"
   [ "$kind" = lib ] && dest="$out/bin/tests/lib-$name"
-  [ "$kind" = bin ] && continue
+  # Not run on the GPU: the CLI binary's unit tests, and examples (no harness).
+  [ "$kind" = bin ] || [ "$kind" = example ] && continue
   cp "$path" "$dest"
 done < "$out/tests.txt"
 cargo bench --bench kernels --no-run --message-format=json 2>> "$out/build.log" | artifacts |
@@ -58,8 +62,9 @@ cargo build --release --bin linattn 2>> "$out/build.log"
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 cp "$target_dir/release/linattn" "$out/bin/linattn"
 strip --strip-debug "$out"/bin/tests/* "$out/bin/kernels-bench" "$out/bin/linattn"
-printf 'repo_root %s\ntarget_dir %s\n' "$root" "$target_dir" > "$out/paths"
-tar -C "$out" -cf - bin | xz -9e -T1 --lzma2=preset=9e,dict=192MiB > "$out/bin.tar.xz"
+printf 'repo_root %s\ntarget_dir %s\nglibc %s\n' "$root" "$target_dir" \
+  "$(ldd --version | head -n1 | grep -oE '[0-9]+\.[0-9]+$')" > "$out/paths"
+tar -C "$out" -cf - bin | xz -6 -T1 --lzma2=preset=6,dict=192MiB > "$out/bin.tar.xz"
 rm -rf "$out/bin"
 
 # The peer: flash-linear-attention is pure Python on Triton; torch, triton,

@@ -1,21 +1,54 @@
 #!/usr/bin/env bash
-# One call on a machine with a GPU: every test on the GPU (and the emulator),
-# compute-sanitizer memcheck + racecheck on a small case, a device-to-device
-# copy bandwidth, the kernel benches (forward, forward + backward, decode),
-# and, where Python with torch is installed, flash-linear-attention and torch
-# SDPA at the same shapes. Ends with one table (also in $OUT/table.md).
+# One call on a machine with a GPU, sized for the lent GPU machines (at most
+# 10 minutes a command, 15 minutes of device time in all, 8 files back):
+#   1. environment: glibc, nvidia-smi, `linattn info` (what linattn sees)
+#   2. every test binary on the GPU only (LINATTN_TEST_DEVICES=gpu); a
+#      failing binary is rerun alone on its failing tests with
+#      CUDA_LAUNCH_BLOCKING=1 LINATTN_SYNC_LAUNCHES=1 --test-threads=1
+#   3. device-to-device copy bandwidth (torch)
+#   4. the kernel benches at the anchor shapes (benches/kernels.rs)
+#   5. flash-linear-attention and torch SDPA at the same shapes
+#   6. compute-sanitizer memcheck + racecheck on small cases, last (the
+#      gVisor runtime refuses it: reported as skipped, not failed)
+# --quick: steps 1-5 at the first anchor shape only, in under 3 minutes.
+#
+# Every step runs under `timeout` with a stated budget: full 350 s, quick
+# 170 s in all; time a step leaves unused goes to the next ones, and no step
+# eats into the budgets of those after it. LINATTN_GPU_CHECK_BUDGET_<STEP>=s
+# overrides one (STEP: ENV UNPACK TESTS COPY BENCH PEERS SANITIZER).
+#
+# $OUT (default target/gpu-check) receives at most 4 files, each refreshed
+# as the steps finish, so a run cut short still returns what it did:
+#   table.md      one row per check, appended as each step finishes (the
+#                 bench's own table follows the rows at the end)
+#   bench.md      the bench's event-timed table (ms, GB/s, % of memory floor)
+#   logs.tar.gz   every log so far (re-packed after each step)
 #
 # Two modes:
-#   cargo:  the machine has cargo: build with nvcc (no spills allowed), then
-#           run through cargo.
+#   cargo:  the machine has cargo: build with nvcc (no spills allowed; its
+#           own budget, before the clock starts), then run what cargo built.
 #   bundle: no cargo (the lent GPU machines): run the executables that
 #           scripts/gpu-bundle.sh built elsewhere into ./.gpu-bundle.
-# Usage: scripts/gpu-check.sh   (LINATTN_GPU_CHECK_MODE=cargo|bundle forces one)
+# Without a GPU the GPU steps say "NO GPU" and are skipped;
+# LINATTN_GPU_CHECK_FORCE=1 runs them anyway (to dry-run this script).
+# Usage: scripts/gpu-check.sh [--quick]
+#        (LINATTN_GPU_CHECK_MODE=cargo|bundle forces a mode)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+quick=0
+for arg in "$@"; do
+  case $arg in
+    --quick) quick=1 ;;
+    -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu-check: unknown argument '$arg' (expected --quick)" >&2; exit 2 ;;
+  esac
+done
 out=${OUT:-$root/target/gpu-check}
 mkdir -p "$out"
+work=$(mktemp -d "${TMPDIR:-/tmp}/linattn-gpu-check.XXXXXX")
+logs=$work/logs
+mkdir -p "$logs"
 bundle=$root/.gpu-bundle
 mode=${LINATTN_GPU_CHECK_MODE:-}
 if [ -z "$mode" ]; then
@@ -26,107 +59,249 @@ if [ -z "$mode" ]; then
     exit 2
   fi
 fi
-declare -a table
-row() { table+=("$(printf '| %-34s | %-10s | %s |' "$1" "$2" "$3")"); }
+case $mode in cargo | bundle) ;; *) echo "gpu-check: LINATTN_GPU_CHECK_MODE=$mode: expected cargo or bundle" >&2; exit 2 ;; esac
 
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader > "$out/gpu.txt" 2>&1
-row "GPU" "info" "$(head -n1 "$out/gpu.txt")"
-row "mode" "$mode" "$(git -C "$root" log -1 --format='%h %s' 2>/dev/null | cut -c1-60)"
+# ---- the table, the log archive, the clock ----------------------------------
+table=$out/table.md
+rm -f "$table" "$out/bench.md" "$out/logs.tar.gz"
+printf '| %-30s | %-8s | %s |\n|---|---|---|\n' "check" "result" "detail" > "$table"
+failed=0
+row() {
+  local line
+  line=$(printf '| %-30s | %-8s | %s |' "$1" "$2" "${3//|//}")
+  printf '%s\n' "$line" >> "$table"
+  printf '%s\n' "$line"
+  case $2 in FAIL | TIMEOUT) failed=1 ;; esac
+}
+pack() {
+  tar -C "$work" -czf "$out/logs.tar.gz.part" logs 2>/dev/null && mv -f "$out/logs.tar.gz.part" "$out/logs.tar.gz"
+}
+trap 'pack; rm -rf "$work"' EXIT
+child=""
+trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null; row "stopped" "TIMEOUT" "by a signal from outside, $(($(date +%s) - ${start:-0})) s in"; exit 143' TERM INT
 
-# 1. Build (cargo mode) or the bundle's embedded ptxas report (bundle mode).
+steps=(unpack env tests copy bench peers sanitizer)
+declare -A budget
+if [ "$quick" = 1 ]; then
+  budget=([env]=20 [unpack]=30 [tests]=70 [copy]=10 [bench]=20 [peers]=20 [sanitizer]=0)
+else
+  budget=([env]=20 [unpack]=30 [tests]=110 [copy]=15 [bench]=75 [peers]=60 [sanitizer]=40)
+fi
+total=0
+for s in "${steps[@]}"; do
+  v=LINATTN_GPU_CHECK_BUDGET_${s^^}
+  if [ -n "${!v:-}" ]; then
+    [[ ${!v} =~ ^[0-9]+$ ]] || { echo "gpu-check: $v=${!v}: expected whole seconds" >&2; exit 2; }
+    budget[$s]=${!v}
+  fi
+  total=$((total + budget[$s]))
+done
+
+# Seconds step $1 may take: what is left of the run minus the budgets of
+# the steps after it (so unused time flows forward, never backward).
+allot() {
+  local later=0 seen=0 s
+  for s in "${steps[@]}"; do
+    [ "$seen" = 1 ] && later=$((later + budget[$s]))
+    [ "$s" = "$1" ] && seen=1
+  done
+  echo $((deadline - $(date +%s) - later))
+}
+# limited SECONDS LOG CMD...: runs CMD under timeout into LOG; the status is
+# CMD's, 124 when the time ran out.
+limited() {
+  local t=$1 log=$2
+  shift 2
+  if [ "$t" -lt 1 ]; then echo "gpu-check: no time left" > "$log"; return 124; fi
+  # In the background, so that a signal to this script is handled at once
+  # (the trap stops the step) rather than when the step ends; stdin is
+  # passed on explicitly (the heredocs).
+  timeout -k 5 "$t" "$@" <&0 > "$log" 2>&1 &
+  child=$!
+  wait "$child"
+  local rc=$?
+  child=""
+  [ "$rc" = 137 ] && rc=124
+  return "$rc"
+}
+
+# ---- cargo mode: build first, outside the clock -----------------------------
 if [ "$mode" = cargo ]; then
   if [ -z "${NVCC:-}" ]; then
     if command -v nvcc >/dev/null; then NVCC=$(command -v nvcc); else NVCC=$(scripts/install-nvcc.sh | tail -n1); fi
   fi
   export NVCC
-  if LINATTN_DENY_SPILLS=1 cargo build --release -p linattn-kernels > "$out/build.log" 2>&1 &&
-     cargo build --release --bin linattn >> "$out/build.log" 2>&1; then
-    row "build (nvcc, no spills)" "ok" "$("$NVCC" --version | tail -n1)"
+  tb=${LINATTN_GPU_CHECK_BUDGET_BUILD:-1800}
+  if limited "$tb" "$logs/build.log" bash -c '
+      set -e
+      LINATTN_DENY_SPILLS=1 cargo build --release -p linattn-kernels
+      cargo build --release --bin linattn
+      cargo test --release --no-run --message-format=json -p linattn -p linattn-kernels -p linattn-model > "$1"
+      cargo bench --bench kernels --no-run --message-format=json > "$2"' _ "$work/tests.json" "$work/bench.json"; then
+    row "build (nvcc, no spills)" "ok" "$("$NVCC" --version | tail -n1); budget ${tb} s, outside the run's clock"
   else
-    row "build (nvcc, no spills)" "FAIL" "see $out/build.log"
+    rc=$?
+    [ "$rc" = 124 ] && row "build (nvcc, no spills)" "TIMEOUT" "after ${tb} s" ||
+      row "build (nvcc, no spills)" "FAIL" "$(grep -m1 -E '^error' "$logs/build.log" | cut -c1-120) (build.log)"
+    pack
+    exit 1
   fi
-  cli=$root/target/release/linattn
-else
+  target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+  bin=$work/bin
+  mkdir -p "$bin/tests"
+  # Executables from cargo's JSON messages, as gpu-bundle.sh lays them out.
+  python3 - "$work/tests.json" "$work/bench.json" "$bin" <<'PY'
+import json, os, sys
+for src in sys.argv[1:3]:
+    for line in open(src):
+        try:
+            m = json.loads(line)
+        except ValueError:
+            continue
+        if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+            continue
+        name, kind = m["target"]["name"], m["target"]["kind"][0]
+        if kind == "bench":
+            dest = os.path.join(sys.argv[3], "kernels-bench")
+        elif kind in ("bin", "example"):
+            continue
+        else:
+            dest = os.path.join(sys.argv[3], "tests", ("lib-" if kind == "lib" else "") + name)
+        if not os.path.lexists(dest):
+            os.symlink(m["executable"], dest)
+PY
+  ln -s "$target_dir/release/linattn" "$bin/linattn"
+  export CRITERION_HOME=$target_dir/criterion
+fi
+
+start=$(date +%s)
+deadline=$((start + total))
+echo "gpu-check: mode $mode, $([ "$quick" = 1 ] && echo quick || echo full), budget $total s (${steps[*]}: $(for s in "${steps[@]}"; do printf '%s ' "${budget[$s]}"; done)s)"
+
+# ---- bundle mode: unpack ----------------------------------------------------
+if [ "$mode" = bundle ]; then
+  t=$(allot unpack)
+  t0=$(date +%s)
   bin=$bundle/bin
   if [ ! -d "$bin" ]; then
+    bin=$work/bundle/bin
+    mkdir -p "$work/bundle"
     # Python's lzma, in case the image has no xz.
-    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
-      "$bundle/bin.tar.xz" /tmp/linattn-bundle && bin=/tmp/linattn-bundle/bin
+    if ! limited "$t" "$logs/unpack.log" python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+         "$bundle/bin.tar.xz" "$work/bundle"; then
+      row "unpack bundle" "FAIL" "$(tail -n1 "$logs/unpack.log" | cut -c1-100) (budget $t s)"
+      pack
+      exit 1
+    fi
   fi
   # Tests find the CLI and the sources by the paths they were built under.
-  read -r _ built_root < <(grep '^repo_root' "$bundle/paths")
-  read -r _ built_target < <(grep '^target_dir' "$bundle/paths")
+  built_root=$(awk '$1 == "repo_root" {print $2}' "$bundle/paths")
+  built_target=$(awk '$1 == "target_dir" {print $2}' "$bundle/paths")
   if [ ! -e "$built_root" ]; then mkdir -p "$(dirname "$built_root")" && ln -s "$root" "$built_root"; fi
   if [ ! -e "$built_target/release/linattn" ]; then
     mkdir -p "$built_target/release" && cp "$bin/linattn" "$built_target/release/linattn"
   fi
-  cli=$bin/linattn
-  row "build" "bundle" "built elsewhere with LINATTN_DENY_SPILLS=1 (see linattn info)"
+  export CRITERION_HOME=$work/criterion
+  row "unpack bundle" "ok" "$(ls "$bin/tests" | wc -l) test binaries, bench, CLI in $(($(date +%s) - t0)) s"
 fi
-"$cli" info > "$out/info.txt" 2>&1
-# The tests and benches fall back to the emulator alone when the GPU is not
-# usable, so say loudly whether linattn itself sees one.
-if grep -q '^  \[0\] .* compute ' "$out/info.txt"; then
-  row "GPU seen by linattn" "ok" "$(grep -m1 '^  \[0\]' "$out/info.txt" | cut -c7-90)"
+# ---- 1. environment ---------------------------------------------------------
+t=$(allot env)
+step_end=$(($(date +%s) + t))
+left() { echo $((step_end - $(date +%s))); }
+limited "$(left)" "$logs/ldd.txt" ldd --version
+glibc=$(head -n1 "$logs/ldd.txt" | grep -oE '[0-9]+\.[0-9]+$')
+built_glibc=""
+[ "$mode" = bundle ] && built_glibc=$(awk '$1 == "glibc" {print $2}' "$bundle/paths" 2>/dev/null)
+row "glibc" "info" "${glibc:-unknown}${built_glibc:+ (bundle built against $built_glibc)}; mode $mode; $(git -C "$root" log -1 --format='%h %s' 2>/dev/null | cut -c1-50)"
+smi=0
+if ! command -v nvidia-smi > /dev/null; then
+  row "GPU (nvidia-smi)" "NO GPU" "nvidia-smi not installed"
+elif limited "$(left)" "$logs/nvidia-smi.txt" nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader; then
+  smi=1
+  row "GPU (nvidia-smi)" "info" "$(head -n1 "$logs/nvidia-smi.txt")"
 else
-  row "GPU seen by linattn" "NO" "$(grep -m1 '^driver' "$out/info.txt" | cut -c1-70); tests ran on the emulator only"
+  row "GPU (nvidia-smi)" "NO GPU" "$(head -n1 "$logs/nvidia-smi.txt" | cut -c1-100)"
 fi
+command -v nvidia-smi > /dev/null && limited "$(left)" "$logs/nvidia-smi-full.txt" nvidia-smi
 
-# 2. All tests: tests/common::devices() includes the GPU when present.
-if [ "$mode" = cargo ]; then
-  if cargo test --release --workspace > "$out/tests.log" 2>&1; then
-    row "cargo test (GPU + emulator)" "ok" "$(grep -c '^test .* ok$' "$out/tests.log") tests"
-  else
-    row "cargo test (GPU + emulator)" "FAIL" "see $out/tests.log"
-  fi
+limited "$(left)" "$logs/info.txt" "$bin/linattn" info
+# The tests and benches cannot use the GPU when linattn cannot: say so. A
+# GPU that nvidia-smi sees and linattn does not is a failure, and the GPU
+# steps still run (the tests then fail with "GPU skipped: <why>").
+run_gpu=$smi
+why=$(grep -m1 -E '^driver: (not|present, (but|0))|^device code: not' "$logs/info.txt" | cut -c1-100)
+if grep -q '^  \[0\] .* compute ' "$logs/info.txt" && [ -z "$why" ]; then
+  run_gpu=1
+  row "GPU seen by linattn" "ok" "$(grep -m1 '^  \[0\]' "$logs/info.txt" | cut -c7-90); $(grep -m1 '^device code' "$logs/info.txt" | cut -c1-60)"
+elif [ "$smi" = 1 ]; then
+  row "GPU seen by linattn" "FAIL" "nvidia-smi sees a GPU, linattn does not: ${why:-see info.txt}"
 else
-  : > "$out/tests.log"
-  failed=""
-  for t in "$bin"/tests/*; do
-    echo "=== $(basename "$t")" >> "$out/tests.log"
-    (cd "$root" && "$t" >> "$out/tests.log" 2>&1) || failed="$failed $(basename "$t")"
+  row "GPU seen by linattn" "NO GPU" "${why:-see info.txt}"
+fi
+[ "${LINATTN_GPU_CHECK_FORCE:-0}" = 1 ] && run_gpu=1
+pack
+
+# ---- 2. tests on the GPU ----------------------------------------------------
+# Every binary that can reach a GPU, on the GPU only (tests/common: the
+# emulator is CI's job). A failing binary is rerun alone, on its failing
+# tests (all of it when it crashed), with launches synchronised so the
+# error names the kernel.
+t=$(allot tests)
+step_end=$(($(date +%s) + t))
+if [ "$run_gpu" = 0 ]; then
+  row "tests" "skipped" "NO GPU"
+else
+  export LINATTN_TEST_DEVICES=gpu
+  for exe in "$bin"/tests/*; do
+    name=$(basename "$exe")
+    log=$logs/test-$name.log
+    tl=$(left)
+    if [ "$tl" -lt 1 ]; then row "test $name" "TIMEOUT" "not run: the step's ${t} s were used up"; continue; fi
+    t0=$(date +%s)
+    limited "$tl" "$log" "$exe"
+    rc=$?
+    secs=$(($(date +%s) - t0))
+    pack
+    summary=$(grep -E '^test result:' "$log" | tail -n1 |
+      sed -E 's/^test result: [A-Za-z]+\. //; s/; 0 (ignored|measured|filtered out)//g; s/; finished in .*//')
+    if [ "$rc" = 0 ]; then
+      row "test $name" "ok" "$summary (${secs} s)"
+      continue
+    fi
+    if [ "$rc" = 124 ]; then
+      row "test $name" "TIMEOUT" "after ${tl} s (the step's budget: ${t} s)"
+      continue
+    fi
+    grep -q "GPU skipped" "$log" && gpu_note=", GPU skipped" || gpu_note=""
+    mapfile -t names < <(sed -nE 's/^test (.*) \.\.\. FAILED$/\1/p' "$log")
+    row "test $name" "FAIL" "${summary:-crashed (status $rc)}${gpu_note}: ${names[*]:0:4} (${secs} s)"
+    rlog=$logs/test-$name.rerun.log
+    tl=$(left)
+    if [ "${#names[@]}" -gt 0 ]; then
+      limited "$tl" "$rlog" env CUDA_LAUNCH_BLOCKING=1 LINATTN_SYNC_LAUNCHES=1 "$exe" --test-threads=1 --exact "${names[@]}"
+    else
+      limited "$tl" "$rlog" env CUDA_LAUNCH_BLOCKING=1 LINATTN_SYNC_LAUNCHES=1 "$exe" --test-threads=1
+    fi
+    rc=$?
+    if [ "$rc" = 0 ]; then
+      row "  rerun alone, sync launches" "ok" "passes alone: a race or an interaction between tests"
+    elif [ "$rc" = 124 ]; then
+      row "  rerun alone, sync launches" "TIMEOUT" "after ${tl} s"
+    else
+      why=$(grep -m1 -A1 'panicked at' "$rlog" | tail -n1 | cut -c1-140)
+      row "  rerun alone, sync launches" "FAIL" "${why:-status $rc} (test-$name.rerun.log)"
+    fi
   done
-  if [ -z "$failed" ]; then
-    row "tests (GPU + emulator)" "ok" "$(grep -c '^test .* ok$' "$out/tests.log") tests"
-  else
-    row "tests (GPU + emulator)" "FAIL" "$failed (see $out/tests.log)"
-  fi
+  unset LINATTN_TEST_DEVICES
 fi
-grep -q "GPU skipped" "$out/tests.log" && row "tests on the GPU" "SKIPPED" "$(grep -m1 'GPU skipped' "$out/tests.log")"
+pack
 
-# 3. compute-sanitizer on small cases of every kernel family: forward walk
-#    and split, the backward's whole-head and tiled walks, decode.
-san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -n1)
-test_exe() {
-  if [ "$mode" = cargo ]; then
-    cargo test --release --test "$1" --no-run > /dev/null 2>&1
-    ls -t target/release/deps/"$1"-* 2>/dev/null | grep -v '\.d$' | head -n1
-  else
-    echo "$bin/tests/$1"
-  fi
-}
-if [ -n "$san" ]; then
-  for spec in "forward split_and_resume deterministic" \
-              "backward whole_head_walks multi_tile_heads" \
-              "decode decode_matches_reference"; do
-    read -r name filters <<< "$spec"
-    exe=$(test_exe "$name")
-    [ -x "$exe" ] || { row "compute-sanitizer $name" "missing" "$exe"; continue; }
-    for tool in memcheck racecheck; do
-      # shellcheck disable=SC2086
-      if "$san" --tool "$tool" --error-exitcode 1 "$exe" $filters > "$out/san-$tool-$name.log" 2>&1; then
-        row "compute-sanitizer $tool $name" "ok" "$filters"
-      else
-        row "compute-sanitizer $tool $name" "FAIL" "see $out/san-$tool-$name.log"
-      fi
-    done
-  done
+# ---- 3. copy bandwidth ------------------------------------------------------
+t=$(allot copy)
+if [ "$run_gpu" = 0 ]; then
+  row "D2D copy bandwidth (torch)" "skipped" "NO GPU"
 else
-  row "compute-sanitizer" "skipped" "not installed"
-fi
-
-# 4. Device-to-device copy bandwidth (1 GiB each way, via torch if present).
-bw=$(python3 - <<'PY' 2>/dev/null
+  limited "$t" "$logs/copy.log" python3 - <<'PY'
 import torch
 x = torch.empty(1 << 29, dtype=torch.int16, device="cuda"); y = torch.empty_like(x)
 for _ in range(3): y.copy_(x)
@@ -134,36 +309,60 @@ torch.cuda.synchronize(); s = torch.cuda.Event(enable_timing=True); e = torch.cu
 s.record()
 for _ in range(20): y.copy_(x)
 e.record(); torch.cuda.synchronize()
-print(f"{2 * x.numel() * 2 * 20 / (s.elapsed_time(e) / 1e3) / 1e12:.2f} TB/s (read + write)")
+print(f"{2 * x.numel() * 2 * 20 / (s.elapsed_time(e) / 1e3) / 1e12:.2f} TB/s (read + write, 1 GiB)")
 PY
-)
-row "D2D copy bandwidth" "${bw:+ok}" "${bw:-torch not available}"
+  case $? in
+    0) row "D2D copy bandwidth (torch)" "ok" "$(tail -n1 "$logs/copy.log")" ;;
+    124) row "D2D copy bandwidth (torch)" "TIMEOUT" "after $t s" ;;
+    *) row "D2D copy bandwidth (torch)" "FAIL" "$(tail -n1 "$logs/copy.log" | cut -c1-100)" ;;
+  esac
+fi
+pack
 
-# 5. Kernel benches: criterion's log, and the bench's own event-timed table
-#    (ms, GB/s, % of the memory floor at the copy bandwidth it measures).
-export LINATTN_BENCH_TABLE=$out/bench-table.md
-rm -f "$LINATTN_BENCH_TABLE"
-if [ "$mode" = cargo ]; then
-  cargo bench --bench kernels > "$out/bench.log" 2>&1
+# ---- 4. kernel benches ------------------------------------------------------
+# Criterion's log, and the bench's own event-timed table (ms, GB/s, % of the
+# memory floor at the copy bandwidth it measures).
+t=$(allot bench)
+if [ "$run_gpu" = 0 ]; then
+  row "kernel benches" "skipped" "NO GPU"
 else
-  "$bin/kernels-bench" --bench > "$out/bench.log" 2>&1
+  export LINATTN_BENCH_TABLE=$work/bench.md
+  [ "$quick" = 1 ] && export LINATTN_BENCH_ANCHORS=1
+  limited "$t" "$logs/bench.log" "$bin/kernels-bench" --bench --noplot
+  rc=$?
+  shapes=$([ "$quick" = 1 ] && echo "first anchor shape" || echo "anchor shapes, N sweep, decode, feature map")
+  if [ "$rc" = 0 ] && [ -s "$LINATTN_BENCH_TABLE" ]; then
+    cp "$LINATTN_BENCH_TABLE" "$out/bench.md"
+    row "kernel benches" "ok" "$(grep -c '^| [a-z_0-9]* | [A-Z0-9]' "$LINATTN_BENCH_TABLE") cases ($shapes); table at the end and in bench.md"
+  elif [ "$rc" = 124 ]; then
+    row "kernel benches" "TIMEOUT" "after $t s; last: $(grep -E '^[a-z_0-9]+/' "$logs/bench.log" | tail -n1 | cut -c1-60)"
+  elif grep -q 'benching nothing' "$logs/bench.log"; then
+    row "kernel benches" "FAIL" "$(grep -m1 'benching nothing' "$logs/bench.log" | cut -c1-100)"
+  else
+    row "kernel benches" "FAIL" "status $rc: $(grep -m1 -A1 'panicked at' "$logs/bench.log" | tail -n1 | cut -c1-100)"
+  fi
+  unset LINATTN_BENCH_TABLE LINATTN_BENCH_ANCHORS
 fi
-if [ $? -eq 0 ] && [ -s "$LINATTN_BENCH_TABLE" ]; then
-  row "kernel benches" "ok" "$(grep -c '^| [a-z_0-9]* | [A-Z0-9]' "$LINATTN_BENCH_TABLE") cases; table below (bench-table.md)"
-elif grep -q 'benching nothing' "$out/bench.log"; then
-  row "kernel benches" "none" "$(grep -m1 'benching nothing' "$out/bench.log" | cut -c1-90)"
-else
-  row "kernel benches" "FAIL" "see $out/bench.log"
-fi
+pack
 
-# 6. Peers at the same shapes, where installed: FLA from the carried wheels.
-if ls "$bundle"/whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fla-site "$bundle"/whl/*.whl \
-    > "$out/fla-install.log" 2>&1 && export PYTHONPATH=/tmp/fla-site${PYTHONPATH:+:$PYTHONPATH}
-fi
-python3 - > "$out/peers.txt" 2>&1 <<'PY'
-import torch, torch.nn.functional as F
-shapes = [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4, 4096, 64, 128), (8, 2048, 32, 256), (8, 1024, 8, 64)]
+# ---- 5. peers at the same shapes --------------------------------------------
+# torch SDPA (causal, forward) and flash-linear-attention's chunked linear
+# attention (forward, forward + backward), bf16, from the carried wheels.
+t=$(allot peers)
+step_end=$(($(date +%s) + t))
+if [ "$run_gpu" = 0 ]; then
+  row "peers (torch SDPA, FLA)" "skipped" "NO GPU"
+else
+  if ls "$bundle"/whl/*.whl > /dev/null 2>&1; then
+    limited "$(left)" "$logs/fla-install.log" python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target "$work/fla-site" "$bundle"/whl/*.whl && export PYTHONPATH=$work/fla-site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  peer_shapes="1,8192,96,128 2,16384,16,128 4,2048,16,128 4,4096,64,128 8,2048,32,256 8,1024,8,64"
+  [ "$quick" = 1 ] && peer_shapes=${peer_shapes%% *}
+  tl=$(left)
+  # shellcheck disable=SC2086
+  limited "$tl" "$logs/peers.log" python3 -u - $peer_shapes <<'PY'
+import sys, torch, torch.nn.functional as F
 def bench(f):
     for _ in range(3): f()
     torch.cuda.synchronize(); s = torch.cuda.Event(enable_timing=True); e = torch.cuda.Event(enable_timing=True)
@@ -175,7 +374,8 @@ try:
 except Exception as err:
     print("# FLA unavailable:", err)
     chunk_linear_attn = None
-for b, t, h, d in shapes:
+for arg in sys.argv[1:]:
+    b, t, h, d = map(int, arg.split(","))
     q = torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     do = torch.randn_like(q)
     qt = q.detach().transpose(1, 2)
@@ -190,18 +390,68 @@ for b, t, h, d in shapes:
         flb = f"{bench(fwd_bwd):.3f}"
     print(f"B{b}_T{t}_H{h}_D{d} sdpa {sd:.3f} ms fla {fl} ms fla_fwd_bwd {flb} ms")
 PY
-if [ $? -eq 0 ]; then
-  grep -v '^#' "$out/peers.txt" | while read -r s _ sd _ _ fl _ _ flb _; do echo "$s|$sd|$fl|$flb"; done > "$out/peers.rows"
-  while IFS='|' read -r s sd fl flb; do
-    row "peers $s" "ms" "torch SDPA causal fwd $sd, FLA chunk_linear_attn fwd $fl, fwd+bwd $flb"
-  done < "$out/peers.rows"
-  grep -q '^#' "$out/peers.txt" && row "FLA" "missing" "$(grep -m1 '^#' "$out/peers.txt" | cut -c3-90)"
-else
-  row "peers (torch SDPA, FLA)" "skipped" "$(tail -n1 "$out/peers.txt")"
+  rc=$?
+  while read -r s _ sd _ _ fl _ _ flb _; do
+    row "peers $s" "ms" "torch SDPA causal fwd $sd; FLA chunk_linear_attn fwd $fl, fwd+bwd $flb"
+  done < <(grep -E '^B[0-9]+_T' "$logs/peers.log")
+  grep -q '^# FLA' "$logs/peers.log" && row "FLA" "missing" "$(grep -m1 '^# FLA' "$logs/peers.log" | cut -c3-100)"
+  if [ "$rc" = 124 ]; then
+    row "peers (torch SDPA, FLA)" "TIMEOUT" "after $tl s (the rows above are the shapes it finished)"
+  elif [ "$rc" != 0 ]; then
+    row "peers (torch SDPA, FLA)" "FAIL" "$(tail -n1 "$logs/peers.log" | cut -c1-100)"
+  fi
+fi
+pack
+
+# ---- 6. compute-sanitizer, last ---------------------------------------------
+# Small cases of every kernel family: forward walk and split, the
+# backward's whole-head and tiled walks, decode; memcheck, then racecheck.
+if [ "$quick" = 0 ]; then
+  t=$(allot sanitizer)
+  step_end=$(($(date +%s) + t))
+  san=$(command -v compute-sanitizer ||
+        ls /usr/local/cuda*/bin/compute-sanitizer /usr/local/cuda*/compute-sanitizer/compute-sanitizer \
+           /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -n1)
+  if [ -z "$san" ]; then
+    row "compute-sanitizer" "skipped" "not installed"
+  elif [ "$run_gpu" = 0 ]; then
+    row "compute-sanitizer" "skipped" "NO GPU"
+  else
+    export LINATTN_TEST_DEVICES=gpu
+    refused=0
+    for tool in memcheck racecheck; do
+      for spec in "forward split_and_resume deterministic" \
+                  "backward whole_head_walks multi_tile_heads" \
+                  "decode decode_matches_reference"; do
+        read -r name filters <<< "$spec"
+        log=$logs/san-$tool-$name.log
+        if [ "$refused" = 1 ]; then continue; fi
+        tl=$(left)
+        if [ "$tl" -lt 1 ]; then row "compute-sanitizer $tool $name" "TIMEOUT" "not run: the step's $t s were used up"; continue; fi
+        # shellcheck disable=SC2086
+        limited "$tl" "$log" "$san" --tool "$tool" --error-exitcode 1 "$bin/tests/$name" $filters
+        rc=$?
+        if grep -qE 'Device not supported|error 999|CUDA_ERROR_UNKNOWN' "$log"; then
+          refused=1
+          row "compute-sanitizer" "skipped" "runtime refuses it: $(grep -m1 -E 'Device not supported|error 999|CUDA_ERROR_UNKNOWN' "$log" | cut -c1-90)"
+        elif [ "$rc" = 0 ]; then
+          row "compute-sanitizer $tool $name" "ok" "$filters"
+        elif [ "$rc" = 124 ]; then
+          row "compute-sanitizer $tool $name" "TIMEOUT" "after $tl s"
+        else
+          row "compute-sanitizer $tool $name" "FAIL" "$(grep -m1 -E '^========= [A-Z]' "$log" | cut -c1-100) (san-$tool-$name.log)"
+        fi
+      done
+    done
+    unset LINATTN_TEST_DEVICES
+  fi
 fi
 
-{
-  printf '| %-34s | %-10s | %s |\n|---|---|---|\n' "check" "result" "detail"
-  printf '%s\n' "${table[@]}"
-  if [ -s "$LINATTN_BENCH_TABLE" ]; then echo; cat "$LINATTN_BENCH_TABLE"; fi
-} | tee "$out/table.md"
+row "total" "$([ "$failed" = 0 ] && echo ok || echo FAIL)" "$(($(date +%s) - start)) s of the $total s budget"
+if [ -s "$out/bench.md" ]; then
+  { echo; cat "$out/bench.md"; } >> "$table"
+fi
+pack
+echo
+cat "$table"
+exit "$failed"

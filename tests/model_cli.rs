@@ -139,7 +139,7 @@ fn linattn(args: &[&str]) -> (bool, String) {
 }
 
 #[test]
-fn cli_demo_and_generate_run_and_gpu_is_explicit() {
+fn cli_demo_and_generate_run_and_backends_match_the_machine() {
     let svg = tmp("cli.svg");
     let svg_s = svg.display().to_string();
     let (ok, text) = linattn(&[
@@ -168,25 +168,47 @@ fn cli_demo_and_generate_run_and_gpu_is_explicit() {
         "{text}"
     );
 
-    let (ok, text) = linattn(&[
-        "generate",
-        "--prompt",
-        "hi",
-        "-n",
-        "5",
-        "--d-model",
-        "16",
-        "--heads",
-        "2",
-    ]);
+    // What this machine offers, as the library sees it: the CLI must agree.
+    let gpu = linattn_model::gpu_device().map(drop);
+    let generate = |backend: &str| {
+        linattn(&[
+            "generate",
+            "--prompt",
+            "hi",
+            "-n",
+            "5",
+            "--d-model",
+            "16",
+            "--heads",
+            "2",
+            "--backend",
+            backend,
+        ])
+    };
+    // `auto` always runs: on the GPU when it is usable (cuBLAS included),
+    // else on the CPU, saying why.
+    let (ok, text) = generate("auto");
     assert!(ok && text.contains("5 tokens in"), "{text}");
-
-    // No GPU backend here: asking for one is a clear error, not a fallback.
-    let (ok, text) = linattn(&["generate", "--prompt", "hi", "--backend", "gpu"]);
-    assert!(
-        !ok && text.contains("backend `gpu` is unavailable"),
-        "{text}"
-    );
+    match &gpu {
+        Ok(()) => assert!(text.contains("backend: GPU"), "{text}"),
+        Err(why) => assert!(
+            text.contains(&format!("backend: CPU (GPU not used: {why})")),
+            "{text}"
+        ),
+    }
+    // `gpu` runs there when it can; otherwise it is a clear error naming
+    // the reason, not a fallback.
+    let (ok, text) = generate("gpu");
+    match &gpu {
+        Ok(()) => assert!(
+            ok && text.contains("5 tokens in") && text.contains("backend: GPU"),
+            "{text}"
+        ),
+        Err(why) => assert!(
+            !ok && text.contains("backend `gpu` is unavailable") && text.contains(why.as_str()),
+            "{text}"
+        ),
+    }
     let (ok, text) = linattn(&["demo", "--backend", "tpu"]);
     assert!(!ok && text.contains("tpu"), "{text}");
 }

@@ -1,5 +1,13 @@
 //! Shared by the cross-crate kernel tests: which executors to run on, and
 //! conversions between kernel dtypes and the reference's f64.
+//!
+//! `LINATTN_TEST_DEVICES` picks the executors [`devices`] returns:
+//! `all` (the default: the GPU when usable, and always the emulator), `gpu`
+//! (the GPU only; `scripts/gpu-check.sh` uses it so its test step measures
+//! the GPU and not the emulator again) or `emulator` (the emulator only).
+//! With `gpu` and no usable GPU, every test that asks for devices fails with
+//! "GPU skipped: ..." instead of passing on nothing. Any other value fails
+//! the same way, naming the variable.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -8,22 +16,42 @@ use linattn_kernels::ops::forward::{AttentionOptions, AttentionShape, Strides};
 use linattn_kernels::{BuildStatus, Device, Element, FeatureMap, Gpu};
 use linattn_reference::{Layout, LinearAttentionOptions};
 
-/// Every executor available here: the GPU when a driver, a device and built
-/// kernels are present, and always the CPU emulator (with its two-schedule
-/// race check on). Prints why the GPU is
-/// skipped, so a GPU-less run says so instead of passing silently.
+/// The executors `LINATTN_TEST_DEVICES` asks for (see the module doc): the
+/// GPU when a driver, a device and built kernels are present, and the CPU
+/// emulator (with its two-schedule race check on). Prints why the GPU is
+/// skipped; panics when the GPU alone was asked for and is not usable, or
+/// when the variable holds anything else.
 pub fn devices() -> Vec<Device> {
+    let wanted = std::env::var("LINATTN_TEST_DEVICES").unwrap_or_default();
+    let (gpu, emulator) = match wanted.trim() {
+        "" | "all" => (true, true),
+        "gpu" => (true, false),
+        "emulator" => (false, true),
+        other => panic!("LINATTN_TEST_DEVICES={other:?}: expected `gpu`, `emulator` or `all`"),
+    };
     let mut out = Vec::new();
-    match (Gpu::new(0), linattn_kernels::build_status()) {
-        (Ok(g), BuildStatus::Built { .. }) => out.push(Device::Gpu(Arc::new(g))),
-        (Ok(_), BuildStatus::NotBuilt(why)) => {
-            eprintln!("GPU present but kernels not built ({why}): GPU skipped")
+    if gpu {
+        let skipped = match (Gpu::new(0), linattn_kernels::build_status()) {
+            (Ok(g), BuildStatus::Built { .. }) => {
+                out.push(Device::Gpu(Arc::new(g)));
+                None
+            }
+            (Ok(_), BuildStatus::NotBuilt(why)) => Some(format!(
+                "GPU present but kernels not built ({why}): GPU skipped"
+            )),
+            (Err(e), _) => Some(format!("GPU skipped: {e}")),
+        };
+        match skipped {
+            Some(why) if !emulator => panic!("LINATTN_TEST_DEVICES=gpu, but {why}"),
+            Some(why) => eprintln!("{why}"),
+            None => {}
         }
-        (Err(e), _) => eprintln!("GPU skipped: {e}"),
     }
-    out.push(Device::Emulator(Arc::new(
-        linattn_kernels::Emulator::checked().expect("the emulator is compiled into tests"),
-    )));
+    if emulator {
+        out.push(Device::Emulator(Arc::new(
+            linattn_kernels::Emulator::checked().expect("the emulator is compiled into tests"),
+        )));
+    }
     out
 }
 

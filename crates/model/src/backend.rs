@@ -67,7 +67,9 @@ pub struct Selection {
 }
 
 /// The GPU for [`crate::GpuModel`], or why there is none: checked in order,
-/// a driver, a device, kernels built for it (nvcc at build time), opening it.
+/// a driver, a device, kernels built for it (nvcc at build time), opening
+/// it, and cuBLAS (loaded at run time for the projections: a GPU machine
+/// without it runs the model on the CPU under `auto`).
 pub fn gpu_device() -> std::result::Result<Device, String> {
     if !linattn_kernels::driver_present() {
         return Err("no CUDA driver found (libcuda could not be loaded)".into());
@@ -82,9 +84,9 @@ pub fn gpu_device() -> std::result::Result<Device, String> {
             "a CUDA device is present but this build has no kernels ({why})"
         ));
     }
-    Gpu::new(0)
-        .map(|g| Device::Gpu(Arc::new(g)))
-        .map_err(|e| format!("the GPU could not be opened ({e})"))
+    let gpu = Gpu::new(0).map_err(|e| format!("the GPU could not be opened ({e})"))?;
+    crate::gpu::open_cublas(gpu.stream()).map_err(|why| format!("a GPU is present but {why}"))?;
+    Ok(Device::Gpu(Arc::new(gpu)))
 }
 
 /// Why the GPU cannot run the model on this machine and build (see

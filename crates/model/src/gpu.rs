@@ -111,28 +111,26 @@ impl GpuSession {
     }
 }
 
-/// A cuBLAS handle on `stream`; a missing library is an error, not a panic
-/// (cudarc's dynamic loader panics when the library cannot be opened).
-fn open_cublas(stream: &std::sync::Arc<cudarc::driver::CudaStream>) -> Result<CudaBlas> {
-    let unavailable = |reason: String| ModelError::BackendUnavailable {
-        backend: "gpu".into(),
-        reason,
-    };
+/// A cuBLAS handle on `stream`, or why there is none; a missing library is
+/// an error, not a panic (cudarc's dynamic loader panics when the library
+/// cannot be opened). [`crate::gpu_device`] probes it too, so `auto` falls
+/// back to the CPU on a GPU machine without cuBLAS.
+pub(crate) fn open_cublas(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+) -> std::result::Result<CudaBlas, String> {
     // SAFETY: only tries to dlopen the cuBLAS library.
     let present = std::panic::catch_unwind(|| unsafe { cudarc::cublas::sys::is_culib_present() })
         .unwrap_or(false);
     if !present {
-        return Err(unavailable(
+        return Err(
             "cuBLAS could not be loaded (libcublas not found); the GPU model path needs it for the projections".into(),
-        ));
+        );
     }
     let stream = stream.clone();
     match std::panic::catch_unwind(move || CudaBlas::new(stream)) {
         Ok(Ok(b)) => Ok(b),
-        Ok(Err(e)) => Err(unavailable(format!(
-            "cuBLAS could not be initialised ({e})"
-        ))),
-        Err(_) => Err(unavailable("cuBLAS could not be loaded".into())),
+        Ok(Err(e)) => Err(format!("cuBLAS could not be initialised ({e})")),
+        Err(_) => Err("cuBLAS could not be loaded".into()),
     }
 }
 
@@ -149,7 +147,12 @@ impl GpuModel {
     /// [`ModelError::BackendUnavailable`]).
     pub fn new(model: &Model, device: Device) -> Result<Self> {
         let blas = match &device {
-            Device::Gpu(g) => Some(Blas(open_cublas(g.stream())?)),
+            Device::Gpu(g) => Some(Blas(open_cublas(g.stream()).map_err(|reason| {
+                ModelError::BackendUnavailable {
+                    backend: "gpu".into(),
+                    reason,
+                }
+            })?)),
             #[allow(unreachable_patterns)]
             _ => None,
         };
