@@ -321,20 +321,19 @@ __device__ __forceinline__ Scales no_scales() { return Scales{nullptr, 0, 0, 1.0
 __device__ __forceinline__ Scales q_scales(float qmul) { return Scales{nullptr, 0, 0, qmul}; }
 
 // One chunk's dv, shared by dv_mma and dkv_mma: F = kh dS (+ A^T dnum over
-// i >= j when causal, with A = qh kh^T (qh16 times qmul), lower block
+// i >= j when causal, with A = qh kh^T (Q16's scales sq), lower block
 // triangle, rounded into A16 with tile scales sA), then rows x cols of it written from `out` (the
 // chunk's first row) with row stride `stride`. Ends with F read out.
 template <typename T>
 __device__ __forceinline__ void dv_chunk(float* F, int LF, int CT, int MTT, int DTT, bool causal, int rows, int cols,
-                                         const T* Q16, float qmul, const T* K16, int LD, T* A16, int LC, float* sA,
+                                         const T* Q16, Scales sq, const T* K16, int LD, T* A16, int LC, float* sA,
                                          const T* S16, int L16, const float* sS, const T* G16, const float* sG, T* out,
                                          int64_t stride) {
     const int C = CT * 16;
     if (causal) {
-        gemm<T, true, false>(F, LF, CT, CT, DTT, false, true, KRange::All, Q16, LD, no_scales(), K16, LD, no_scales());
+        gemm<T, true, false>(F, LF, CT, CT, DTT, false, true, KRange::All, Q16, LD, sq, K16, LD, no_scales());
         __syncthreads();
-        round_tiles<T>(A16, LC, C, C, sA,
-                       [&](int i, int j) { return j <= i && i < rows ? F[i * LF + j] * qmul : 0.0f; });
+        round_tiles<T>(A16, LC, C, C, sA, [&](int i, int j) { return j <= i && i < rows ? F[i * LF + j] : 0.0f; });
         __syncthreads();
     }
     // dv = kh dS + A^T dnum (i >= j)
@@ -704,7 +703,7 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
                 if (!(emit && causal)) __syncthreads();
             }
             if (emit) {
-                dv_chunk<T>(F, LF, CT, MTT, DTT, causal, rows, mt, Q16, qmul, K16, LD, A16, LC, sA, S16, L16, sS, G16,
+                dv_chunk<T>(F, LF, CT, MTT, DTT, causal, rows, mt, Q16, q_scales(qmul), K16, LD, A16, LC, sA, S16, L16, sS, G16,
                             sG, dvb + t0 * p.v_token_stride, p.v_token_stride);
             }
             if (absorb) {
@@ -807,11 +806,12 @@ __device__ __forceinline__ void store_slot(const Acc (&st)[kDkvFrags], const Fra
 }
 
 // st += X^T Y over the chunk's CT row-tiles (k-steps in increasing order,
-// gemm's order): X16 is C x D16 (row stride lx, times xmul: qh16's 2^k),
-// Y16 C x M16 (row stride ly, inverse tile scales sY, or nullptr).
+// gemm's order): X16 is C x D16 (row stride lx, inverse tile scales sX
+// with sxs tiles a row, or nullptr), Y16 C x M16 (row stride ly, inverse
+// tile scales sY, or nullptr).
 template <typename T>
 __device__ __forceinline__ void frags_absorb(Acc (&st)[kDkvFrags], const FragTiles& ft, int CT, const T* X16, int lx,
-                                             float xmul, const T* Y16, int ly, const float* sY) {
+                                             const float* sX, int sxs, const T* Y16, int ly, const float* sY) {
     using namespace nvcuda;
 #pragma unroll 1
     for (int kt = 0; kt < CT; ++kt) {
@@ -823,7 +823,12 @@ __device__ __forceinline__ void frags_absorb(Acc (&st)[kDkvFrags], const FragTil
             wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
             wmma::load_matrix_sync(a, X16 + kt * 16 * lx + x0, lx);
             wmma::load_matrix_sync(b, Y16 + kt * 16 * ly + e0, ly);
-            mma_scaled<T>(st[k], a, b, Mma<T>::scaled && sY != nullptr ? sY[kt * ft.MTT + e0 / 16] * xmul : xmul);
+            float f = 1.0f;
+            if constexpr (Mma<T>::scaled) {
+                if (sX != nullptr) f *= sX[kt * sxs + x0 / 16];
+                if (sY != nullptr) f *= sY[kt * ft.MTT + e0 / 16];
+            }
+            mma_scaled<T>(st[k], a, b, f);
         }
     }
 }
@@ -1096,7 +1101,7 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
             if (absorb) {
                 // S += kh^T v, z += kh^T 1; then the next chunk's S16 (the
                 // non-causal walk publishes once, after every chunk).
-                frags_absorb<T>(st, ft, CT, K16, LD, 1.0f, V16, L16, nullptr);
+                frags_absorb<T>(st, ft, CT, K16, LD, nullptr, 0, V16, L16, nullptr);
                 for (int x = tid; x < D; x += nthreads) {
                     float acc = zs[x];
                     for (int j = 0; j < rows; ++j) acc += to_float(K16[j * LD + x]);
@@ -1117,18 +1122,23 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
 // dL/do once instead of twice (dk_walk and dv_walk). Chosen by
 // `ops::backward::merged_dkv` for f16/bf16 heads whose dS fits the warps'
 // fragments (D16 x M16 <= 64 tiles) and whose body fits the shared budget.
-//   B = dnum v^T (+ d den per row), dkh = v dS^T + B^T qh (i >= j),
-//   A = qh kh^T,                    dv  = kh dS + A^T dnum (i >= j),
-//   dS += qh^T dnum, dz += qh^T d den.
+// The 1 / den of dnum = G / den goes with the query, not with G: the walk
+// stages qn = qh / den (per-tile scaled for f16) and G itself (exact), so
+//   B' = G v^T - (G . o) (per row; = den B, centred), dkh = v dS^T + B'^T qn,
+//   A' = qn kh^T,                                  dv  = kh dS + A'^T G,
+//   dS += qn^T G, dz += qn^T (-(G . o)).
+// A row whose qh is zero (relu) or tiny has den ~ eps and a huge dnum that
+// every product multiplies by its qh; with dnum staged, its f16 tile scale
+// flushed the other rows of the tile to zero (dk 0.65 at scale 4096, relu,
+// sigma 10). qn_i = qh_i / den_i <= 1 / |z|-ish is bounded for every row.
 // dS lives in the warps' registers (FragTiles above), never in shared memory
-// in fp32. Every product, rounding and sum is the one of dqk_mma<T, true>
-// and dv_mma with a single tile, in the same order, so the results are
-// theirs bit for bit.
-// Shared: dz (D16) | dS16 (D16 x M16+8) | qh, kh (C x D16+8 each) | v, dnum
-//         (C x M16+8 each) | P16 (C x C+8: B, then A) | F (fp32, C x
-//         max(C,D16,M16)+4 and at least 16 x 16 per warp: B, dkh, A, dv,
-//         and the warps' publish scratch) | den, d den (C each) | scales of
-//         dS16 ((D16/16)(M16/16)), dnum ((C/16)(M16/16)) and P16 ((C/16)^2).
+// in fp32.
+// Shared: dz (D16) | dS16 (D16 x M16+8) | qn, kh (C x D16+8 each) | v, G
+//         (C x M16+8 each) | P16 (C x C+8: B', then A') | F (fp32, C x
+//         max(C,D16,M16)+4 and at least 16 x 16 per warp: B', dkh, A', dv,
+//         and the warps' publish scratch) | scales of qn ((C/16)(D16/16)) |
+//         den, d den (C each) | scales of dS16 ((D16/16)(M16/16)), (unused:
+//         (C/16)(M16/16)) and P16 ((C/16)^2).
 template <typename T>
 __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* smem) {
     using namespace nvcuda;
@@ -1141,7 +1151,6 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     const int tiles = DTT * MTT;  // <= kDkvFrags * nwarps (the plan's threads)
     const int fm = p.feature_map;
     const bool causal = p.causal != 0;
-    const float qmul = q_unscale<T>(p.scale), qs = q_stage_scale(p.scale, qmul);
     Carve cv{reinterpret_cast<char*>(smem), 0u};
     float* zs = cv.take<float>(D16);
     T* S16 = cv.take<T>(D16 * L16);
@@ -1151,10 +1160,11 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     T* G16 = cv.take<T>(C * L16);
     T* P16 = cv.take<T>(C * LC);
     float* F = cv.take<float>(imax(C * LF, nwarps * 256));
+    float* sQ = cv.take<float>(CT * DTT);
     float* den = cv.take<float>(C);
     float* dd = cv.take<float>(C);
     float* sS = cv.take<float>(DTT * MTT);
-    float* sG = cv.take<float>(CT * MTT);
+    (void)cv.take<float>(CT * MTT);  // the layout shared with prepdq
     float* sP = cv.take<float>(CT * CT);
 
     // dS from d_final (zero without) or the partition's work slot, and its
@@ -1187,9 +1197,8 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
             // Causal walks absorb every chunk, so dnum and d den are loaded
             // whenever they are needed (absorb, and B when emitting).
             if (absorb) {
-                stage<T>(Q16, LD, C, D16, rows, D, [&](int j, int x) {
-                    return phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * qs;
-                });
+                stage<T>(G16, L16, C, M16, rows, M,
+                         [&](int j, int e) { return to_float(gb[(t0 + j) * p.o_token_stride + e]); });
                 load_norm(p, c, t0, rows, C, den, dd);
             }
             if (emit) {
@@ -1200,29 +1209,34 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
             }
             __syncthreads();
             if (absorb) {
-                round_tiles<T>(G16, L16, C, M16, sG, [&](int j, int e) {
-                    return j < rows && e < M ? __fdividef(to_float(gb[(t0 + j) * p.o_token_stride + e]), den[j]) : 0.0f;
+                // qn = s phi(q) / den; d den becomes d den * den = -(G . o).
+                round_tiles<T>(Q16, LD, C, D16, sQ, [&](int j, int x) {
+                    return j < rows && x < D
+                               ? __fdividef(phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * p.scale, den[j])
+                               : 0.0f;
                 });
+                __syncthreads();
+                for (int j = tid; j < C; j += nthreads) dd[j] *= den[j];
                 __syncthreads();
             }
             if (emit) {
                 if (causal) {
-                    // B = dnum v^T (+ d den per row), lower block triangle.
-                    gemm<T, true, false>(F, LF, CT, CT, MTT, false, true, KRange::All, G16, L16, Scales{sG, MTT, 1, 1.0f},
-                                         V16, L16, no_scales());
+                    // B' = G v^T - (G . o) per row, lower block triangle.
+                    gemm<T, true, false>(F, LF, CT, CT, MTT, false, true, KRange::All, G16, L16, no_scales(), V16, L16,
+                                         no_scales());
                     __syncthreads();
                     round_tiles<T>(P16, LC, C, C, sP, [&](int i, int j) {
                         return j > i || i >= rows ? 0.0f : F[i * LF + j] + dd[i];
                     });
                     __syncthreads();
                 }
-                // dkh = v dS^T + B^T qh (i >= j)
+                // dkh = v dS^T + B'^T qn (i >= j)
                 gemm<T, true, false>(F, LF, CT, DTT, MTT, false, false, KRange::All, V16, L16, no_scales(), S16, L16,
                                      Scales{sS, MTT, 1, 1.0f});
                 if (causal) {
                     __syncwarp();
                     gemm<T, false, true>(F, LF, CT, DTT, CT, true, false, KRange::FromRow, P16, LC,
-                                         Scales{sP, CT, 1, 1.0f}, Q16, LD, q_scales(qmul));
+                                         Scales{sP, CT, 1, 1.0f}, Q16, LD, Scales{sQ, DTT, 1, 1.0f});
                 }
                 __syncthreads();
                 for (int i = tid; i < rows * D; i += nthreads) {
@@ -1231,17 +1245,21 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                     dkb[off] = from_float<T>(phi_prime(to_float(kb[off]), fm) * (F[j * LF + x] + zs[x]));
                 }
                 __syncthreads();  // F, P16 and dz are reused below
-                // A = qh kh^T (causal), then dv = kh dS + A^T dnum.
-                dv_chunk<T>(F, LF, CT, MTT, DTT, causal, rows, M, Q16, qmul, K16, LD, P16, LC, sP, S16, L16, sS, G16,
-                            sG, dvb + t0 * p.v_token_stride, p.v_token_stride);
+                // A' = qn kh^T (causal), then dv = kh dS + A'^T G.
+                dv_chunk<T>(F, LF, CT, MTT, DTT, causal, rows, M, Q16, Scales{sQ, DTT, 1, 1.0f}, K16, LD, P16, LC, sP,
+                            S16, L16, sS, G16, nullptr, dvb + t0 * p.v_token_stride, p.v_token_stride);
             }
             if (absorb) {
-                // dS += qh^T dnum, dz += qh^T d den (dz was last read before
-                // the sync above).
-                frags_absorb<T>(st, ft, CT, Q16, LD, qmul, G16, L16, sG);
+                // dS += qn^T G, dz += qn^T (-(G . o)) (dz was last read
+                // before the sync above; qn in fp32 here, from the input).
+                frags_absorb<T>(st, ft, CT, Q16, LD, sQ, DTT, G16, L16, nullptr);
                 for (int x = tid; x < D; x += nthreads) {
                     float acc = zs[x];
-                    for (int j = 0; j < rows; ++j) acc = fmaf(dd[j], to_float(Q16[j * LD + x]) * qmul, acc);
+#pragma unroll 1
+                    for (int j = 0; j < rows; ++j) {
+                        const float qh = phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * p.scale;
+                        acc = fmaf(dd[j], __fdividef(qh, den[j]), acc);
+                    }
                     zs[x] = acc;
                 }
                 // The next chunk's dS16 (causal); the non-causal walk

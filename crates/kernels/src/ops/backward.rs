@@ -384,9 +384,10 @@ fn whole_head_bytes(d: usize, m: usize, chunk: usize, extra: &[usize], vectors: 
 
 /// Shared memory of the merged tensor-core dk + dv kernel in bytes (dS
 /// itself lives in the warps' registers): the layout of
-/// [`prep_dq_mma_bytes`] with two per-row vectors (den, d den).
+/// [`prep_dq_mma_bytes`] with the tile scales of `phi(q) / den` after the
+/// scratch and two per-row vectors (den, d den).
 pub fn dkv_mma_bytes(d: usize, m: usize, chunk: usize) -> usize {
-    whole_head_bytes(d, m, chunk, &[], 2)
+    whole_head_bytes(d, m, chunk, &[(chunk / 16) * (pad16(d) / 16)], 2)
 }
 
 /// Shared memory of the fused tensor-core prep + dq kernel in bytes (S
