@@ -501,3 +501,35 @@ fn magnitude_sweep_backward() {
     }
     eprintln!("worst bf16 {:?}, f16 {:?}", worst[0].0, worst[1].0);
 }
+
+/// f16 with a scale of 1e5: s phi(q) used to be rounded to f16 as it is
+/// (inf past 65504); it is staged as phi(q) (s 2^-k) now. Causal and
+/// non-causal, D = M = 64 and a small head.
+#[test]
+fn f16_backward_scale_1e5() {
+    for kind in [Kind::Causal, Kind::NonCausal] {
+        for (d, m) in [(64, 64), (5, 7)] {
+            let c = Case::new(kind, 100, d, m).with(|c| {
+                c.scale = 1e5;
+                c.d_final = true;
+            });
+            check::<f16>(&c, 1e-2, 0x17_1e5);
+        }
+    }
+}
+
+/// f16, relu, q, k ~ N(0, 10), D = M = 6, scale 4096: about one row in 64
+/// has phi(q) = 0, so den = eps and dnum = G / eps; the merged dkv walk
+/// used to stage dnum, whose f16 tile scale then flushed the other rows of
+/// the tile (dk 0.65, dv 0.54, dS0 0.37). It stages phi(q) / den now.
+#[test]
+fn f16_backward_zero_query_rows() {
+    let c = Case::new(Kind::Causal, 137, 6, 6).with(|c| {
+        c.map = FeatureMap::Relu;
+        c.sigma = 10.0;
+        c.scale = 4096.0;
+        c.initial = true;
+        c.d_final = true;
+    });
+    check::<f16>(&c, 1e-2, 0x17_0a);
+}

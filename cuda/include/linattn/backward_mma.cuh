@@ -910,18 +910,19 @@ __device__ __forceinline__ void frags_publish_lo(const Acc (&st)[kDkvFrags], con
 //   den = qh . z + rowsum(A) + eps,
 //   G . num = qh . H + rowsum(A o E)      (num = qh S + A v never formed),
 //   d den = -(G . num) / den^2,
-//   B = E / den + d den (j <= i),          dqh = H / den + B kh,
+//   B' = E + d den den (j <= i),           dqh = (H + B' kh) / den,
 //   S += kh^T v, z += colsum(kh).
 // Why: with q, k ~ N(mu, 1) every score of a row is nearly equal and dqh's
 // two parts, H / den and d den z, cancel to ~1/mu of their size; a 16-bit
 // copy of S in H (or in num, through d den) then costs ~mu 2^-9 of dq (bf16
-// dq 1e-1 at mu = 40). With S split and G . num from fp32 A and E, the
-// 16-bit roundings that reach dq are those of B (already centred: E / den
-// + d den = G . (v_j - o_i) / den) and of S_lo. Tensor-core MACs per
-// token-head equal the unfused walk's minus `qh S` and `A v` (num) plus
-// `G S_lo^T` and `G v^T` once more (docs/benchmarks.md).
+// dq 1e-1 at mu = 40). With S and B' split and G . num from fp32 A and E,
+// the 16-bit roundings that reach dq are the low halves' (~2^-17). B' is
+// den times the unfused walk's B, so a row with den ~ eps puts no 1 / eps
+// into the f16 tile scales. Tensor-core MACs per token-head are the
+// unfused walk's (61,440 at D = M = 128): `qh S` and `A v` (num) dropped,
+// `G S_lo^T` and `B'_lo kh` added (docs/benchmarks.md).
 // Shared: z (D16) | S16 (D16 x M16+8: S_hi, S_lo in turn) | qh, kh (C x
-//         D16+8 each) | v, G (C x M16+8 each) | P16 (C x C+8: B) | F (fp32,
+//         D16+8 each) | v, G (C x M16+8 each) | P16 (C x C+8: B') | F (fp32,
 //         C x max(C,D16,M16)+4 and at least 16 x 16 per warp: A, H and dqh,
 //         and the warps' publish scratch) | E (fp32, C x C+4) | idx (16 x
 //         16 fp32) | qh . z, rowsum(A), den, d den (C each) | scales of S16
@@ -1065,18 +1066,17 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                     }
                 }
                 __syncthreads();
-                // ---- dq: B = E / den + d den (j <= i), dqh = H / den + B kh,
-                // B split as H is: B kh is ~mu times dq too (its common
-                // part cancels against H's), so B_hi kh + B_lo kh.
-                const auto bval = [&](int i, int j) {
-                    return j > i || i >= rows ? 0.0f : __fdividef(E[i * LE + j], den[i]) + dd[i];
-                };
-                if (causal) round_tiles<T>(P16, LC, C, C, sP, bval);
-                for (int i = tid; i < C * D16; i += nthreads) {
-                    const int j = i / D16, x = i - j * D16;
-                    F[j * LF + x] = __fdividef(F[j * LF + x], den[j]);
-                }
+                // ---- dq: B' = E + d den den = G . (v_j - o_i) (j <= i),
+                // dqh = (H + B' kh) / den (+ d den z below). B' is den B:
+                // the 1 / den goes on the fp32 rows, as for H, so a row
+                // with den ~ eps (relu) does not put 1 / eps into B's f16
+                // tile. B' is split as S is: B' kh is ~mu times dq too (its
+                // common part cancels against H's), so B'_hi kh + B'_lo kh.
                 if (causal) {
+                    const auto bval = [&](int i, int j) {
+                        return j > i || i >= rows ? 0.0f : fmaf(dd[i], den[i], E[i * LE + j]);
+                    };
+                    round_tiles<T>(P16, LC, C, C, sP, bval);
                     __syncthreads();
                     gemm<T, true, true>(F, LF, CT, DTT, CT, true, false, KRange::UpToRow, P16, LC,
                                         Scales{sP, CT, 1, 1.0f}, K16, LD, no_scales());
@@ -1085,6 +1085,11 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                     __syncthreads();
                     gemm<T, true, true>(F, LF, CT, DTT, CT, true, false, KRange::UpToRow, P16, LC,
                                         Scales{sP, CT, 1, 1.0f}, K16, LD, no_scales());
+                    __syncthreads();
+                }
+                for (int i = tid; i < C * D16; i += nthreads) {
+                    const int j = i / D16, x = i - j * D16;
+                    F[j * LF + x] = __fdividef(F[j * LF + x], den[j]);
                 }
                 __syncthreads();
                 for (int i = tid; i < rows * D; i += nthreads) {
