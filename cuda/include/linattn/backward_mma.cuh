@@ -8,7 +8,12 @@
 //         T, the 1 / den of dnum = G / den applied to the fp32 products)
 //   dk:   B = dnum v^T, dkh = v dS^T + B^T qh, dS += qh^T dnum
 //   dv:   A = qh kh^T, dv = kh dS + A^T dnum, dS += qh^T dnum
-//   dkv:  dk and dv in one reverse walk over the whole dS (small heads)
+//   dkv:  dk and dv in one reverse walk over the whole dS (small heads),
+//         on qn = qh / den and G: B' = G v^T - (G . o), dkh = v dS^T +
+//         B'^T qn, dv = kh dS + (qn kh^T)^T G, dS += qn^T G
+//   prepdq: prep and dq in one forward walk over the whole S, with S and
+//         B' split into hi + lo 16-bit halves (docs/kernels.md, "16-bit
+//         roundings: backward")
 //
 // Operands are staged in shared memory as T, zero-padded to multiples of 16
 // (D, M, the chunk C and the state tile, so any D, M in 1..=256 works); row
@@ -474,12 +479,15 @@ __device__ __forceinline__ void prep_mma(const LinattnBackwardParams& p, float* 
 
 // ---------------------------------------------------------------------------
 // dq (forward walk) and dk (reverse walk) on tensor cores; blocks tile D
-// (tile DT, a multiple of 16). kDk selects dk.
+// (tile DT, a multiple of 16). kDk selects dk. Both stage G itself and
+// round B' = G v^T + d den den = den B; dq divides its fp32 rows by den,
+// dk stages qn = qh / den (the dkv walk's formulation, dkv_mma).
 // Shared: S or dS rows (DT x M16+4, fp32) | z or dz (DT) | S16 (DT x M16+8)
-//         | X16 (C x DT+8: kh for dq, qh for dk) | v (C x M16+8) | dnum
+//         | X16 (C x DT+8: kh for dq, qn for dk) | v (C x M16+8) | G
 //         (C x M16+8) | B16 (C x C+8) | F (C x max(C,DT)+4, fp32: B, then
 //         the gradient rows) | den (C) | d den (C) | scales of S16
-//         ((DT/16)(M16/16)), dnum ((C/16)(M16/16)) and B16 ((C/16)^2).
+//         ((DT/16)(M16/16)), G ((C/16)(M16/16)), B16 ((C/16)^2) and qn
+//         ((C/16)(DT/16), dk).
 template <typename T, bool kDk>
 __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* smem) {
     const Coords c = coords(p);
@@ -504,6 +512,7 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
     float* sS = cv.take<float>(DTT * MTT);
     float* sG = cv.take<float>(CT * MTT);
     float* sB = cv.take<float>(CT * CT);
+    float* sX = cv.take<float>(CT * DTT);  // dk: qn's tile scales
     const float* s_in = ptr<const float>(kDk ? p.d_final_s : p.state_in_s);
     const float* z_in = ptr<const float>(kDk ? p.d_final_z : p.state_in_z);
     for (int i = tid; i < DT * M16; i += nthreads) {
@@ -519,9 +528,6 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
                   : rows_of_mut<T>(p.dq, c, p.q_batch_stride, p.q_head_stride) + d0;
     const int64_t xstride = kDk ? p.q_token_stride : p.k_token_stride;  // rows of X16's source
     const T* xb = kDk ? qb : kb;
-    // dk stages qh16 (q_unscale), dq kh: X16's products and sums take xmul.
-    const float xmul = kDk ? q_unscale<T>(p.scale) : 1.0f;
-    const float xscale = kDk ? q_stage_scale(p.scale, xmul) : 1.0f;
     __syncthreads();
 
     const int64_t last = last_chunk(c.r.len, C);
@@ -534,10 +540,9 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
         for (int64_t c0 = kDk ? last : 0; kDk ? c0 >= 0 : c0 < c.r.len; c0 += kDk ? -C : C) {
             const int rows = (int)(c.r.len - c0 < C ? c.r.len - c0 : C);
             const int64_t t0 = c.r.start + c0;
-            if (absorb) {
-                stage<T>(X16, LX, C, DT, rows, dt, [&](int j, int x) {
-                    return phi(to_float(xb[(t0 + j) * xstride + x]), fm) * xscale;
-                });
+            if (!kDk && absorb) {
+                stage<T>(X16, LX, C, DT, rows, dt,
+                         [&](int j, int x) { return phi(to_float(xb[(t0 + j) * xstride + x]), fm); });
             }
             if (need_v || (emit && causal)) {
                 stage<T>(V16, L16, C, M16, rows, M,
@@ -548,51 +553,58 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
                 round_tiles<T>(S16, L16, DT, M16, sS, [&](int x, int e) { return Ss[x * LS + e]; });
             __syncthreads();
             if (need_g || (emit && causal)) {
-                // dk: dnum = G / den (the token index is summed over in
-                // dS += qh^T dnum). dq: G itself, exact in T; every
-                // product it feeds has the token on its rows, so 1 / den is
-                // applied to the fp32 results instead.
+                // G itself, exact in T. dq: every product it feeds has the
+                // token on its rows, so 1 / den is applied to the fp32
+                // results. dk: the 1 / den goes with the query, qn = qh /
+                // den (per-tile scaled, bounded for every row): a dnum
+                // staged instead puts 1 / eps into its f16 tile where a row
+                // has den ~ eps (relu, qh = 0) and flushes the other rows.
                 round_tiles<T>(G16, L16, C, M16, sG, [&](int j, int e) {
-                    if (j >= rows || e >= M) return 0.0f;
-                    const float g = to_float(gb[(t0 + j) * p.o_token_stride + e]);
-                    return kDk ? __fdividef(g, den[j]) : g;
+                    return j < rows && e < M ? to_float(gb[(t0 + j) * p.o_token_stride + e]) : 0.0f;
                 });
+                if (kDk && absorb) {
+                    round_tiles<T>(X16, LX, C, DT, sX, [&](int j, int x) {
+                        return j < rows && x < dt
+                                   ? __fdividef(phi(to_float(xb[(t0 + j) * xstride + x]), fm) * p.scale, den[j])
+                                   : 0.0f;
+                    });
+                }
                 __syncthreads();
             }
             if (emit) {
                 if (causal) {
-                    // B = dnum v^T (+ d den per row), lower block triangle.
+                    // B' = G v^T + d den den = G . (v_j - o_i) (den times the
+                    // B of the formulas), lower block triangle.
                     gemm<T, true, false>(F, LF, CT, CT, MTT, false, true, KRange::All, G16, L16, Scales{sG, MTT, 1, 1.0f},
                                          V16, L16, no_scales());
                     __syncthreads();
                     round_tiles<T>(B16, LC, C, C, sB, [&](int i, int j) {
-                        if (j > i || i >= rows) return 0.0f;
-                        return (kDk ? F[i * LF + j] : __fdividef(F[i * LF + j], den[i])) + dd[i];
+                        return j > i || i >= rows ? 0.0f : fmaf(dd[i], den[i], F[i * LF + j]);
                     });
                     __syncthreads();
                 }
                 if constexpr (kDk) {
-                    // dkh = v dS^T + B^T qh (i >= j)
+                    // dkh = v dS^T + B'^T qn (i >= j)
                     gemm<T, true, false>(F, LF, CT, DTT, MTT, false, false, KRange::All, V16, L16, no_scales(), S16, L16,
                                          Scales{sS, MTT, 1, 1.0f});
                     if (causal) {
                         __syncwarp();
                         gemm<T, false, true>(F, LF, CT, DTT, CT, true, false, KRange::FromRow, B16, LC,
-                                             Scales{sB, CT, 1, 1.0f}, X16, LX, q_scales(xmul));
+                                             Scales{sB, CT, 1, 1.0f}, X16, LX, Scales{sX, DTT, 1, 1.0f});
                     }
                 } else {
-                    // dqh = (G S^T) / den + B kh (j <= i)
+                    // dqh = (G S^T + B' kh) / den (j <= i)
                     gemm<T, true, false>(F, LF, CT, DTT, MTT, false, false, KRange::All, G16, L16, Scales{sG, MTT, 1, 1.0f},
                                          S16, L16, Scales{sS, MTT, 1, 1.0f});
+                    if (causal) {
+                        __syncwarp();
+                        gemm<T, true, true>(F, LF, CT, DTT, CT, true, false, KRange::UpToRow, B16, LC,
+                                            Scales{sB, CT, 1, 1.0f}, X16, LX, no_scales());
+                    }
                     __syncthreads();
                     for (int i = tid; i < C * DT; i += nthreads) {
                         const int j = i / DT, x = i - j * DT;
                         F[j * LF + x] = __fdividef(F[j * LF + x], den[j]);
-                    }
-                    if (causal) {
-                        __syncthreads();
-                        gemm<T, true, true>(F, LF, CT, DTT, CT, true, false, KRange::UpToRow, B16, LC,
-                                            Scales{sB, CT, 1, 1.0f}, X16, LX, no_scales());
                     }
                 }
                 __syncthreads();
@@ -611,12 +623,15 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
             }
             if (absorb) {
                 if constexpr (kDk) {
-                    // dS += qh^T dnum, dz += qh^T d den
-                    gemm<T, false, true>(Ss, LS, DTT, MTT, CT, true, false, KRange::All, X16, LX, q_scales(xmul), G16,
-                                         L16, Scales{sG, MTT, 1, 1.0f});
+                    // dS += qn^T G, dz += qh^T d den (qh in fp32, from the
+                    // input)
+                    gemm<T, false, true>(Ss, LS, DTT, MTT, CT, true, false, KRange::All, X16, LX,
+                                         Scales{sX, DTT, 1, 1.0f}, G16, L16, Scales{sG, MTT, 1, 1.0f});
                     for (int x = tid; x < dt; x += nthreads) {
                         float acc = zs[x];
-                        for (int j = 0; j < rows; ++j) acc = fmaf(dd[j], to_float(X16[j * LX + x]) * xmul, acc);
+#pragma unroll 1
+                        for (int j = 0; j < rows; ++j)
+                            acc = fmaf(dd[j], phi(to_float(xb[(t0 + j) * xstride + x]), fm) * p.scale, acc);
                         zs[x] = acc;
                     }
                 } else {
@@ -638,10 +653,12 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
 
 // ---------------------------------------------------------------------------
 // dv on tensor cores (reverse walk); blocks tile M (tile MT, a multiple of 16).
-// Shared: dS (D16 x MT+4, fp32) | S16 (D16 x MT+8) | qh, kh (C x D16+8
-//         each) | dnum (C x MT+8) | A16 (C x C+8) | F (C x max(C,MT)+4,
+// Stages qn = qh / den and G, as dkv_mma: A' = qn kh^T, dv = kh dS + A'^T G,
+// dS += qn^T G.
+// Shared: dS (D16 x MT+4, fp32) | S16 (D16 x MT+8) | qn, kh (C x D16+8
+//         each) | G (C x MT+8) | A16 (C x C+8) | F (C x max(C,MT)+4,
 //         fp32: A, then dv) | den (C) | scales of S16 ((D16/16)(MT/16)),
-//         dnum ((C/16)(MT/16)) and A16 ((C/16)^2).
+//         G ((C/16)(MT/16)), A16 ((C/16)^2) and qn ((C/16)(D16/16)).
 template <typename T>
 __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* smem) {
     const Coords c = coords(p);
@@ -664,7 +681,7 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
     float* sS = cv.take<float>(DTT * MTT);
     float* sG = cv.take<float>(CT * MTT);
     float* sA = cv.take<float>(CT * CT);
-    const float qmul = q_unscale<T>(p.scale), qs = q_stage_scale(p.scale, qmul);
+    float* sQ = cv.take<float>(CT * DTT);
     const float* s_in = ptr<const float>(p.d_final_s);
     for (int i = tid; i < D16 * MT; i += nthreads) {
         const int x = i / MT, e = i - x * MT;
@@ -683,11 +700,6 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
         for (int64_t c0 = last; c0 >= 0; c0 -= C) {
             const int rows = (int)(c.r.len - c0 < C ? c.r.len - c0 : C);
             const int64_t t0 = c.r.start + c0;
-            if (absorb) {
-                stage<T>(Q16, LD, C, D16, rows, D, [&](int j, int x) {
-                    return phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * qs;
-                });
-            }
             if (absorb) load_norm(p, c, t0, rows, C, den, nullptr);
             if (emit) {
                 stage<T>(K16, LD, C, D16, rows, D,
@@ -697,19 +709,26 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
             }
             __syncthreads();
             if (absorb) {
+                // G itself and qn = qh / den (dkv_mma's formulation: no
+                // 1 / eps in an f16 tile where a row has den ~ eps).
                 round_tiles<T>(G16, L16, C, MT, sG, [&](int j, int e) {
-                    return j < rows && e < mt ? __fdividef(to_float(gb[(t0 + j) * p.o_token_stride + e]), den[j]) : 0.0f;
+                    return j < rows && e < mt ? to_float(gb[(t0 + j) * p.o_token_stride + e]) : 0.0f;
                 });
-                if (!(emit && causal)) __syncthreads();
+                round_tiles<T>(Q16, LD, C, D16, sQ, [&](int j, int x) {
+                    return j < rows && x < D
+                               ? __fdividef(phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * p.scale, den[j])
+                               : 0.0f;
+                });
+                __syncthreads();
             }
             if (emit) {
-                dv_chunk<T>(F, LF, CT, MTT, DTT, causal, rows, mt, Q16, q_scales(qmul), K16, LD, A16, LC, sA, S16, L16, sS, G16,
-                            sG, dvb + t0 * p.v_token_stride, p.v_token_stride);
+                dv_chunk<T>(F, LF, CT, MTT, DTT, causal, rows, mt, Q16, Scales{sQ, DTT, 1, 1.0f}, K16, LD, A16, LC, sA, S16,
+                            L16, sS, G16, sG, dvb + t0 * p.v_token_stride, p.v_token_stride);
             }
             if (absorb) {
-                // dS += qh^T dnum (F is not touched; S16 is a copy of dS).
-                gemm<T, false, true>(Ss, LS, DTT, MTT, CT, true, false, KRange::All, Q16, LD, q_scales(qmul), G16, L16,
-                                     Scales{sG, MTT, 1, 1.0f});
+                // dS += qn^T G (F is not touched; S16 is a copy of dS).
+                gemm<T, false, true>(Ss, LS, DTT, MTT, CT, true, false, KRange::All, Q16, LD, Scales{sQ, DTT, 1, 1.0f},
+                                     G16, L16, Scales{sG, MTT, 1, 1.0f});
             }
             __syncthreads();
         }

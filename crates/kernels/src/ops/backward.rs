@@ -294,7 +294,7 @@ pub fn prep_mma_bytes(d: usize, chunk: usize, tile: usize) -> usize {
 /// `dqk_mma`): S rows (fp32, `tile x (M16 + 4)`), z, S rounded
 /// (`tile x (M16 + 8)`), the phi tile (`chunk x (tile + 8)`), v and dnum
 /// (`chunk x (M16 + 8)` each), B (`chunk x (chunk + 8)`), the fp32 scratch,
-/// den, d den and the tile scales.
+/// den, d den and the tile scales (S16, G, B, and the dk pass's qn).
 pub fn dqk_mma_bytes(m: usize, chunk: usize, tile: usize) -> usize {
     let m16 = pad16(m);
     carve(&[
@@ -311,14 +311,15 @@ pub fn dqk_mma_bytes(m: usize, chunk: usize, tile: usize) -> usize {
         (tile / 16) * (m16 / 16) * 4,
         (chunk / 16) * (m16 / 16) * 4,
         (chunk / 16) * (chunk / 16) * 4,
+        (chunk / 16) * (tile / 16) * 4,
     ])
 }
 
 /// Shared memory of the tensor-core dv kernel in bytes (order of
 /// `dv_mma`): dS (fp32, `D16 x (tile + 4)`), dS rounded (`D16 x (tile +
-/// 8)`), phi(q) and phi(k) (`chunk x (D16 + 8)` each), dnum
+/// 8)`), phi(q) / den and phi(k) (`chunk x (D16 + 8)` each), dL/do
 /// (`chunk x (tile + 8)`), A (`chunk x (chunk + 8)`), the fp32 scratch, den
-/// and the tile scales.
+/// and the tile scales (dS16, G, A, qn).
 pub fn dv_mma_bytes(d: usize, chunk: usize, tile: usize) -> usize {
     let d16 = pad16(d);
     carve(&[
@@ -333,6 +334,7 @@ pub fn dv_mma_bytes(d: usize, chunk: usize, tile: usize) -> usize {
         (d16 / 16) * (tile / 16) * 4,
         (chunk / 16) * (tile / 16) * 4,
         (chunk / 16) * (chunk / 16) * 4,
+        (chunk / 16) * (d16 / 16) * 4,
     ])
 }
 
