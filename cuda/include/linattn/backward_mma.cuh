@@ -924,7 +924,8 @@ __device__ __forceinline__ void frags_publish_lo(const Acc (&st)[kDkvFrags], con
 // the dkv walk. Chosen by `ops::backward::fused_prep_dq` where dS fits the
 // fragments (the dkv walk runs then too) and this body fits the shared
 // budget.
-//   A = qh kh^T, E = G v^T (lower block triangle, fp32),
+//   A = qh kh^T, E = G v^T (lower block triangle, fp32; qh staged as
+//       phi(q), s applied to every fp32 sum of it: no 16-bit s phi(q)),
 //   H = G S^T = G S_hi^T + G S_lo^T (S split into two 16-bit copies),
 //   den = qh . z + rowsum(A) + eps,
 //   G . num = qh . H + rowsum(A o E)      (num = qh S + A v never formed),
@@ -1005,9 +1006,11 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
             const int rows = (int)(c.r.len - c0 < C ? c.r.len - c0 : C);
             const int64_t t0 = c.r.start + c0;
             if (emit) {
-                stage<T>(Q16, LD, C, D16, rows, D, [&](int j, int x) {
-                    return phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * q_stage_scale(p.scale, q_unscale<T>(p.scale));
-                });
+                // phi(q) without the scale (bounded by the input, and exact
+                // for relu and identity): s multiplies the fp32 sums below,
+                // so den and G . num see no rounding of s phi(q).
+                stage<T>(Q16, LD, C, D16, rows, D,
+                         [&](int j, int x) { return phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm); });
                 // G itself, exact in T: every product it feeds has the token
                 // on its rows, so 1 / den is applied to the fp32 results.
                 round_tiles<T>(G16, L16, C, M16, sG, [&](int j, int e) {
@@ -1027,15 +1030,15 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                     const T* q = Q16 + i * LD;
                     float a = 0.0f;
                     if (norm)
-                        for (int x = 0; x < D; ++x) a = fmaf(to_float(q[x]) * q_unscale<T>(p.scale), zs[x], a);
-                    qz[i] = a;
+                        for (int x = 0; x < D; ++x) a = fmaf(to_float(q[x]), zs[x], a);
+                    qz[i] = a * p.scale;
                     asum[i] = 0.0f;
                     den[i] = 0.0f;  // rowsum(A o E) until d den is formed
                 }
                 if (causal) {
                     if (norm)
-                        gemm<T, true, false>(F, LF, CT, CT, DTT, false, true, KRange::All, Q16, LD, q_scales(q_unscale<T>(p.scale)),
-                                             K16, LD, no_scales());
+                        gemm<T, true, false>(F, LF, CT, CT, DTT, false, true, KRange::All, Q16, LD, no_scales(), K16,
+                                             LD, no_scales());
                     gemm<T, true, false>(E, LE, CT, CT, MTT, false, true, KRange::All, G16, L16,
                                          Scales{sG, MTT, 1, 1.0f}, V16, L16, no_scales());
                     __syncthreads();
@@ -1046,8 +1049,8 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                                 s += F[i * LF + j];
                                 g = fmaf(F[i * LF + j], E[i * LE + j], g);
                             }
-                            asum[i] = s;
-                            den[i] = g;
+                            asum[i] = s * p.scale;
+                            den[i] = g * p.scale;
                         }
                     }
                     __syncthreads();
@@ -1066,8 +1069,8 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                     float go = 0.0f;
                     if (norm && i < rows) {
                         const T* q = Q16 + i * LD;
-                        for (int x = lane; x < D; x += 32) go = fmaf(to_float(q[x]) * q_unscale<T>(p.scale), F[i * LF + x], go);
-                        go = warp_sum(go);
+                        for (int x = lane; x < D; x += 32) go = fmaf(to_float(q[x]), F[i * LF + x], go);
+                        go = warp_sum(go) * p.scale;
                     }
                     if (lane == 0) {
                         float dn = 1.0f, d2 = 0.0f;
