@@ -8,7 +8,9 @@
 //! turn into a dq error of 1e-1 (bf16, mu = 40).
 //!
 //! The three backward rows of the table are named regression
-//! tests; `magnitude_sweep_backward` is the backward part of the magnitude
+//! tests, as are the f16 range cases this work found (a scale of 1e5; rows
+//! with phi(q) = 0, whose den is eps, in the whole-head and the tiled
+//! passes); `magnitude_sweep_backward` is the backward part of the magnitude
 //! sweep (dtype x feature map x causal / non-causal / split x mu x sigma x
 //! scale), one seed per run (`LINATTN_TEST_SEED` replays one;
 //! `LINATTN_MAG_SEEDS=n` runs n consecutive seeds, used to fix the
