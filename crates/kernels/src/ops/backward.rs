@@ -295,7 +295,7 @@ pub fn prep_mma_bytes(d: usize, chunk: usize, tile: usize) -> usize {
 /// `dqk_mma`): S rows (fp32, `tile x (M16 + 4)`), z, S rounded
 /// (`tile x (M16 + 8)`), the phi tile (`chunk x (tile + 8)`), v and dnum
 /// (`chunk x (M16 + 8)` each), B (`chunk x (chunk + 8)`), the fp32 scratch,
-/// den, d den and the tile scales.
+/// den, d den and the tile scales (S16, G, B, and the dk pass's qn).
 pub fn dqk_mma_bytes(m: usize, chunk: usize, tile: usize) -> usize {
     let m16 = pad16(m);
     carve(&[
@@ -312,14 +312,15 @@ pub fn dqk_mma_bytes(m: usize, chunk: usize, tile: usize) -> usize {
         (tile / 16) * (m16 / 16) * 4,
         (chunk / 16) * (m16 / 16) * 4,
         (chunk / 16) * (chunk / 16) * 4,
+        (chunk / 16) * (tile / 16) * 4,
     ])
 }
 
 /// Shared memory of the tensor-core dv kernel in bytes (order of
 /// `dv_mma`): dS (fp32, `D16 x (tile + 4)`), dS rounded (`D16 x (tile +
-/// 8)`), phi(q) and phi(k) (`chunk x (D16 + 8)` each), dnum
+/// 8)`), phi(q) / den and phi(k) (`chunk x (D16 + 8)` each), dL/do
 /// (`chunk x (tile + 8)`), A (`chunk x (chunk + 8)`), the fp32 scratch, den
-/// and the tile scales.
+/// and the tile scales (dS16, G, A, qn).
 pub fn dv_mma_bytes(d: usize, chunk: usize, tile: usize) -> usize {
     let d16 = pad16(d);
     carve(&[
@@ -334,6 +335,7 @@ pub fn dv_mma_bytes(d: usize, chunk: usize, tile: usize) -> usize {
         (d16 / 16) * (tile / 16) * 4,
         (chunk / 16) * (tile / 16) * 4,
         (chunk / 16) * (chunk / 16) * 4,
+        (chunk / 16) * (d16 / 16) * 4,
     ])
 }
 
@@ -358,9 +360,9 @@ pub fn dkv_threads(d: usize, m: usize) -> Option<u32> {
 /// (`D16 x (M16 + 8)`), phi(q) and phi(k) (`chunk x (D16 + 8)` each), v and
 /// dL/do (`chunk x (M16 + 8)` each), one C x C operand (`chunk x (chunk +
 /// 8)`), the fp32 scratch (`chunk x (max(chunk, D16, M16) + 4)`, at least
-/// one 16 x 16 tile per warp), `vectors` per-row fp32 vectors and the tile
-/// scales.
-fn whole_head_bytes(d: usize, m: usize, chunk: usize, vectors: usize) -> usize {
+/// one 16 x 16 tile per warp), `extra` fp32 buffers, `vectors` per-row fp32
+/// vectors and the tile scales.
+fn whole_head_bytes(d: usize, m: usize, chunk: usize, extra: &[usize], vectors: usize) -> usize {
     let (d16, m16) = (pad16(d), pad16(m));
     let warps = dkv_threads(d, m).unwrap_or(512) as usize / 32;
     let mut parts = vec![
@@ -373,6 +375,7 @@ fn whole_head_bytes(d: usize, m: usize, chunk: usize, vectors: usize) -> usize {
         chunk * (chunk + 8) * 2,
         (chunk * (chunk.max(d16).max(m16) + 4)).max(warps * 256) * 4,
     ];
+    parts.extend(extra.iter().map(|&floats| floats * 4));
     parts.extend(std::iter::repeat_n(chunk * 4, vectors));
     parts.extend([
         (d16 / 16) * (m16 / 16) * 4,
@@ -384,18 +387,19 @@ fn whole_head_bytes(d: usize, m: usize, chunk: usize, vectors: usize) -> usize {
 
 /// Shared memory of the merged tensor-core dk + dv kernel in bytes (dS
 /// itself lives in the warps' registers): the layout of
-/// [`prep_dq_mma_bytes`] with two per-row vectors (den, d den).
+/// [`prep_dq_mma_bytes`] with the tile scales of `phi(q) / den` after the
+/// scratch and two per-row vectors (den, d den).
 pub fn dkv_mma_bytes(d: usize, m: usize, chunk: usize) -> usize {
-    whole_head_bytes(d, m, chunk, 2)
+    whole_head_bytes(d, m, chunk, &[(chunk / 16) * (pad16(d) / 16)], 2)
 }
 
 /// Shared memory of the fused tensor-core prep + dq kernel in bytes (S
 /// lives in the warps' registers): z, S rounded to 16 bits, phi(q),
-/// phi(k), v, dL/do, one C x C operand (A, then B), the fp32 scratch, four
-/// per-row vectors (`phi(q) . z`, row sums of A, den, d den) and the tile
-/// scales.
+/// phi(k), v, dL/do, one C x C operand (B), the fp32 scratch, `G v^T`
+/// (fp32, `chunk x (chunk + 4)`), a 16 x 16 fp32 index table, four per-row
+/// vectors (`phi(q) . z`, row sums of A, den, d den) and the tile scales.
 pub fn prep_dq_mma_bytes(d: usize, m: usize, chunk: usize) -> usize {
-    whole_head_bytes(d, m, chunk, 4)
+    whole_head_bytes(d, m, chunk, &[chunk * (chunk + 4), 256], 4)
 }
 
 /// Smallest chunk the whole-head walks are used with.
