@@ -62,14 +62,12 @@ fn candle_chunked(q: &Tensor, k: &Tensor, v: &Tensor, chunk: usize) -> Tensor {
             .broadcast_mul(&mask)
             .unwrap();
         let num = (qc.matmul(&s).unwrap() + a.matmul(&vc).unwrap()).unwrap();
-        let den = (qc
+        let qz = qc
             .broadcast_mul(&z)
             .unwrap()
             .sum_keepdim(D::Minus1)
-            .unwrap()
-            + a.sum_keepdim(D::Minus1).unwrap()
-            + EPS)
             .unwrap();
+        let den = ((qz + a.sum_keepdim(D::Minus1).unwrap()).unwrap() + EPS).unwrap();
         outs.push(num.broadcast_div(&den).unwrap());
         s = (s + kc.t().unwrap().matmul(&vc).unwrap()).unwrap();
         z = (z + kc.sum_keepdim(2).unwrap()).unwrap();

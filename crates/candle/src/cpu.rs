@@ -20,6 +20,9 @@
 //! `d num`, `d den` and dq, a reverse sweep gives dk, dv and the gradient of
 //! the initial state.
 
+// Index loops over rows and columns of small blocks read best as written.
+#![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+
 use half::{bf16, f16};
 use linattn_kernels::ops::forward::AttentionOptions;
 use linattn_kernels::FeatureMap;

@@ -181,16 +181,19 @@ pub(crate) fn forward(
     }
 }
 
-fn cuda_of(t: &Tensor) -> Result<(CudaStorage, Layout)> {
-    let (g, l) = t.storage_and_layout();
-    match &*g {
-        Storage::Cuda(c) => Ok((c.clone(), l.clone())),
+fn cuda_ref(g: &Storage) -> Result<&CudaStorage> {
+    match g {
+        Storage::Cuda(c) => Ok(c),
         _ => Err(crate::invalid(
-            "linattn-candle backward",
+            "linattn-candle",
             "q",
-            "the CUDA backward got a non-CUDA tensor",
+            "the CUDA path got a non-CUDA tensor",
         )),
     }
+}
+
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
 }
 
 fn backward_t<T: CudaDType + Element + DeviceRepr>(
@@ -211,18 +214,25 @@ fn backward_t<T: CudaDType + Element + DeviceRepr>(
         v.contiguous()?,
         grad.contiguous()?,
     );
-    let ((sq, lq), (sk, lk), (sv, lv), (sg, lg)) =
-        (cuda_of(&q)?, cuda_of(&k)?, cuda_of(&v)?, cuda_of(&grad)?);
+    let ((gq, lq), (gk, lk), (gvv, lv), (gg, lg)) = (
+        q.storage_and_layout(),
+        k.storage_and_layout(),
+        v.storage_and_layout(),
+        grad.storage_and_layout(),
+    );
+    let (sq, sk, sv, sg) = (
+        cuda_ref(&gq)?,
+        cuda_ref(&gk)?,
+        cuda_ref(&gvv)?,
+        cuda_ref(&gg)?,
+    );
     let dev = sq.device.clone();
     let gpu = executor(&dev)?;
-    let view = |s: &CudaStorage, l: &Layout| -> Result<CudaView<'_, T>> {
-        Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
-    };
     let (qv, kv, vv, gv) = (
-        view(&sq, &lq)?,
-        view(&sk, &lk)?,
-        view(&sv, &lv)?,
-        view(&sg, &lg)?,
+        view::<T>(sq, lq)?,
+        view::<T>(sk, lk)?,
+        view::<T>(sv, lv)?,
+        view::<T>(sg, lg)?,
     );
     let sh = shape(
         spec,
@@ -241,13 +251,11 @@ fn backward_t<T: CudaDType + Element + DeviceRepr>(
     let mut dv = dev.alloc_zeros::<T>(vn)?;
     let mut ds = dev.alloc_zeros::<f32>(u * d * m)?;
     let mut dz = dev.alloc_zeros::<f32>(u * d)?;
-    let st = match state {
-        Some(t) => Some(cuda_of(&t.contiguous()?)?),
-        None => None,
-    };
-    let init = match &st {
-        Some((s, l)) => {
-            let x = s.as_cuda_slice::<f32>()?;
+    let st = state.map(|t| t.contiguous()).transpose()?;
+    let st_guard = st.as_ref().map(|t| t.storage_and_layout());
+    let init = match &st_guard {
+        Some((g, l)) => {
+            let x = cuda_ref(g)?.as_cuda_slice::<f32>()?;
             let at = l.start_offset();
             Some((
                 x.slice(at..at + u * d * m),
@@ -323,17 +331,18 @@ fn decode_t<T: CudaDType + Element + DeviceRepr>(
     (b, h, d, m): (usize, usize, usize, usize),
 ) -> Result<(Tensor, State)> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let ((sq, lq), (sk, lk), (sv, lv)) = (cuda_of(&q)?, cuda_of(&k)?, cuda_of(&v)?);
-    let ((ss, ls), (sz, lz)) = (
-        cuda_of(&state.s.contiguous()?)?,
-        cuda_of(&state.z.contiguous()?)?,
+    let (st_s, st_z) = (state.s.contiguous()?, state.z.contiguous()?);
+    let ((gq, lq), (gk, lk), (gv, lv)) = (
+        q.storage_and_layout(),
+        k.storage_and_layout(),
+        v.storage_and_layout(),
     );
+    let ((gs, ls), (gz, lz)) = (st_s.storage_and_layout(), st_z.storage_and_layout());
+    let (sq, sk, sv) = (cuda_ref(&gq)?, cuda_ref(&gk)?, cuda_ref(&gv)?);
+    let (ss, sz) = (cuda_ref(&gs)?, cuda_ref(&gz)?);
     let dev = sq.device.clone();
     let gpu = executor(&dev)?;
     let stream = dev.cuda_stream();
-    let view = |s: &CudaStorage, l: &Layout| -> Result<CudaView<'_, T>> {
-        Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
-    };
     // The new state starts as a copy of the old one (see `decode_step`).
     let ds = |s: &CudaStorage, l: &Layout, n: usize| -> Result<CudaSlice<f32>> {
         let x = s
@@ -346,13 +355,13 @@ fn decode_t<T: CudaDType + Element + DeviceRepr>(
             })
         })
     };
-    let mut s = ds(&ss, &ls, b * h * d * m)?;
-    let mut z = ds(&sz, &lz, b * h * d)?;
+    let mut s = ds(ss, ls, b * h * d * m)?;
+    let mut z = ds(sz, lz, b * h * d)?;
     let mut o = dev.alloc_zeros::<T>(b * h * m)?;
     let x = Qkv {
-        q: &view(&sq, &lq)?,
-        k: &view(&sk, &lk)?,
-        v: &view(&sv, &lv)?,
+        q: &view::<T>(sq, lq)?,
+        k: &view::<T>(sk, lk)?,
+        v: &view::<T>(sv, lv)?,
     };
     decode_step_cuda(
         &gpu,

@@ -468,6 +468,7 @@ pub(crate) fn decode(
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let mut s = state.s.flatten_all()?.to_vec1::<f32>()?;
     let mut z = state.z.flatten_all()?.to_vec1::<f32>()?;
+    #[allow(clippy::too_many_arguments)]
     fn run<T: Elem + candle_core::WithDType>(
         q: &Tensor,
         k: &Tensor,

@@ -8,13 +8,24 @@
 
 #[test]
 fn probe_agrees_with_cudarc_dynamic_loading() {
-    let ours = std::panic::catch_unwind(linattn_kernels::driver_present).expect("the probe must not panic");
+    let ours = std::panic::catch_unwind(linattn_kernels::driver_present)
+        .expect("the probe must not panic");
     // SAFETY: only tries to load the library.
-    let cudarc = std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false);
-    assert_eq!(ours, cudarc, "driver_present() = {ours}, cudarc's is_culib_present() = {cudarc}");
+    let cudarc = std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() })
+        .unwrap_or(false);
+    assert_eq!(
+        ours, cudarc,
+        "driver_present() = {ours}, cudarc's is_culib_present() = {cudarc}"
+    );
     if !ours {
-        assert!(matches!(linattn_kernels::device_count(), Err(linattn_kernels::Error::NoDriver)));
-        assert!(matches!(linattn_kernels::Gpu::new(0), Err(linattn_kernels::Error::NoDriver)));
+        assert!(matches!(
+            linattn_kernels::device_count(),
+            Err(linattn_kernels::Error::NoDriver)
+        ));
+        assert!(matches!(
+            linattn_kernels::Gpu::new(0),
+            Err(linattn_kernels::Error::NoDriver)
+        ));
         eprintln!("no CUDA driver here: both say so, and the kernels answer NoDriver");
     }
 }
