@@ -77,7 +77,10 @@ fn probe_library(name: &str) -> bool {
         // allows from any thread; the symbol is looked up, never called.
         unsafe {
             libloading::Library::new(name)
-                .map(|lib| lib.get::<unsafe extern "C" fn(u32) -> i32>(b"cuInit\0").is_ok())
+                .map(|lib| {
+                    lib.get::<unsafe extern "C" fn(u32) -> i32>(b"cuInit\0")
+                        .is_ok()
+                })
                 .unwrap_or(false)
         }
     })
