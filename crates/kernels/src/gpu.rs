@@ -56,10 +56,44 @@ pub(crate) fn guarded<T>(context: &str, f: impl FnOnce() -> Result<T>) -> Result
     }
 }
 
-/// Whether libcuda can be loaded at all. Cheap; never panics.
+/// The names the CUDA driver library goes by (the loader's search path finds it).
+const DRIVER_LIBRARY_NAMES: &[&str] = if cfg!(windows) {
+    &["nvcuda.dll"]
+} else if cfg!(target_os = "macos") {
+    &["libcuda.dylib"]
+} else {
+    &["libcuda.so.1", "libcuda.so"]
+};
+
+/// Whether libcuda can be loaded and exports `cuInit`. Cheap (probed once,
+/// then cached); never panics.
+///
+/// The probe opens the library itself rather than asking cudarc, so it
+/// answers the same whichever linking mode cargo unified cudarc to: this
+/// crate asks for `fallback-dynamic-loading`, but a crate beside it (candle's
+/// `cuda` feature) may ask for `dynamic-linking`, and then cudarc's own
+/// `is_culib_present` does not exist. No cudarc driver call is made before
+/// this returns true.
 pub fn driver_present() -> bool {
-    // SAFETY: only tries to dlopen the driver library.
-    catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PRESENT.get_or_init(|| DRIVER_LIBRARY_NAMES.iter().any(|name| probe_library(name)))
+}
+
+/// Whether `name` loads and exports `cuInit`.
+fn probe_library(name: &str) -> bool {
+    catch_unwind(|| {
+        // SAFETY: loading libcuda runs only its initialisers, which the driver
+        // allows from any thread; the symbol is looked up, never called.
+        unsafe {
+            libloading::Library::new(name)
+                .map(|lib| {
+                    lib.get::<unsafe extern "C" fn(u32) -> i32>(b"cuInit\0")
+                        .is_ok()
+                })
+                .unwrap_or(false)
+        }
+    })
+    .unwrap_or(false)
 }
 
 /// Number of CUDA devices, or why there are none.
@@ -155,6 +189,41 @@ impl Gpu {
                 info,
                 target,
                 sync_launches: std::env::var(SYNC_LAUNCHES_ENV).is_ok_and(|v| v == "1"),
+                modules: Mutex::default(),
+                functions: Mutex::default(),
+            })
+        })
+    }
+
+    /// An executor on an existing stream, such as another engine's (candle's
+    /// `CudaDevice::cuda_stream()`): every launch goes to that stream, ordered
+    /// with the engine's own work on it, and memory the engine allocated on
+    /// that stream can be passed in directly.
+    ///
+    /// Errors: [`Error::NoDriver`] without libcuda, [`Error::Driver`] when
+    /// the device cannot be queried. Never panics.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        if !driver_present() {
+            return Err(Error::NoDriver);
+        }
+        guarded("wrapping a stream", || {
+            let ctx = stream.context().clone();
+            let info = DeviceInfo {
+                ordinal: ctx.ordinal(),
+                name: ctx
+                    .name()
+                    .map_err(|e| Error::driver("cuDeviceGetName", e))?,
+                compute_capability: ctx
+                    .compute_capability()
+                    .map_err(|e| Error::driver("compute capability", e))?,
+                total_memory: ctx
+                    .total_mem()
+                    .map_err(|e| Error::driver("cuDeviceTotalMem", e))?,
+            };
+            Ok(Gpu {
+                ctx,
+                stream,
+                info,
                 modules: Mutex::default(),
                 functions: Mutex::default(),
             })

@@ -1,0 +1,415 @@
+//! The CUDA path: the project's kernels on candle's own stream, reading
+//! candle's device memory at each layout's start offset.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
+use candle_core::cuda::CudaDType;
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape, Storage, Tensor};
+use half::{bf16, f16};
+use linattn_kernels::ops::backward::{
+    causal_backward_cuda, noncausal_backward_cuda, BackwardInputs, BackwardStates, Grads as KGrads,
+};
+use linattn_kernels::ops::decode::{decode_step_cuda, DecodeShape};
+use linattn_kernels::ops::forward::{
+    causal_forward_cuda, noncausal_forward_cuda, AttentionShape, Qkv, StateIo, StateMut, StateRef,
+    Strides as KStrides,
+};
+use linattn_kernels::{Element, Gpu};
+
+use crate::cpu::Strides;
+use crate::op::{AttnOp, Grads, Kind, Spec};
+use crate::{AttentionOptions, Error, Result, State};
+
+/// One kernels executor per candle stream (modules load once per stream).
+/// The cache holds the stream, so its address is never reused while cached.
+fn executor(dev: &CudaDevice) -> Result<Arc<Gpu>> {
+    static CACHE: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
+    let stream = dev.cuda_stream();
+    let key = stream.cu_stream() as usize;
+    let cache = CACHE.get_or_init(Mutex::default);
+    let mut map = cache
+        .lock()
+        .map_err(|_| crate::invalid("linattn-candle", "device", "executor cache poisoned"))?;
+    if let Some(g) = map.get(&key) {
+        return Ok(g.clone());
+    }
+    let g = Arc::new(Gpu::from_stream(stream)?);
+    map.insert(key, g.clone());
+    Ok(g)
+}
+
+fn kstrides(s: Strides) -> KStrides {
+    KStrides {
+        batch: s.batch,
+        token: s.token,
+        head: s.head,
+    }
+}
+
+/// The kernels' shape of a call: strides of q, k, v from the inputs, o contiguous.
+fn shape(spec: &Spec, qs: Strides, ks: Strides, vs: Strides) -> AttentionShape {
+    let (batch, tokens) = match spec.kind {
+        Kind::Dense(_) => (spec.seqs.len(), spec.seqs.first().map_or(0, |s| s.1)),
+        Kind::Varlen => (1, spec.seqs.last().map_or(0, |s| s.0 + s.1)),
+    };
+    AttentionShape {
+        batch,
+        heads: spec.heads,
+        tokens,
+        d: spec.d,
+        m: spec.m,
+        q: kstrides(qs),
+        k: kstrides(ks),
+        v: kstrides(vs),
+        o: kstrides(spec.contiguous(spec.m)),
+    }
+}
+
+fn cu_seqlens(spec: &Spec) -> Option<Vec<usize>> {
+    match spec.kind {
+        Kind::Dense(_) => None,
+        Kind::Varlen => {
+            let mut cu = vec![0];
+            cu.extend(spec.seqs.iter().map(|s| s.0 + s.1));
+            Some(cu)
+        }
+    }
+}
+
+fn wrap(e: impl Into<Error>) -> candle_core::Error {
+    candle_core::Error::wrap(e.into())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_t<T: CudaDType + Element + DeviceRepr>(
+    op: &AttnOp,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let spec = &op.spec;
+    let dev = s1.device.clone();
+    let gpu = executor(&dev).map_err(wrap)?;
+    let q: CudaView<T> = s1.as_cuda_slice::<T>()?.slice(l1.start_offset()..);
+    let (qs, ks) = (spec.strides(l1), spec.strides(l2));
+    let k: CudaView<T> = s2.as_cuda_slice::<T>()?.slice(l2.start_offset()..);
+    let (v, vs) = if op.packed {
+        (
+            s2.as_cuda_slice::<T>()?.slice(l2.start_offset() + spec.d..),
+            Strides { start: 0, ..ks },
+        )
+    } else {
+        (
+            s3.as_cuda_slice::<T>()?.slice(l3.start_offset()..),
+            spec.strides(l3),
+        )
+    };
+    let sh = shape(spec, qs, ks, vs);
+    let cu = cu_seqlens(spec);
+    let dims = spec.dims(spec.m);
+    let mut o = dev.alloc_zeros::<T>(dims.iter().product())?;
+    let (u, d, m) = (spec.units(), spec.d, spec.m);
+    let mut fs: CudaSlice<f32> = dev.alloc_zeros::<f32>(u * d * m)?;
+    let mut fz: CudaSlice<f32> = dev.alloc_zeros::<f32>(u * d)?;
+    let init: Option<(CudaView<f32>, CudaView<f32>)> = if op.packed {
+        let x = s3.as_cuda_slice::<f32>()?;
+        let at = l3.start_offset();
+        Some((
+            x.slice(at..at + u * d * m),
+            x.slice(at + u * d * m..at + u * d * (m + 1)),
+        ))
+    } else {
+        None
+    };
+    let states = StateIo {
+        initial: init.as_ref().map(|(s, z)| StateRef { s, z }),
+        final_state: Some(StateMut {
+            s: &mut fs,
+            z: &mut fz,
+        }),
+    };
+    let x = Qkv {
+        q: &q,
+        k: &k,
+        v: &v,
+    };
+    let r = if spec.causal {
+        causal_forward_cuda(&gpu, x, &mut o, &sh, cu.as_deref(), &spec.opts, states)
+    } else {
+        noncausal_forward_cuda(&gpu, x, &mut o, &sh, cu.as_deref(), &spec.opts, states)
+    };
+    r.map_err(wrap)?;
+    if let Some(slot) = &op.final_slot {
+        let mut g = slot
+            .lock()
+            .map_err(|_| wrap(crate::invalid(spec.name, "final_state", "poisoned slot")))?;
+        *g = Some((
+            Storage::Cuda(CudaStorage::wrap_cuda_slice(fs, dev.clone())),
+            Storage::Cuda(CudaStorage::wrap_cuda_slice(fz, dev.clone())),
+        ));
+    }
+    Ok((CudaStorage::wrap_cuda_slice(o, dev), Shape::from(dims)))
+}
+
+/// The op's CUDA forward: q, k, v read in place.
+pub(crate) fn forward(
+    op: &AttnOp,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    match s1.dtype() {
+        DType::F32 => forward_t::<f32>(op, s1, l1, s2, l2, s3, l3),
+        DType::F16 => forward_t::<f16>(op, s1, l1, s2, l2, s3, l3),
+        DType::BF16 => forward_t::<bf16>(op, s1, l1, s2, l2, s3, l3),
+        other => Err(wrap(Error::UnsupportedDType {
+            op: op.spec.name,
+            arg: "q",
+            dtype: other,
+            supported: crate::QKV_DTYPES,
+        })),
+    }
+}
+
+fn cuda_ref(g: &Storage) -> Result<&CudaStorage> {
+    match g {
+        Storage::Cuda(c) => Ok(c),
+        _ => Err(crate::invalid(
+            "linattn-candle",
+            "q",
+            "the CUDA path got a non-CUDA tensor",
+        )),
+    }
+}
+
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+fn backward_t<T: CudaDType + Element + DeviceRepr>(
+    op: &AttnOp,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    state: Option<&Tensor>,
+    grad: &Tensor,
+) -> Result<Grads> {
+    let spec = &op.spec;
+    // The backward kernels write each gradient with its primal's strides:
+    // contiguous primals make contiguous gradients (a copy only when a
+    // primal is a strided view).
+    let (q, k, v, grad) = (
+        q.contiguous()?,
+        k.contiguous()?,
+        v.contiguous()?,
+        grad.contiguous()?,
+    );
+    let ((gq, lq), (gk, lk), (gvv, lv), (gg, lg)) = (
+        q.storage_and_layout(),
+        k.storage_and_layout(),
+        v.storage_and_layout(),
+        grad.storage_and_layout(),
+    );
+    let (sq, sk, sv, sg) = (
+        cuda_ref(&gq)?,
+        cuda_ref(&gk)?,
+        cuda_ref(&gvv)?,
+        cuda_ref(&gg)?,
+    );
+    let dev = sq.device.clone();
+    let gpu = executor(&dev)?;
+    let (qv, kv, vv, gv) = (
+        view::<T>(sq, lq)?,
+        view::<T>(sk, lk)?,
+        view::<T>(sv, lv)?,
+        view::<T>(sg, lg)?,
+    );
+    let sh = shape(
+        spec,
+        spec.contiguous(spec.d),
+        spec.contiguous(spec.d),
+        spec.contiguous(spec.m),
+    );
+    let cu = cu_seqlens(spec);
+    let (qn, vn) = (
+        spec.dims(spec.d).iter().product::<usize>(),
+        spec.dims(spec.m).iter().product::<usize>(),
+    );
+    let (u, d, m) = (spec.units(), spec.d, spec.m);
+    let mut dq = dev.alloc_zeros::<T>(qn)?;
+    let mut dk = dev.alloc_zeros::<T>(qn)?;
+    let mut dv = dev.alloc_zeros::<T>(vn)?;
+    let mut ds = dev.alloc_zeros::<f32>(u * d * m)?;
+    let mut dz = dev.alloc_zeros::<f32>(u * d)?;
+    let st = state.map(|t| t.contiguous()).transpose()?;
+    let st_guard = st.as_ref().map(|t| t.storage_and_layout());
+    let init = match &st_guard {
+        Some((g, l)) => {
+            let x = cuda_ref(g)?.as_cuda_slice::<f32>()?;
+            let at = l.start_offset();
+            Some((
+                x.slice(at..at + u * d * m),
+                x.slice(at + u * d * m..at + u * d * (m + 1)),
+            ))
+        }
+        None => None,
+    };
+    let states = BackwardStates {
+        initial: init.as_ref().map(|(s, z)| StateRef { s, z }),
+        d_final: None,
+        d_initial: Some(StateMut {
+            s: &mut ds,
+            z: &mut dz,
+        }),
+    };
+    let x = BackwardInputs {
+        q: &qv,
+        k: &kv,
+        v: &vv,
+        d_o: &gv,
+    };
+    let g = KGrads {
+        dq: &mut dq,
+        dk: &mut dk,
+        dv: &mut dv,
+    };
+    if spec.causal {
+        causal_backward_cuda(&gpu, x, g, &sh, cu.as_deref(), &spec.opts, states)?;
+    } else {
+        noncausal_backward_cuda(&gpu, x, g, &sh, cu.as_deref(), &spec.opts, states)?;
+    }
+    let t = |s: Storage, dims: Vec<usize>| Tensor::from_storage(s, dims, BackpropOp::none(), false);
+    let c = |x: CudaSlice<T>| Storage::Cuda(CudaStorage::wrap_cuda_slice(x, dev.clone()));
+    let f = |x: CudaSlice<f32>| Storage::Cuda(CudaStorage::wrap_cuda_slice(x, dev.clone()));
+    Ok((
+        t(c(dq), spec.dims(d)),
+        t(c(dk), spec.dims(d)),
+        t(c(dv), spec.dims(m)),
+        t(f(ds), vec![u * d * m]),
+        t(f(dz), vec![u * d]),
+    ))
+}
+
+/// The op's CUDA backward.
+pub(crate) fn backward(
+    op: &AttnOp,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    state: Option<&Tensor>,
+    grad: &Tensor,
+) -> Result<Grads> {
+    match q.dtype() {
+        DType::F32 => backward_t::<f32>(op, q, k, v, state, grad),
+        DType::F16 => backward_t::<f16>(op, q, k, v, state, grad),
+        DType::BF16 => backward_t::<bf16>(op, q, k, v, state, grad),
+        other => Err(Error::UnsupportedDType {
+            op: op.spec.name,
+            arg: "q",
+            dtype: other,
+            supported: crate::QKV_DTYPES,
+        }),
+    }
+}
+
+fn decode_t<T: CudaDType + Element + DeviceRepr>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    state: &State,
+    opts: &AttentionOptions,
+    (b, h, d, m): (usize, usize, usize, usize),
+) -> Result<(Tensor, State)> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (st_s, st_z) = (state.s.contiguous()?, state.z.contiguous()?);
+    let ((gq, lq), (gk, lk), (gv, lv)) = (
+        q.storage_and_layout(),
+        k.storage_and_layout(),
+        v.storage_and_layout(),
+    );
+    let ((gs, ls), (gz, lz)) = (st_s.storage_and_layout(), st_z.storage_and_layout());
+    let (sq, sk, sv) = (cuda_ref(&gq)?, cuda_ref(&gk)?, cuda_ref(&gv)?);
+    let (ss, sz) = (cuda_ref(&gs)?, cuda_ref(&gz)?);
+    let dev = sq.device.clone();
+    let gpu = executor(&dev)?;
+    let stream = dev.cuda_stream();
+    // The new state starts as a copy of the old one (see `decode_step`).
+    let ds = |s: &CudaStorage, l: &Layout, n: usize| -> Result<CudaSlice<f32>> {
+        let x = s
+            .as_cuda_slice::<f32>()?
+            .slice(l.start_offset()..l.start_offset() + n);
+        stream.clone_dtod(&x).map_err(|e| {
+            Error::Kernels(linattn_kernels::Error::Driver {
+                context: "copying the state".into(),
+                message: e.to_string(),
+            })
+        })
+    };
+    let mut s = ds(ss, ls, b * h * d * m)?;
+    let mut z = ds(sz, lz, b * h * d)?;
+    let mut o = dev.alloc_zeros::<T>(b * h * m)?;
+    let x = Qkv {
+        q: &view::<T>(sq, lq)?,
+        k: &view::<T>(sk, lk)?,
+        v: &view::<T>(sv, lv)?,
+    };
+    decode_step_cuda(
+        &gpu,
+        x,
+        &mut o,
+        &mut s,
+        &mut z,
+        &DecodeShape::contiguous(b, h, d, m),
+        opts,
+    )?;
+    let t =
+        |st: Storage, dims: Vec<usize>| Tensor::from_storage(st, dims, BackpropOp::none(), false);
+    Ok((
+        t(
+            Storage::Cuda(CudaStorage::wrap_cuda_slice(o, dev.clone())),
+            vec![b, h, m],
+        ),
+        State {
+            s: t(
+                Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())),
+                vec![b, h, d, m],
+            ),
+            z: t(
+                Storage::Cuda(CudaStorage::wrap_cuda_slice(z, dev.clone())),
+                vec![b, h, d],
+            ),
+        },
+    ))
+}
+
+/// The decode step on CUDA.
+pub(crate) fn decode(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    state: &State,
+    opts: &AttentionOptions,
+    dims: (usize, usize, usize, usize),
+) -> Result<(Tensor, State)> {
+    match q.dtype() {
+        DType::F32 => decode_t::<f32>(q, k, v, state, opts, dims),
+        DType::F16 => decode_t::<f16>(q, k, v, state, opts, dims),
+        DType::BF16 => decode_t::<bf16>(q, k, v, state, opts, dims),
+        other => Err(Error::UnsupportedDType {
+            op: "decode_step",
+            arg: "q",
+            dtype: other,
+            supported: crate::QKV_DTYPES,
+        }),
+    }
+}
