@@ -8,7 +8,8 @@
 //! of the same kernel (the attribute is set once, at load, never per
 //! launch), empty buffers, and the `LINATTN_SYNC_LAUNCHES` switch.
 //!
-//! GPU only: without one it says so and checks nothing here. On every
+//! GPU only: without one it says so and checks nothing here (with
+//! `LINATTN_TEST_DEVICES=gpu`, as the GPU check runs it, that is a failure). On every
 //! machine the raw entry points run through the emulator in
 //! `tests/index64.rs`, and the `Device` ones everywhere else.
 
@@ -29,17 +30,18 @@ use linattn_kernels::{Buffer, BuildStatus, Device, Element, Executor, Gpu};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
 
 fn gpu() -> Option<Arc<Gpu>> {
-    match (Gpu::new(0), linattn_kernels::build_status()) {
-        (Ok(g), BuildStatus::Built { .. }) => Some(Arc::new(g)),
-        (Ok(_), BuildStatus::NotBuilt(why)) => {
-            eprintln!("GPU present but kernels not built ({why}): GPU skipped");
-            None
-        }
-        (Err(e), _) => {
-            eprintln!("GPU skipped: {e}");
-            None
-        }
+    let why = match (Gpu::new(0), linattn_kernels::build_status()) {
+        (Ok(g), BuildStatus::Built { .. }) => return Some(Arc::new(g)),
+        (Ok(_), BuildStatus::NotBuilt(why)) => format!("kernels not built ({why})"),
+        (Err(e), _) => e.to_string(),
+    };
+    // As tests/common's `devices()`: a run that asked for the GPU only (the
+    // GPU check) must not pass on nothing.
+    if std::env::var("LINATTN_TEST_DEVICES").is_ok_and(|v| v == "gpu") {
+        panic!("LINATTN_TEST_DEVICES=gpu, but GPU skipped: {why}");
     }
+    eprintln!("GPU skipped: {why}");
+    None
 }
 
 fn slice<T>(b: &Buffer<T>) -> &CudaSlice<T> {
