@@ -169,29 +169,36 @@ impl Gpu {
             let stream = ctx
                 .new_stream()
                 .map_err(|e| Error::driver("cuStreamCreate", e))?;
-            let info = DeviceInfo {
-                ordinal,
-                name: ctx
-                    .name()
-                    .map_err(|e| Error::driver("cuDeviceGetName", e))?,
-                compute_capability: ctx
-                    .compute_capability()
-                    .map_err(|e| Error::driver("compute capability", e))?,
-                total_memory: ctx
-                    .total_mem()
-                    .map_err(|e| Error::driver("cuDeviceTotalMem", e))?,
-            };
-            check_compute_capability(ordinal, &info.name, info.compute_capability)?;
-            let target = read_target(&ctx, info.compute_capability)?;
-            Ok(Gpu {
-                ctx,
-                stream,
-                info,
-                target,
-                sync_launches: std::env::var(SYNC_LAUNCHES_ENV).is_ok_and(|v| v == "1"),
-                modules: Mutex::default(),
-                functions: Mutex::default(),
-            })
+            Self::on(ctx, stream)
+        })
+    }
+
+    /// The executor over `ctx` launching on `stream`: reads what the driver
+    /// says of the device, refuses it below compute capability 8.0, reads
+    /// its [`Target`] and [`SYNC_LAUNCHES_ENV`]. Both constructors end here.
+    fn on(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Self> {
+        let info = DeviceInfo {
+            ordinal: ctx.ordinal(),
+            name: ctx
+                .name()
+                .map_err(|e| Error::driver("cuDeviceGetName", e))?,
+            compute_capability: ctx
+                .compute_capability()
+                .map_err(|e| Error::driver("compute capability", e))?,
+            total_memory: ctx
+                .total_mem()
+                .map_err(|e| Error::driver("cuDeviceTotalMem", e))?,
+        };
+        check_compute_capability(info.ordinal, &info.name, info.compute_capability)?;
+        let target = read_target(&ctx, info.compute_capability)?;
+        Ok(Gpu {
+            ctx,
+            stream,
+            info,
+            target,
+            sync_launches: std::env::var(SYNC_LAUNCHES_ENV).is_ok_and(|v| v == "1"),
+            modules: Mutex::default(),
+            functions: Mutex::default(),
         })
     }
 
@@ -201,32 +208,15 @@ impl Gpu {
     /// that stream can be passed in directly.
     ///
     /// Errors: [`Error::NoDriver`] without libcuda, [`Error::Driver`] when
-    /// the device cannot be queried. Never panics.
+    /// the device cannot be queried, [`Error::UnsupportedDevice`] below
+    /// compute capability 8.0. Never panics.
     pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
         if !driver_present() {
             return Err(Error::NoDriver);
         }
         guarded("wrapping a stream", || {
             let ctx = stream.context().clone();
-            let info = DeviceInfo {
-                ordinal: ctx.ordinal(),
-                name: ctx
-                    .name()
-                    .map_err(|e| Error::driver("cuDeviceGetName", e))?,
-                compute_capability: ctx
-                    .compute_capability()
-                    .map_err(|e| Error::driver("compute capability", e))?,
-                total_memory: ctx
-                    .total_mem()
-                    .map_err(|e| Error::driver("cuDeviceTotalMem", e))?,
-            };
-            Ok(Gpu {
-                ctx,
-                stream,
-                info,
-                modules: Mutex::default(),
-                functions: Mutex::default(),
-            })
+            Self::on(ctx, stream)
         })
     }
 
