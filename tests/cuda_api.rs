@@ -523,8 +523,8 @@ fn empty_buffers_on_the_gpu() {
 
 /// The GPU reports its own target: a supported capability, its SMs, and
 /// the per-block opt-in the 99 KiB tiling needs. With
-/// `LINATTN_SYNC_LAUNCHES=1` a `Gpu` opened afterwards synchronises after
-/// each launch and still computes the same bits.
+/// the sync switch on (`with_sync_launches`, as `LINATTN_SYNC_LAUNCHES=1`)
+/// a `Gpu` synchronises after each launch and still computes the same bits.
 #[test]
 fn gpu_target_and_sync_launches() {
     let Some(g) = gpu() else { return };
@@ -535,11 +535,9 @@ fn gpu_target_and_sync_launches() {
     assert_eq!(Device::Gpu(g.clone()).target(), t);
     let dev = Device::Gpu(g);
     let (plain, _) = walk_bf16(&dev, 1, 96, 64, 5);
-    // SAFETY (edition 2021: safe): other tests in this binary that open a
-    // Gpu after this only synchronise more often.
-    std::env::set_var("LINATTN_SYNC_LAUNCHES", "1");
-    let synced = Gpu::new(0).unwrap();
-    std::env::remove_var("LINATTN_SYNC_LAUNCHES");
+    // Not through the environment: setenv while other test threads are in
+    // the driver (which reads it with getenv) can crash the binary.
+    let synced = Gpu::new(0).unwrap().with_sync_launches(true);
     assert!(synced.syncs_launches());
     let (bits, _) = walk_bf16(&Device::Gpu(Arc::new(synced)), 1, 96, 64, 5);
     assert!(bits == plain, "synchronised launches changed the result");

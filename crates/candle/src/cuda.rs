@@ -24,12 +24,19 @@ use crate::cpu::Strides;
 use crate::op::{AttnOp, Grads, Kind, Spec};
 use crate::{AttentionOptions, Error, Result, State};
 
-/// One kernels executor per candle stream (modules load once per stream).
-/// The cache holds the stream, so its address is never reused while cached.
+/// One kernels executor per (context, stream) of candle (modules load once
+/// per pair). The stream handle alone is not a key: candle opens every
+/// device on the per-thread stream, whose handle is the same constant on
+/// every device, so a second GPU would get the first one's executor. The
+/// cache holds the stream and its context, so neither address is reused
+/// while cached.
 fn executor(dev: &CudaDevice) -> Result<Arc<Gpu>> {
-    static CACHE: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
+    static CACHE: OnceLock<Mutex<HashMap<(usize, usize), Arc<Gpu>>>> = OnceLock::new();
     let stream = dev.cuda_stream();
-    let key = stream.cu_stream() as usize;
+    let key = (
+        stream.context().cu_ctx() as usize,
+        stream.cu_stream() as usize,
+    );
     let cache = CACHE.get_or_init(Mutex::default);
     let mut map = cache
         .lock()

@@ -240,6 +240,14 @@ impl Gpu {
         self.target
     }
 
+    /// This executor with [`SYNC_LAUNCHES_ENV`]'s switch set to `on`,
+    /// whatever the environment said when it was opened (for a program, or
+    /// a test, that wants it without touching the process environment).
+    pub fn with_sync_launches(mut self, on: bool) -> Self {
+        self.sync_launches = on;
+        self
+    }
+
     /// Whether every launch is followed by a synchronisation
     /// ([`SYNC_LAUNCHES_ENV`], read when this `Gpu` was opened).
     pub fn syncs_launches(&self) -> bool {
@@ -315,8 +323,9 @@ impl Gpu {
             .shared_per_block_optin
             .saturating_sub(static_shared.max(0) as u32);
         let max_dynamic_shared = room.min(SHARED_BUDGET_BYTES as u32);
-        if max_dynamic_shared > STATIC_SMEM_LIMIT {
-            // Above 48 KiB a kernel must opt in to dynamic shared memory.
+        if static_shared.max(0) as u32 + max_dynamic_shared > STATIC_SMEM_LIMIT {
+            // Above 48 KiB of static plus dynamic shared memory a kernel
+            // must opt in.
             guarded(kernel, || {
                 func.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
