@@ -376,6 +376,21 @@ pub fn linear_attention(
     Ok(op::apply(spec, q, k, v, None)?.0)
 }
 
+/// Runs `spec` with `initial` in (zeros when `None`) and the final state out:
+/// the tail of every entry point that returns a state.
+fn apply_with_state(
+    spec: op::Spec,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    initial: Option<&State>,
+) -> Result<(Tensor, State)> {
+    let name = spec.name;
+    let (o, fin) = op::apply(spec, q, k, v, Some(initial))?;
+    let fin = fin.ok_or_else(|| invalid(name, "initial", "no final state came back"))?;
+    Ok((o, fin))
+}
+
 /// [`linear_attention`] with an initial state in (zeros when `None`) and the
 /// final state out.
 ///
@@ -410,11 +425,7 @@ pub fn linear_attention_with_state(
         m,
         seqs: vec![(0, n); b],
     };
-    let (o, fin) = op::apply(spec, q, k, v, Some(initial))?;
-    Ok((
-        o,
-        fin.ok_or_else(|| invalid(OP, "initial", "no final state came back"))?,
-    ))
+    apply_with_state(spec, q, k, v, initial)
 }
 
 /// Linear attention over packed variable-length sequences: q, k
@@ -497,11 +508,7 @@ pub fn varlen_linear_attention(
         m,
         seqs,
     };
-    let (o, fin) = op::apply(spec, q, k, v, Some(initial))?;
-    Ok((
-        o,
-        fin.ok_or_else(|| invalid(OP, "initial", "no final state came back"))?,
-    ))
+    apply_with_state(spec, q, k, v, initial)
 }
 
 /// One autoregressive step: q, k `[B, H, D]` and v `[B, H, M]` of one token
