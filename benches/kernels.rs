@@ -26,12 +26,13 @@ use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Cr
 use criterion::{Bencher, Throughput};
 use cudarc::driver::sys::CUevent_flags;
 use half::bf16;
-use linattn_kernels::ops::backward::{causal_backward, BackwardInputs, BackwardStates, Grads};
-use linattn_kernels::ops::decode::{decode_step, DecodeShape};
-use linattn_kernels::ops::feature_map::{feature_map, RowsShape};
-use linattn_kernels::ops::forward::{
-    causal_forward, noncausal_forward, tiling, AttentionOptions, AttentionShape, Qkv, StateIo,
+use linattn_kernels::ops::tuning::forward::tiling;
+use linattn_kernels::{causal_backward, BackwardInputs, BackwardStates, Grads};
+use linattn_kernels::{
+    causal_forward, noncausal_forward, AttentionOptions, AttentionShape, Qkv, StateIo,
 };
+use linattn_kernels::{decode_step, DecodeShape};
+use linattn_kernels::{feature_map, RowsShape};
 use linattn_kernels::{BuildStatus, DType, Device, FeatureMap, Gpu};
 
 /// (B, T, H, D = M): the anchor shapes.

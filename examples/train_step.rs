@@ -9,11 +9,9 @@
 //! cargo run --release --example train_step
 //! ```
 
-use linattn_kernels::ops::backward::{causal_backward, BackwardInputs, BackwardStates, Grads};
-use linattn_kernels::ops::forward::{
-    causal_forward, AttentionOptions, AttentionShape, Qkv, StateIo,
-};
 use linattn_kernels::Device;
+use linattn_kernels::{causal_backward, BackwardInputs, BackwardStates, Grads};
+use linattn_kernels::{causal_forward, AttentionOptions, AttentionShape, Qkv, StateIo};
 use linattn_reference::testing::Rng;
 
 /// Batch, tokens, input features, key size, value size.

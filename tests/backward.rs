@@ -15,10 +15,9 @@ mod common;
 
 use common::{devices, layout, span, to_dtype, to_f64, tolerance};
 use half::{bf16, f16};
-use linattn_kernels::ops::backward::{
-    causal_backward, noncausal_backward, tiling, tiling_for, BackwardInputs, BackwardStates, Grads,
-};
-use linattn_kernels::ops::forward::{
+use linattn_kernels::ops::tuning::backward::{tiling, tiling_for};
+use linattn_kernels::{causal_backward, noncausal_backward, BackwardInputs, BackwardStates, Grads};
+use linattn_kernels::{
     AttentionOptions, AttentionShape, Kind, ScheduleChoice, StateMut, StateRef, Strides,
 };
 use linattn_kernels::{DType, Device, Element, FeatureMap};

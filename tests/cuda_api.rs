@@ -17,15 +17,15 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
-use linattn_kernels::ops::backward::{
-    self, causal_backward, causal_backward_cuda, BackwardInputs, BackwardStates, Grads, RawBackward,
+use linattn_kernels::ops::backward;
+use linattn_kernels::ops::forward::{self, Lens};
+use linattn_kernels::{causal_backward, BackwardInputs, BackwardStates, Grads, RawBackward};
+use linattn_kernels::{
+    causal_forward, AttentionOptions, AttentionShape, Qkv, RawForward, ScheduleChoice, StateIo,
+    StateMut, StateRef,
 };
-use linattn_kernels::ops::decode::{decode_step, decode_step_cuda, DecodeShape};
-use linattn_kernels::ops::feature_map::{feature_map, feature_map_cuda, RowsShape};
-use linattn_kernels::ops::forward::{
-    self, causal_forward, causal_forward_cuda, AttentionOptions, AttentionShape, Lens, Qkv,
-    RawForward, ScheduleChoice, StateIo, StateMut, StateRef,
-};
+use linattn_kernels::{decode_step, DecodeShape};
+use linattn_kernels::{feature_map, RowsShape};
 use linattn_kernels::{Buffer, BuildStatus, Device, Element, Executor, Gpu};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
 
@@ -116,16 +116,13 @@ fn cuda_and_raw_entry_points_match_device_bits() {
                 &shape,
                 Some(&cu),
                 &opts,
-                StateIo {
-                    initial: None,
-                    final_state: Some(StateMut {
-                        s: &mut fs,
-                        z: &mut fz,
-                    }),
-                },
+                StateIo::final_only(StateMut {
+                    s: &mut fs,
+                    z: &mut fz,
+                }),
             ),
-            1 => causal_forward_cuda::<bf16, _, CudaSlice<f32>, _>(
-                &g,
+            1 => causal_forward::<_, bf16, _, _, CudaSlice<f32>, _>(
+                &*g,
                 Qkv {
                     q: slice(&q),
                     k: slice(&k),
@@ -155,7 +152,7 @@ fn cuda_and_raw_entry_points_match_device_bits() {
                     &g.target(),
                 )
                 .unwrap();
-                let ws_len = forward::workspace_len(forward::Kind::Causal, &problem, &opts);
+                let ws_len = forward::workspace_len(linattn_kernels::Kind::Causal, &problem, &opts);
                 let ws = g.stream().alloc_zeros::<f32>(ws_len.max(1)).unwrap();
                 let cu64: Vec<i64> = cu.iter().map(|&c| c as i64).collect();
                 let cu_dev = g.stream().clone_htod(&cu64).unwrap();
@@ -240,8 +237,8 @@ fn cuda_and_raw_entry_points_match_device_bits() {
                         }),
                     },
                 ),
-                1 => causal_backward_cuda::<bf16, _, _, _, _>(
-                    &g,
+                1 => causal_backward::<_, bf16, _, _, _, _>(
+                    &*g,
                     BackwardInputs {
                         q: slice(&q),
                         k: slice(&k),
@@ -356,7 +353,7 @@ fn cuda_and_raw_entry_points_match_device_bits() {
                 v: slice(&v),
             };
             let (o, s, z) = (slice_mut(&mut o), slice_mut(&mut s), slice_mut(&mut z));
-            decode_step_cuda::<bf16, _>(&g, x, o, s, z, &ds, &opts)
+            decode_step::<_, bf16, _, _, _, _>(&*g, x, o, s, z, &ds, &opts)
         }
         .unwrap_or_else(|e| panic!("decode path {path}: {e}"));
         steps.push((bits(&dev, &o), bits(&dev, &s), bits(&dev, &z)));
@@ -369,7 +366,7 @@ fn cuda_and_raw_entry_points_match_device_bits() {
     let mut y1 = nan::<bf16>(&dev, 37 * 100);
     let map = linattn_kernels::FeatureMap::EluPlusOne;
     feature_map(&dev, &x, &mut y0, &rows, map).unwrap();
-    feature_map_cuda::<bf16>(&g, slice(&x), slice_mut(&mut y1), &rows, map).unwrap();
+    feature_map::<_, bf16, _, _>(&*g, slice(&x), slice_mut(&mut y1), &rows, map).unwrap();
     assert_eq!(
         bits(&dev, &y0),
         bits(&dev, &y1),
@@ -459,7 +456,7 @@ fn walk_bf16(dev: &Device, heads: usize, n: usize, d: usize, seed: u64) -> (Vec<
 /// a single-threaded run (checked once against the f64 reference).
 #[test]
 fn threads_sharing_a_gpu_with_different_shared_sizes() {
-    use linattn_kernels::ops::forward::{tiling, walk_shared_bytes};
+    use linattn_kernels::ops::tuning::forward::{tiling, walk_shared_bytes};
     use linattn_kernels::DType;
     let Some(g) = gpu() else { return };
     let dev = Device::Gpu(g);

@@ -6,10 +6,8 @@ mod common;
 
 use common::{devices, ref_opts, to_dtype, to_f64, tolerance};
 use half::{bf16, f16};
-use linattn_kernels::ops::decode::{decode_step, DecodeShape, RowStrides};
-use linattn_kernels::ops::forward::{
-    causal_forward, AttentionOptions, AttentionShape, Qkv, StateIo, StateMut,
-};
+use linattn_kernels::{causal_forward, AttentionOptions, AttentionShape, Qkv, StateIo, StateMut};
+use linattn_kernels::{decode_step, DecodeShape, RowStrides};
 use linattn_kernels::{DType, Device, Element, FeatureMap};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
 use linattn_reference::{Layout, State, View};
@@ -257,13 +255,10 @@ fn chain<T: Element>(dev: &Device, n: usize, opts: AttentionOptions, rng: &mut R
     let mut o = dev.upload(&vec![T::nan(); b * total * h * m]).unwrap();
     let mut s = dev.upload(&vec![f32::NAN; b * h * d * m]).unwrap();
     let mut z = dev.upload(&vec![f32::NAN; b * h * d]).unwrap();
-    let states = StateIo {
-        initial: None,
-        final_state: Some(StateMut {
-            s: &mut s,
-            z: &mut z,
-        }),
-    };
+    let states = StateIo::final_only(StateMut {
+        s: &mut s,
+        z: &mut z,
+    });
     causal_forward(dev, qkv(), &mut o, &prefill, None, &opts, states).unwrap();
     for t in n..total {
         // Token t of every (batch, head): rows of the [B, N, H, dim] buffers.

@@ -4,7 +4,7 @@ mod common;
 
 use common::{devices, ref_map, to_dtype, to_f64, tolerance};
 use half::{bf16, f16};
-use linattn_kernels::ops::feature_map::{feature_map, RowsShape};
+use linattn_kernels::{feature_map, RowsShape};
 use linattn_kernels::{Element, FeatureMap};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
 

@@ -23,15 +23,13 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use half::{bf16, f16};
-use linattn_kernels::ops::backward::{
-    causal_backward, noncausal_backward, BackwardInputs, BackwardStates, Grads,
-};
-use linattn_kernels::ops::decode::{decode_step, DecodeShape};
-use linattn_kernels::ops::feature_map::{feature_map, RowsShape};
-use linattn_kernels::ops::forward::{
+use linattn_kernels::{causal_backward, noncausal_backward, BackwardInputs, BackwardStates, Grads};
+use linattn_kernels::{
     causal_forward, noncausal_forward, AttentionOptions, AttentionShape, Kind, Qkv, ScheduleChoice,
     StateIo, StateMut, StateRef, Strides,
 };
+use linattn_kernels::{decode_step, DecodeShape};
+use linattn_kernels::{feature_map, RowsShape};
 use linattn_kernels::{DType, Device, Element, Emulator, FeatureMap};
 use linattn_reference::testing::Rng;
 

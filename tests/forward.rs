@@ -9,9 +9,10 @@ mod common;
 
 use common::{devices, layout, ref_map, span, to_dtype, to_f64, tolerance};
 use half::{bf16, f16};
-use linattn_kernels::ops::forward::{
-    causal_forward, noncausal_forward, tiling, uses_mma, AttentionOptions, AttentionShape, Kind,
-    Qkv, ScheduleChoice, StateIo, StateMut, StateRef, Strides,
+use linattn_kernels::ops::tuning::forward::{tiling, uses_mma};
+use linattn_kernels::{
+    causal_forward, noncausal_forward, AttentionOptions, AttentionShape, Kind, Qkv, ScheduleChoice,
+    StateIo, StateMut, StateRef, Strides,
 };
 use linattn_kernels::{DType, Device, Element, FeatureMap};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
@@ -730,13 +731,10 @@ fn errors_are_reported_not_panicked() {
             &shape,
             None,
             &AttentionOptions::default(),
-            StateIo {
-                initial: None,
-                final_state: Some(StateMut {
-                    s: &mut s,
-                    z: &mut z,
-                }),
-            },
+            StateIo::final_only(StateMut {
+                s: &mut s,
+                z: &mut z,
+            }),
         )
         .unwrap_err();
         assert!(e.to_string().contains("final state"), "{e}");

@@ -17,10 +17,12 @@ use std::marker::PhantomData;
 
 use common::{ref_opts, tolerance};
 use half::f16;
-use linattn_kernels::ops::backward::{self, GradLens, RawBackward};
-use linattn_kernels::ops::decode::{decode_step_raw, DecodeShape, RawDecode, RowStrides};
-use linattn_kernels::ops::forward::{
-    self, AttentionOptions, AttentionShape, Kind, Lens, RawForward, ScheduleChoice, Strides,
+use linattn_kernels::ops::backward::{self, GradLens};
+use linattn_kernels::ops::forward::{self, Lens};
+use linattn_kernels::RawBackward;
+use linattn_kernels::{decode_step_raw, DecodeShape, RawDecode, RowStrides};
+use linattn_kernels::{
+    AttentionOptions, AttentionShape, Kind, RawForward, ScheduleChoice, Strides,
 };
 use linattn_kernels::{Element, Emulator};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};

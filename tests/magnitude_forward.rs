@@ -13,14 +13,12 @@ mod common;
 
 use common::{devices, ref_opts, to_dtype, to_f64, tolerance};
 use half::{bf16, f16};
-use linattn_kernels::ops::backward::{
-    causal_backward, noncausal_backward, BackwardInputs, BackwardStates, Grads,
-};
-use linattn_kernels::ops::decode::{decode_step, DecodeShape};
-use linattn_kernels::ops::forward::{
+use linattn_kernels::{causal_backward, noncausal_backward, BackwardInputs, BackwardStates, Grads};
+use linattn_kernels::{
     causal_forward, noncausal_forward, AttentionOptions, AttentionShape, Qkv, ScheduleChoice,
     StateIo, StateMut,
 };
+use linattn_kernels::{decode_step, DecodeShape};
 use linattn_kernels::{DType, Device, Element, Error, FeatureMap};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
 use linattn_reference::{Layout, View};
@@ -133,13 +131,10 @@ fn run_path<T: Element>(
             };
             let mut st_s = dev.upload(&vec![f32::NAN; s.b * s.h * s.d * s.m]).unwrap();
             let mut st_z = dev.upload(&vec![f32::NAN; s.b * s.h * s.d]).unwrap();
-            let states = StateIo {
-                initial: None,
-                final_state: Some(StateMut {
-                    s: &mut st_s,
-                    z: &mut st_z,
-                }),
-            };
+            let states = StateIo::final_only(StateMut {
+                s: &mut st_s,
+                z: &mut st_z,
+            });
             causal_forward(dev, qkv(), &mut out, &prefill, None, o, states)
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
             let mut all = to_f64(&dev.download(&out).unwrap());
@@ -543,9 +538,15 @@ fn eps_zero_with_normalise_is_a_typed_error() {
                     v: &v,
                 };
                 let (f, op) = if causal {
-                    (causal_forward::<f16> as ForwardFn, "causal_forward")
+                    (
+                        causal_forward::<_, f16, _, _, _, _> as ForwardFn,
+                        "causal_forward",
+                    )
                 } else {
-                    (noncausal_forward::<f16> as ForwardFn, "noncausal_forward")
+                    (
+                        noncausal_forward::<_, f16, _, _, _, _> as ForwardFn,
+                        "noncausal_forward",
+                    )
                 };
                 check(
                     f(&dev, qkv, &mut o, &shape, None, opts, StateIo::none()),

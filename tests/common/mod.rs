@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use linattn_kernels::ops::forward::{AttentionOptions, AttentionShape, Strides};
+use linattn_kernels::{AttentionOptions, AttentionShape, Strides};
 use linattn_kernels::{BuildStatus, Device, Element, FeatureMap, Gpu};
 use linattn_reference::{Layout, LinearAttentionOptions};
 

@@ -24,7 +24,7 @@
 #![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 
 use half::{bf16, f16};
-use linattn_kernels::ops::forward::AttentionOptions;
+use linattn_kernels::AttentionOptions;
 use linattn_kernels::FeatureMap;
 use rayon::prelude::*;
 

@@ -10,14 +10,14 @@ use candle_core::cuda::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape, Storage, Tensor};
 use half::{bf16, f16};
-use linattn_kernels::ops::backward::{
-    causal_backward_cuda, noncausal_backward_cuda, BackwardInputs, BackwardStates, Grads as KGrads,
+use linattn_kernels::{
+    causal_backward, noncausal_backward, BackwardInputs, BackwardStates, Grads as KGrads,
 };
-use linattn_kernels::ops::decode::{decode_step_cuda, DecodeShape};
-use linattn_kernels::ops::forward::{
-    causal_forward_cuda, noncausal_forward_cuda, AttentionShape, Qkv, StateIo, StateMut, StateRef,
+use linattn_kernels::{
+    causal_forward, noncausal_forward, AttentionShape, Qkv, StateIo, StateMut, StateRef,
     Strides as KStrides,
 };
+use linattn_kernels::{decode_step, DecodeShape};
 use linattn_kernels::{Element, Gpu};
 
 use crate::cpu::Strides;
@@ -148,9 +148,9 @@ fn forward_t<T: CudaDType + Element + DeviceRepr>(
         v: &v,
     };
     let r = if spec.causal {
-        causal_forward_cuda(&gpu, x, &mut o, &sh, cu.as_deref(), &spec.opts, states)
+        causal_forward(&*gpu, x, &mut o, &sh, cu.as_deref(), &spec.opts, states)
     } else {
-        noncausal_forward_cuda(&gpu, x, &mut o, &sh, cu.as_deref(), &spec.opts, states)
+        noncausal_forward(&*gpu, x, &mut o, &sh, cu.as_deref(), &spec.opts, states)
     };
     r.map_err(wrap)?;
     if let Some(slot) = &op.final_slot {
@@ -291,9 +291,9 @@ fn backward_t<T: CudaDType + Element + DeviceRepr>(
         dv: &mut dv,
     };
     if spec.causal {
-        causal_backward_cuda(&gpu, x, g, &sh, cu.as_deref(), &spec.opts, states)?;
+        causal_backward(&*gpu, x, g, &sh, cu.as_deref(), &spec.opts, states)?;
     } else {
-        noncausal_backward_cuda(&gpu, x, g, &sh, cu.as_deref(), &spec.opts, states)?;
+        noncausal_backward(&*gpu, x, g, &sh, cu.as_deref(), &spec.opts, states)?;
     }
     let t = |s: Storage, dims: Vec<usize>| Tensor::from_storage(s, dims, BackpropOp::none(), false);
     let c = |x: CudaSlice<T>| Storage::Cuda(CudaStorage::wrap_cuda_slice(x, dev.clone()));
@@ -370,8 +370,8 @@ fn decode_t<T: CudaDType + Element + DeviceRepr>(
         k: &view::<T>(sk, lk)?,
         v: &view::<T>(sv, lv)?,
     };
-    decode_step_cuda(
-        &gpu,
+    decode_step(
+        &*gpu,
         x,
         &mut o,
         &mut s,

@@ -58,7 +58,7 @@ mod op;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use linattn_kernels::ops::forward::AttentionOptions;
+pub use linattn_kernels::AttentionOptions;
 pub use linattn_kernels::FeatureMap;
 
 /// How q, k, v (and the output) are laid out.

@@ -50,7 +50,14 @@ fn empty_cuda<T: Element>(g: &Gpu) -> Result<CudaSlice<T>> {
 }
 
 /// Keeps cudarc's stream-ordering guard alive until the launch is enqueued.
-pub(crate) struct PtrGuard<'a>(#[allow(dead_code)] Option<SyncOnDrop<'a>>);
+pub struct PtrGuard<'a>(#[allow(dead_code)] Option<SyncOnDrop<'a>>);
+
+impl<'a> PtrGuard<'a> {
+    /// Keeps `guard` until this is dropped.
+    pub(crate) fn new(guard: SyncOnDrop<'a>) -> Self {
+        PtrGuard(Some(guard))
+    }
+}
 
 impl Device {
     /// The first GPU if a driver and a supported device (compute capability

@@ -159,7 +159,9 @@ impl Executor for Emulator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::forward::{self, AttentionShape, Kind, Lens, RawForward};
+    use crate::ops::forward::{self, Lens, RawForward};
+    use crate::ops::tuning;
+    use crate::ops::{AttentionOptions, AttentionShape, Kind};
     use crate::params::LinattnFeatureMapParams;
     use crate::DType;
 
@@ -199,7 +201,7 @@ mod tests {
         // A walk whose plan sits near the budget (f32, d = m = 64).
         let (h, n, d, m) = (1, 64, 64, 64);
         let shape = AttentionShape::bnhd(1, h, n, d, m);
-        let opts = forward::AttentionOptions::default();
+        let opts = AttentionOptions::default();
         let lens = Lens::unknown(false, false);
         let problem =
             forward::validate("t", DType::F32, &shape, None, &opts, &lens, &emu.target()).unwrap();
@@ -212,8 +214,8 @@ mod tests {
             o: o.as_mut_ptr() as u64,
             ..RawForward::default()
         };
-        let plan = forward::plan(Kind::Causal, DType::F32, &problem, &opts, &ptrs);
-        let forward::Launch::Walk(mut walk) = plan.launches[0] else {
+        let plan = tuning::forward::plan(Kind::Causal, DType::F32, &problem, &opts, &ptrs);
+        let tuning::forward::Launch::Walk(mut walk) = plan.launches[0] else {
             panic!("expected the walk first: {:?}", plan.launches[0]);
         };
         assert!(walk.shared_bytes > 48 * 1024, "{}", walk.shared_bytes);

@@ -11,7 +11,7 @@ use cudarc::driver::{
 };
 
 use crate::embedded::{embedded_module, BuildStatus, BUILD_STATUS};
-use crate::ops::forward::SHARED_BUDGET_BYTES;
+use crate::ops::forward::tiling::SHARED_BUDGET_BYTES;
 use crate::params::KernelParams;
 use crate::plan::{Executor, LaunchPlan};
 use crate::target::{check_compute_capability, Target};

@@ -15,11 +15,10 @@
 //! position. Runs on the GPU when there is one, else on the CPU emulator.
 //!
 //! ```
-//! use linattn_kernels::ops::decode::{decode_step, DecodeShape};
-//! use linattn_kernels::ops::forward::{
-//!     causal_forward, AttentionOptions, AttentionShape, Qkv, StateIo, StateMut,
+//! use linattn_kernels::{
+//!     causal_forward, decode_step, AttentionOptions, AttentionShape, DecodeShape, Device, Error,
+//!     Qkv, StateIo, StateMut,
 //! };
-//! use linattn_kernels::{Device, Error};
 //!
 //! # fn main() -> Result<(), Error> {
 //! let dev = match Device::best_available() {
@@ -80,6 +79,14 @@ pub use embedded::{build_status, embedded_modules, ptxas_report, BuildStatus, Ke
 pub use emu::Emulator;
 pub use error::{Error, Result};
 pub use gpu::{device_count, driver_present, DeviceInfo, Gpu, SYNC_LAUNCHES_ENV};
+pub use ops::{
+    causal_backward, causal_backward_raw, causal_forward, causal_forward_raw, decode_step,
+    decode_step_raw, feature_map, feature_map_raw, noncausal_backward, noncausal_backward_raw,
+    noncausal_forward, noncausal_forward_raw, AttentionOptions, AttentionShape, BackwardInputs,
+    BackwardStates, DecodeShape, DeviceRead, DeviceWrite, Grads, Kind, Memory, Qkv, RawBackward,
+    RawDecode, RawForward, RowStrides, RowsShape, ScheduleChoice, StateIo, StateMut, StateRef,
+    Strides,
+};
 pub use plan::{Executor, LaunchPlan};
 pub use target::{KernelFootprint, Target};
 

@@ -7,7 +7,7 @@
 //!
 //! Only the *schedule* (walk or split, how many partitions) depends on the
 //! target. The *tiling* (chunk, value tile, shared memory per block) never
-//! does: every plan fits [`SHARED_BUDGET_BYTES`](crate::ops::forward::SHARED_BUDGET_BYTES),
+//! does: every plan fits [`SHARED_BUDGET_BYTES`](crate::ops::tuning::forward::SHARED_BUDGET_BYTES),
 //! the smallest per-block opt-in of the supported architectures
 //! ([`MIN_SHARED_PER_BLOCK_OPTIN`]), so the emulator runs exactly the
 //! blocks every GPU runs.
@@ -265,7 +265,7 @@ mod tests {
         assert_eq!(min, Some(MIN_SHARED_PER_BLOCK_OPTIN));
         assert_eq!(
             MIN_SHARED_PER_BLOCK_OPTIN as usize,
-            crate::ops::forward::SHARED_BUDGET_BYTES
+            crate::ops::tuning::forward::SHARED_BUDGET_BYTES
         );
     }
 

@@ -15,14 +15,12 @@
 use std::fmt;
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
-use linattn_kernels::ops::decode::{decode_step, DecodeShape};
-use linattn_kernels::ops::forward::{
-    causal_forward, AttentionOptions, AttentionShape, Qkv, StateIo, StateMut,
-};
 use linattn_kernels::ops::model_ops::{add_residual, bias_gelu, embed_positions, layer_norm, Rows};
 use linattn_kernels::ops::softmax::{
     softmax_decode_step, softmax_prefill, CacheShape, SoftmaxShape,
 };
+use linattn_kernels::{causal_forward, AttentionOptions, AttentionShape, Qkv, StateIo, StateMut};
+use linattn_kernels::{decode_step, DecodeShape};
 use linattn_kernels::{Buffer, Device};
 use linattn_reference::testing::Rng;
 
@@ -403,13 +401,10 @@ impl GpuModel {
                     &AttentionShape::bnhd(1, heads, n, dh, dh),
                     None,
                     &self.linear_options(),
-                    StateIo {
-                        initial: None,
-                        final_state: Some(StateMut {
-                            s: &mut s,
-                            z: &mut z,
-                        }),
-                    },
+                    StateIo::final_only(StateMut {
+                        s: &mut s,
+                        z: &mut z,
+                    }),
                 )?;
                 Some(GpuCache::Linear { s, z })
             }

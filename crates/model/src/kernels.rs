@@ -3,10 +3,8 @@
 //! [`linattn_kernels::Device`] (a GPU, or the CPU emulator running the same
 //! `.cu` sources). The (S, z) states stay in device memory between steps.
 
-use linattn_kernels::ops::decode::{decode_step, DecodeShape};
-use linattn_kernels::ops::forward::{
-    causal_forward, AttentionOptions, AttentionShape, Qkv, StateIo, StateMut,
-};
+use linattn_kernels::{causal_forward, AttentionOptions, AttentionShape, Qkv, StateIo, StateMut};
+use linattn_kernels::{decode_step, DecodeShape};
 use linattn_kernels::{Buffer, DType, Device, Element};
 use linattn_reference::FeatureMap;
 
@@ -129,13 +127,10 @@ impl KernelAttention {
             &AttentionShape::bnhd(1, h, n, dh, dh),
             None,
             &Self::options(spec),
-            StateIo {
-                initial: None,
-                final_state: Some(StateMut {
-                    s: &mut s,
-                    z: &mut z,
-                }),
-            },
+            StateIo::final_only(StateMut {
+                s: &mut s,
+                z: &mut z,
+            }),
         )?;
         Ok((self.download(&ob)?, KernelCache { s, z }))
     }

@@ -4,16 +4,16 @@
 //! position, and it continues a causal prefill exactly (the prefill's final
 //! state is this kernel's state).
 
-use cudarc::driver::{DevicePtr, DevicePtrMut};
-
+use super::attention::{AttentionOptions, Qkv};
+use super::checks::{self, byte_range, MAX_GRID_X};
+use super::forward::tiling::THREADS;
+use super::memory::{Addrs, DeviceRead, DeviceWrite, Memory};
 use crate::dtype::{DType, Element};
-use crate::ops::forward::{AttentionOptions, MAX_DIM, THREADS};
 use crate::params::LinattnDecodeParams;
 use crate::plan::{Executor, LaunchPlan};
-use crate::{Buffer, Device, Error, Gpu, Result};
+use crate::{Error, Result};
 
 const KERNEL: &str = "decode_step";
-const MAX_GRID_X: usize = i32::MAX as usize;
 
 /// Element strides of one `[batch, heads, dim]` tensor (the last dim contiguous).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -80,26 +80,15 @@ impl DecodeShape {
     }
 
     fn span(&self, s: &RowStrides, dim: usize) -> Option<usize> {
-        (self.batch - 1)
-            .checked_mul(s.batch)?
-            .checked_add((self.heads - 1).checked_mul(s.head)?)?
-            .checked_add(dim)
-            .filter(|&n| n <= i64::MAX as usize)
+        checks::span([self.batch, self.heads, 1], [s.batch, s.head, 0], dim)
     }
 
     /// Checks the shape against buffer lengths (`usize::MAX` when unknown):
     /// q, k, v, o, then S and z.
     pub fn validate(&self, opts: &AttentionOptions, lens: [usize; 6]) -> Result<()> {
         opts.check(KERNEL)?;
-        for (arg, v) in [("d", self.d), ("m", self.m)] {
-            if v == 0 || v > MAX_DIM {
-                return Err(Error::invalid(
-                    KERNEL,
-                    arg,
-                    format!("{arg} = {v}; supported sizes are 1..={MAX_DIM}"),
-                ));
-            }
-        }
+        checks::dim(KERNEL, "d", self.d)?;
+        checks::dim(KERNEL, "m", self.m)?;
         if self.batch == 0 || self.heads == 0 {
             return Err(Error::invalid(
                 KERNEL,
@@ -126,33 +115,19 @@ impl DecodeShape {
             let need = self.span(s, dim).ok_or_else(|| {
                 Error::invalid(KERNEL, arg, "the tensor's extent overflows 64-bit indexing")
             })?;
-            if lens[i] < need {
-                return Err(Error::invalid(
-                    KERNEL,
-                    arg,
-                    format!(
-                        "buffer holds {} elements, the shape and strides need {need}",
-                        lens[i]
-                    ),
-                ));
-            }
+            checks::holds(KERNEL, arg, lens[i], need)?;
         }
         // Output rows must not overlap (o is written by many blocks).
-        let mut axes = [(self.batch, self.o.batch), (self.heads, self.o.head)];
-        axes.sort_by_key(|&(_, s)| s);
-        let mut reach = self.m;
-        for (n, s) in axes.into_iter().filter(|&(n, _)| n > 1) {
-            if s < reach {
-                return Err(Error::invalid(
-                    KERNEL,
-                    "o",
-                    format!(
-                        "output strides {:?} make rows of {} elements overlap",
-                        self.o, self.m
-                    ),
-                ));
-            }
-            reach = reach.saturating_add((n - 1).saturating_mul(s));
+        let axes = [(self.batch, self.o.batch), (self.heads, self.o.head)];
+        if !checks::rows_disjoint(&axes, self.m) {
+            return Err(Error::invalid(
+                KERNEL,
+                "o",
+                format!(
+                    "output strides {:?} make rows of {} elements overlap",
+                    self.o, self.m
+                ),
+            ));
         }
         let s_need = states
             .checked_mul(self.d * self.m)
@@ -251,89 +226,52 @@ pub fn plan(
     }
 }
 
-/// One decode step on a [`Device`]: reads q, k, v, writes o, and advances
-/// the `batch * heads` states (`state_s`, `state_z`) in place.
-pub fn decode_step<T: Element>(
-    dev: &Device,
-    x: crate::ops::forward::Qkv<'_, Buffer<T>>,
-    o: &mut Buffer<T>,
-    state_s: &mut Buffer<f32>,
-    state_z: &mut Buffer<f32>,
+/// One decode step: reads q, k, v, writes o, and advances the `batch *
+/// heads` states (`state_s`, `state_z`, fp32) in place.
+///
+/// `exec` is a [`crate::Device`] (memory: [`crate::Buffer`]s) or a
+/// [`crate::Gpu`] (cudarc slices or views). Errors:
+/// [`crate::Error::InvalidArgument`] naming the argument for a bad shape,
+/// option or length, or memory of another device.
+pub fn decode_step<E, T, B, O, S, Z>(
+    exec: &E,
+    x: Qkv<'_, B>,
+    o: &mut O,
+    state_s: &mut S,
+    state_z: &mut Z,
     shape: &DecodeShape,
     opts: &AttentionOptions,
-) -> Result<()> {
+) -> Result<()>
+where
+    E: Memory,
+    T: Element,
+    B: DeviceRead<T, E>,
+    O: DeviceWrite<T, E>,
+    S: DeviceWrite<f32, E>,
+    Z: DeviceWrite<f32, E>,
+{
     shape.validate(
         opts,
         [
-            x.q.len(),
-            x.k.len(),
-            x.v.len(),
-            o.len(),
-            state_s.len(),
-            state_z.len(),
+            x.q.elems(),
+            x.k.elems(),
+            x.v.elems(),
+            o.elems(),
+            state_s.elems(),
+            state_z.elems(),
         ],
     )?;
-    let (q, _g1) = x.q.read_ptr(dev, KERNEL, "q")?;
-    let (k, _g2) = x.k.read_ptr(dev, KERNEL, "k")?;
-    let (v, _g3) = x.v.read_ptr(dev, KERNEL, "v")?;
-    let (op, _g4) = o.write_ptr(dev, KERNEL, "o")?;
-    let (ss, _g5) = state_s.write_ptr(dev, KERNEL, "state_s")?;
-    let (sz, _g6) = state_z.write_ptr(dev, KERNEL, "state_z")?;
+    let mut a = Addrs::new(exec, KERNEL);
     let raw = RawDecode {
-        q,
-        k,
-        v,
-        o: op,
-        state_s: ss,
-        state_z: sz,
+        q: a.read(x.q, "q")?,
+        k: a.read(x.k, "k")?,
+        v: a.read(x.v, "v")?,
+        o: a.write(o, "o")?,
+        state_s: a.write(state_s, "state_s")?,
+        state_z: a.write(state_z, "state_z")?,
     };
-    // SAFETY: every buffer belongs to `dev` and was validated.
-    unsafe {
-        dev.launch_writing(
-            &plan(T::DTYPE, shape, opts, &raw),
-            &write_regions(T::DTYPE, shape, &raw),
-        )
-    }
-}
-
-/// [`decode_step`] on cudarc memory, on `gpu`'s stream.
-pub fn decode_step_cuda<T: Element, B: DevicePtr<T>>(
-    gpu: &Gpu,
-    x: crate::ops::forward::Qkv<'_, B>,
-    o: &mut impl DevicePtrMut<T>,
-    state_s: &mut impl DevicePtrMut<f32>,
-    state_z: &mut impl DevicePtrMut<f32>,
-    shape: &DecodeShape,
-    opts: &AttentionOptions,
-) -> Result<()> {
-    shape.validate(
-        opts,
-        [
-            x.q.len(),
-            x.k.len(),
-            x.v.len(),
-            o.len(),
-            state_s.len(),
-            state_z.len(),
-        ],
-    )?;
-    let st = gpu.stream();
-    let (q, _g1) = x.q.device_ptr(st);
-    let (k, _g2) = x.k.device_ptr(st);
-    let (v, _g3) = x.v.device_ptr(st);
-    let (op, _g4) = o.device_ptr_mut(st);
-    let (ss, _g5) = state_s.device_ptr_mut(st);
-    let (sz, _g6) = state_z.device_ptr_mut(st);
-    let raw = RawDecode {
-        q,
-        k,
-        v,
-        o: op,
-        state_s: ss,
-        state_z: sz,
-    };
-    // SAFETY: cudarc memory of this context; lengths validated.
-    unsafe { gpu.launch(&plan(T::DTYPE, shape, opts, &raw)) }
+    // SAFETY: every address is memory of `exec`, validated against the shape.
+    unsafe { launch(exec, T::DTYPE, shape, opts, &raw) }
 }
 
 /// [`decode_step`] on raw device addresses.
@@ -352,58 +290,52 @@ pub unsafe fn decode_step_raw<E: Executor>(
     opts: &AttentionOptions,
 ) -> Result<()> {
     shape.validate(opts, [usize::MAX; 6])?;
-    for (arg, v) in [
-        ("q", p.q),
-        ("k", p.k),
-        ("v", p.v),
-        ("o", p.o),
-        ("state_s", p.state_s),
-        ("state_z", p.state_z),
-    ] {
-        if v == 0 {
-            return Err(Error::invalid(KERNEL, arg, "null pointer"));
-        }
-    }
-    let es = dtype.size() as u64;
-    let range = |ptr: u64, elems: usize, size: u64| (ptr, ptr.saturating_add(elems as u64 * size));
-    let span = |s: &RowStrides, dim| shape.span(s, dim).unwrap_or(usize::MAX);
-    let o = range(p.o, span(&shape.o, shape.m), es);
-    let s = range(p.state_s, shape.states() * shape.d * shape.m, 4);
-    let z = range(p.state_z, shape.states() * shape.d, 4);
-    let others = [
-        ("q", range(p.q, span(&shape.q, shape.d), es)),
-        ("k", range(p.k, span(&shape.k, shape.d), es)),
-        ("v", range(p.v, span(&shape.v, shape.m), es)),
+    checks::non_null(
+        KERNEL,
+        &[
+            ("q", p.q),
+            ("k", p.k),
+            ("v", p.v),
+            ("o", p.o),
+            ("state_s", p.state_s),
+            ("state_z", p.state_z),
+        ],
+    )?;
+    let es = dtype.size();
+    let bytes = |p: u64, s, dim| byte_range(p, shape.span(s, dim).unwrap_or(usize::MAX), es);
+    let inputs = [
+        ("q", bytes(p.q, &shape.q, shape.d)),
+        ("k", bytes(p.k, &shape.k, shape.d)),
+        ("v", bytes(p.v, &shape.v, shape.m)),
     ];
-    let hit = |a: (u64, u64), b: (u64, u64)| a.0 < b.1 && b.0 < a.1;
-    for (arg, r) in others.iter().chain([("state_s", s), ("state_z", z)].iter()) {
-        if hit(o, *r) {
-            return Err(Error::invalid(
-                KERNEL,
-                "o",
-                format!("output overlaps `{arg}`"),
-            ));
-        }
-    }
-    for (arg, r) in others.iter().chain([("state_z", z)].iter()) {
-        if hit(s, *r) {
-            return Err(Error::invalid(
-                KERNEL,
-                "state_s",
-                format!("the state overlaps `{arg}`"),
-            ));
-        }
-    }
-    for (arg, r) in others.iter() {
-        if hit(z, *r) {
-            return Err(Error::invalid(
-                KERNEL,
-                "state_z",
-                format!("the state overlaps `{arg}`"),
-            ));
-        }
-    }
+    let outputs = [
+        ("o", bytes(p.o, &shape.o, shape.m)),
+        (
+            "state_s",
+            byte_range(p.state_s, shape.states() * shape.d * shape.m, 4),
+        ),
+        (
+            "state_z",
+            byte_range(p.state_z, shape.states() * shape.d, 4),
+        ),
+    ];
+    checks::outputs_disjoint(KERNEL, &inputs, &outputs)?;
     // SAFETY: forwarded to the caller.
+    unsafe { launch(exec, dtype, shape, opts, p) }
+}
+
+/// Both paths' launch, naming what it writes.
+///
+/// # Safety
+/// `p` valid for `exec` and `shape` (validated by the caller).
+unsafe fn launch<E: Executor>(
+    exec: &E,
+    dtype: DType,
+    shape: &DecodeShape,
+    opts: &AttentionOptions,
+    p: &RawDecode,
+) -> Result<()> {
+    // SAFETY: forwarded.
     unsafe {
         exec.launch_writing(
             &plan(dtype, shape, opts, p),

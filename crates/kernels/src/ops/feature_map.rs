@@ -1,18 +1,17 @@
 //! `feature_map.cu`: materialise phi(x) for callers who want it outside the
 //! fused attention kernels. Element-wise over a strided `rows x cols` view.
 
-use cudarc::driver::{DevicePtr, DevicePtrMut};
-
+use super::checks::{MAX_GRID_X, MAX_GRID_Y};
+use super::memory::{Addrs, DeviceRead, DeviceWrite, Memory};
 use crate::dtype::{DType, Element};
 use crate::params::LinattnFeatureMapParams;
 use crate::plan::{div_ceil_u64, Executor, LaunchPlan};
-use crate::{Buffer, Device, Error, FeatureMap, Gpu, Result};
+use crate::{Error, FeatureMap, Result};
 
 const KERNEL: &str = "feature_map";
 /// Threads per block and elements per thread, as in `feature_map.cu`.
 const THREADS: u32 = 256;
 const ITEMS: u64 = 4;
-const MAX_GRID_Y: u64 = 65_535;
 
 /// A strided 2-D view: `rows` rows of `cols` contiguous elements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +79,7 @@ impl RowsShape {
             ));
         }
         let col_blocks = div_ceil_u64(self.cols as u64, THREADS as u64 * ITEMS);
-        if col_blocks > i32::MAX as u64 {
+        if col_blocks > MAX_GRID_X as u64 {
             return Err(Error::invalid(
                 KERNEL,
                 "cols",
@@ -109,7 +108,7 @@ pub fn plan(
     y: u64,
 ) -> LaunchPlan<LinattnFeatureMapParams> {
     let col_blocks = div_ceil_u64(shape.cols as u64, THREADS as u64 * ITEMS) as u32;
-    let row_blocks = (shape.rows as u64).min(MAX_GRID_Y) as u32;
+    let row_blocks = (shape.rows as u64).min(MAX_GRID_Y as u64) as u32;
     LaunchPlan {
         module: KERNEL,
         kernel: kernel_name(dtype),
@@ -129,39 +128,33 @@ pub fn plan(
     }
 }
 
-/// y = phi(x) on a [`Device`].
-pub fn feature_map<T: Element>(
-    dev: &Device,
-    x: &Buffer<T>,
-    y: &mut Buffer<T>,
+/// y = phi(x), elementwise over a strided 2-D view.
+///
+/// `exec` is a [`crate::Device`] (memory: [`crate::Buffer`]s) or a
+/// [`crate::Gpu`] (cudarc slices or views). Errors:
+/// [`crate::Error::InvalidArgument`] naming the argument for a bad view,
+/// a short buffer or memory of another device.
+pub fn feature_map<E, T, X, Y>(
+    exec: &E,
+    x: &X,
+    y: &mut Y,
     shape: &RowsShape,
     map: FeatureMap,
-) -> Result<()> {
-    if !shape.validate(x.len(), y.len())? {
+) -> Result<()>
+where
+    E: Memory,
+    T: Element,
+    X: DeviceRead<T, E>,
+    Y: DeviceWrite<T, E>,
+{
+    if !shape.validate(x.elems(), y.elems())? {
         return Ok(());
     }
-    let (xp, _gx) = x.read_ptr(dev, KERNEL, "x")?;
-    let y_bytes = y.len() * std::mem::size_of::<T>();
-    let (yp, _gy) = y.write_ptr(dev, KERNEL, "y")?;
-    // SAFETY: both pointers belong to `dev` and the lengths were validated.
-    unsafe { dev.launch_writing(&plan(T::DTYPE, shape, map, xp, yp), &[(yp, y_bytes)]) }
-}
-
-/// y = phi(x) on cudarc memory (a `CudaSlice` or a view of one), on `gpu`'s stream.
-pub fn feature_map_cuda<T: Element>(
-    gpu: &Gpu,
-    x: &impl DevicePtr<T>,
-    y: &mut impl DevicePtrMut<T>,
-    shape: &RowsShape,
-    map: FeatureMap,
-) -> Result<()> {
-    if !shape.validate(x.len(), y.len())? {
-        return Ok(());
-    }
-    let (xp, _gx) = x.device_ptr(gpu.stream());
-    let (yp, _gy) = y.device_ptr_mut(gpu.stream());
-    // SAFETY: cudarc memory of this context; lengths validated.
-    unsafe { gpu.launch(&plan(T::DTYPE, shape, map, xp, yp)) }
+    let y_bytes = y.elems() * std::mem::size_of::<T>();
+    let mut a = Addrs::new(exec, KERNEL);
+    let (xp, yp) = (a.read(x, "x")?, a.write(y, "y")?);
+    // SAFETY: both addresses are memory of `exec` and the lengths were validated.
+    unsafe { exec.launch_writing(&plan(T::DTYPE, shape, map, xp, yp), &[(yp, y_bytes)]) }
 }
 
 /// y = phi(x) on raw device addresses, for engines that manage their own memory.
@@ -246,7 +239,7 @@ mod tests {
                 covered_cols >= cols as u64
                     && covered_cols - (cols as u64) < THREADS as u64 * ITEMS
             );
-            assert!(p.grid[1] as u64 <= MAX_GRID_Y && p.grid[1] >= 1);
+            assert!(p.grid[1] as usize <= MAX_GRID_Y && p.grid[1] >= 1);
             assert_eq!(p.kernel, "feature_map_f16");
             assert_eq!(p.params.feature_map, FeatureMap::Relu.to_c());
         }

@@ -1,11 +1,48 @@
-//! The operations, one module per kernel family. Each has the same three
-//! layers: a validated shape, a plan builder (plain Rust, unit-tested), and
-//! entry points for [`crate::Device`] buffers, cudarc memory, and raw pointers.
+//! The operations, one module per kernel family, and the vocabulary they
+//! share. Each family has the same shape: entry points on typed memory (a
+//! [`crate::Device`] with [`crate::Buffer`]s, or a [`crate::Gpu`] with
+//! cudarc memory: [`Memory`]) and on raw device addresses, both validating
+//! the call and running one plain-Rust plan (unit-tested without a GPU).
+//!
+//! Everything a caller needs is re-exported here and at the crate root:
+//!
+//! | op | typed memory | raw addresses |
+//! | --- | --- | --- |
+//! | forward | [`causal_forward`], [`noncausal_forward`] | [`causal_forward_raw`], [`noncausal_forward_raw`] ([`RawForward`]) |
+//! | backward | [`causal_backward`], [`noncausal_backward`] | [`causal_backward_raw`], [`noncausal_backward_raw`] ([`RawBackward`]) |
+//! | decode | [`decode_step`] | [`decode_step_raw`] ([`RawDecode`]) |
+//! | feature map | [`feature_map`] | [`feature_map_raw`] |
+//!
+//! Shapes and options: [`AttentionShape`] ([`Strides`]), [`AttentionOptions`]
+//! ([`ScheduleChoice`]), [`DecodeShape`] ([`RowStrides`]), [`RowsShape`];
+//! arguments: [`Qkv`], [`StateIo`] ([`StateRef`], [`StateMut`]),
+//! [`BackwardInputs`], [`Grads`], [`BackwardStates`]. The tiling and
+//! schedule policies are internal; [`tuning`] exposes them to tests and
+//! benches.
 
+pub mod attention;
 pub mod backward;
+pub(crate) mod checks;
 pub mod decode;
 pub mod feature_map;
 pub mod forward;
+mod memory;
 pub mod model_ops;
 pub mod softmax;
 mod temp;
+pub mod tuning;
+
+pub use attention::{
+    AttentionOptions, AttentionShape, Kind, Qkv, ScheduleChoice, StateIo, StateMut, StateRef,
+    Strides, MAX_DIM,
+};
+pub use backward::{
+    causal_backward, causal_backward_raw, noncausal_backward, noncausal_backward_raw,
+    BackwardInputs, BackwardStates, Grads, RawBackward,
+};
+pub use decode::{decode_step, decode_step_raw, DecodeShape, RawDecode, RowStrides};
+pub use feature_map::{feature_map, feature_map_raw, RowsShape};
+pub use forward::{
+    causal_forward, causal_forward_raw, noncausal_forward, noncausal_forward_raw, RawForward,
+};
+pub use memory::{DeviceRead, DeviceWrite, Memory};

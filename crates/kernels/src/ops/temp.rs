@@ -10,7 +10,7 @@ use crate::{Device, Error, Gpu, Result};
 
 /// Kept alive until the call's launches are enqueued, then dropped (a GPU
 /// allocation is freed in stream order, after the kernels that use it).
-pub(crate) enum Temp {
+pub enum Temp {
     None,
     #[allow(dead_code)]
     HostWords(Vec<i64>),

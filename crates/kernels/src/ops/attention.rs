@@ -1,0 +1,300 @@
+//! The vocabulary every attention op shares: the shape and strides of q,
+//! k, v and o ([`AttentionShape`], [`Strides`]), the options
+//! ([`AttentionOptions`], [`ScheduleChoice`]), causality ([`Kind`]), and the
+//! argument bundles ([`Qkv`], [`StateRef`], [`StateMut`], [`StateIo`]).
+//!
+//! States are one per (sequence, head), index `seq * heads + head`: `S` is
+//! row-major `d x m` fp32 at `index * d * m`, `z` is `d` fp32 at `index * d`.
+
+use super::checks;
+use crate::{Buffer, Error, FeatureMap, Result};
+
+/// Largest key size D and value size M the kernels accept.
+pub const MAX_DIM: usize = 256;
+
+/// Element strides of one `(batch, heads, tokens, dim)` tensor; the last
+/// dimension is contiguous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Strides {
+    /// Elements between consecutive batch entries.
+    pub batch: usize,
+    /// Elements between consecutive tokens.
+    pub token: usize,
+    /// Elements between consecutive heads.
+    pub head: usize,
+}
+
+impl Strides {
+    /// Contiguous `[B, H, N, dim]`.
+    pub fn bhnd(heads: usize, tokens: usize, dim: usize) -> Self {
+        Strides {
+            batch: heads * tokens * dim,
+            token: dim,
+            head: tokens * dim,
+        }
+    }
+
+    /// Contiguous `[B, N, H, dim]`.
+    pub fn bnhd(heads: usize, tokens: usize, dim: usize) -> Self {
+        Strides {
+            batch: tokens * heads * dim,
+            token: heads * dim,
+            head: dim,
+        }
+    }
+}
+
+/// Shapes and strides of q, k (`d` wide), v and o (`m` wide).
+///
+/// Dense batches: `batch` sequences of `tokens` tokens each. Varlen batches:
+/// `batch == 1`, `tokens` is the total, and `cu_seqlens` (passed alongside)
+/// cuts the token axis into sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AttentionShape {
+    /// Batch entries (1 for varlen).
+    pub batch: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Tokens per sequence (dense) or in total (varlen).
+    pub tokens: usize,
+    /// Key size D (1..=256).
+    pub d: usize,
+    /// Value size M (1..=256).
+    pub m: usize,
+    /// Strides of q.
+    pub q: Strides,
+    /// Strides of k.
+    pub k: Strides,
+    /// Strides of v.
+    pub v: Strides,
+    /// Strides of o.
+    pub o: Strides,
+}
+
+impl AttentionShape {
+    /// All four tensors contiguous `[B, H, N, dim]`.
+    pub fn bhnd(batch: usize, heads: usize, tokens: usize, d: usize, m: usize) -> Self {
+        let (qk, vo) = (
+            Strides::bhnd(heads, tokens, d),
+            Strides::bhnd(heads, tokens, m),
+        );
+        AttentionShape {
+            batch,
+            heads,
+            tokens,
+            d,
+            m,
+            q: qk,
+            k: qk,
+            v: vo,
+            o: vo,
+        }
+    }
+
+    /// All four tensors contiguous `[B, N, H, dim]`.
+    pub fn bnhd(batch: usize, heads: usize, tokens: usize, d: usize, m: usize) -> Self {
+        let (qk, vo) = (
+            Strides::bnhd(heads, tokens, d),
+            Strides::bnhd(heads, tokens, m),
+        );
+        AttentionShape {
+            batch,
+            heads,
+            tokens,
+            d,
+            m,
+            q: qk,
+            k: qk,
+            v: vo,
+            o: vo,
+        }
+    }
+
+    /// Packed varlen `[total_tokens, H, dim]` tensors (use with `cu_seqlens`).
+    pub fn packed(total_tokens: usize, heads: usize, d: usize, m: usize) -> Self {
+        Self::bnhd(1, heads, total_tokens, d, m)
+    }
+
+    /// Elements a buffer needs for `s` over `dim` (None on overflow or past
+    /// 64-bit indexing; see [`checks::span`]).
+    pub(crate) fn span(&self, s: &Strides, dim: usize) -> Option<usize> {
+        checks::span(
+            [self.batch, self.heads, self.tokens],
+            [s.batch, s.head, s.token],
+            dim,
+        )
+    }
+
+    /// Whether rows of `dim` elements at strides `s` never share an element
+    /// ([`checks::rows_disjoint`]).
+    pub(crate) fn rows_disjoint(&self, s: &Strides, dim: usize) -> bool {
+        checks::rows_disjoint(
+            &[
+                (self.batch, s.batch),
+                (self.heads, s.head),
+                (self.tokens, s.token),
+            ],
+            dim,
+        )
+    }
+}
+
+/// How the causal forward spreads work (see [`schedule`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ScheduleChoice {
+    /// Let the policy decide from the shape.
+    #[default]
+    Auto,
+    /// One block per (sequence-head, value tile) walks every chunk in order.
+    Walk,
+    /// Cut every sequence into (up to) this many partitions: partition
+    /// states, a fixed-order prefix combine, then all partitions in parallel.
+    Split {
+        /// Partitions per sequence (>= 1; capped by the number of chunks).
+        parts: usize,
+    },
+}
+
+/// Options of the forward kernels and the decode step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionOptions {
+    /// phi applied to q and k.
+    pub feature_map: FeatureMap,
+    /// Divide by `s phi(q)^T z + eps` (false: the numerator alone).
+    ///
+    /// Normalised outputs with elu+1 or relu are convex combinations of
+    /// values, so within the input's range whatever the size of q, k and
+    /// `scale`. The numerator alone, `s phi(q)^T S`, grows with the sequence
+    /// and can exceed the output type's range (f16: 65,504): such elements
+    /// come out as the infinity of their sign (the correct rounding), while
+    /// every element whose exact value fits is finite.
+    pub normalize: bool,
+    /// Keeps the denominator away from zero (default 1e-6): finite and >= 0,
+    /// and > 0 when `normalize` (eps = 0 is an `InvalidArgument` error there,
+    /// for the forward, the backward and the decode step alike: relu with
+    /// all-negative keys makes a zero denominator routine).
+    pub eps: f32,
+    /// The scale `s` on phi(q) (default 1.0).
+    pub scale: f32,
+    /// Walk or split: the forward kernels, and the backward's whole-head
+    /// walks ([`crate::ops::backward::split_schedule`]).
+    pub schedule: ScheduleChoice,
+}
+
+impl Default for AttentionOptions {
+    fn default() -> Self {
+        AttentionOptions {
+            feature_map: FeatureMap::EluPlusOne,
+            normalize: true,
+            eps: 1e-6,
+            scale: 1.0,
+            schedule: ScheduleChoice::Auto,
+        }
+    }
+}
+
+impl AttentionOptions {
+    pub(crate) fn check(&self, kernel: &'static str) -> Result<()> {
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            return Err(Error::invalid(
+                kernel,
+                "opts.eps",
+                format!("eps = {}; expected a finite number >= 0", self.eps),
+            ));
+        }
+        // A zero denominator is routine without eps (relu with all-negative
+        // keys, an empty prefix): with normalize, eps must keep it away.
+        if self.normalize && self.eps == 0.0 {
+            return Err(Error::invalid(
+                kernel,
+                "opts.eps",
+                "eps = 0 with normalize = true; expected eps > 0 (o = num / (den + eps) \
+                 divides by zero wherever s phi(q)^T z = 0)",
+            ));
+        }
+        if !self.scale.is_finite() {
+            return Err(Error::invalid(
+                kernel,
+                "opts.scale",
+                format!("scale = {}; expected a finite number", self.scale),
+            ));
+        }
+        if let ScheduleChoice::Split { parts: 0 } = self.schedule {
+            return Err(Error::invalid(
+                kernel,
+                "opts.schedule",
+                "Split { parts: 0 }: at least one partition",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Causal (prefix sums) or non-causal (every query sees the whole sequence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// `causal_forward.cu`.
+    Causal,
+    /// `noncausal_forward.cu`.
+    NonCausal,
+}
+
+/// q, k and v of a call.
+#[derive(Debug, Clone, Copy)]
+pub struct Qkv<'a, B> {
+    /// Queries, `d` wide.
+    pub q: &'a B,
+    /// Keys, `d` wide.
+    pub k: &'a B,
+    /// Values, `m` wide.
+    pub v: &'a B,
+}
+
+/// A read-only state pair (fp32 S and z).
+#[derive(Debug)]
+pub struct StateRef<'a, B> {
+    /// S, `states * d * m`.
+    pub s: &'a B,
+    /// z, `states * d`.
+    pub z: &'a B,
+}
+
+/// A writable state pair (fp32 S and z).
+#[derive(Debug)]
+pub struct StateMut<'a, B> {
+    /// S, `states * d * m`.
+    pub s: &'a mut B,
+    /// z, `states * d`.
+    pub z: &'a mut B,
+}
+
+/// The optional initial state read and final state written by a call.
+#[derive(Debug)]
+pub struct StateIo<'a, I, F> {
+    /// Start from this state (zeros when `None`).
+    pub initial: Option<StateRef<'a, I>>,
+    /// Write the state after the last token here.
+    pub final_state: Option<StateMut<'a, F>>,
+}
+
+impl<'a, F> StateIo<'a, F, F> {
+    /// No initial state (zeros), the final state written to `f`.
+    pub fn final_only(f: StateMut<'a, F>) -> Self {
+        StateIo {
+            initial: None,
+            final_state: Some(f),
+        }
+    }
+}
+
+impl StateIo<'_, Buffer<f32>, Buffer<f32>> {
+    /// No initial state, no final state (for [`crate::Device`] calls; with
+    /// cudarc memory write `StateIo::<CudaSlice<f32>, CudaSlice<f32>> {
+    /// initial: None, final_state: None }`).
+    pub fn none() -> Self {
+        StateIo {
+            initial: None,
+            final_state: None,
+        }
+    }
+}
