@@ -1,13 +1,13 @@
 //! Compiles the emulator's own test kernels (tests/cuda/*.cu) when the
 //! `test-kernels` feature is on, with the same helper that kernel crates use.
 
-#[path = "src/build.rs"]
+#[path = "src/build/mod.rs"]
 #[allow(unreachable_pub)]
 mod emu_build;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=src/build.rs");
+    println!("cargo:rerun-if-changed=src/build");
     println!("cargo:rerun-if-changed=tests/cuda");
     if std::env::var_os("CARGO_FEATURE_TEST_KERNELS").is_none() {
         return;
