@@ -139,7 +139,8 @@ impl AttentionShape {
     }
 }
 
-/// How the causal forward spreads work (see [`schedule`]).
+/// How the causal forward spreads work (the walk/split policy of
+/// `ops::tuning::forward::schedule`, described in `docs/kernels.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum ScheduleChoice {
     /// Let the policy decide from the shape.
@@ -177,7 +178,7 @@ pub struct AttentionOptions {
     /// The scale `s` on phi(q) (default 1.0).
     pub scale: f32,
     /// Walk or split: the forward kernels, and the backward's whole-head
-    /// walks ([`crate::ops::backward::split_schedule`]).
+    /// walks (`ops::tuning::backward::split_schedule`).
     pub schedule: ScheduleChoice,
 }
 

@@ -11,7 +11,7 @@
 //! | forward | [`causal_forward`], [`noncausal_forward`] | [`causal_forward_raw`], [`noncausal_forward_raw`] ([`RawForward`]) |
 //! | backward | [`causal_backward`], [`noncausal_backward`] | [`causal_backward_raw`], [`noncausal_backward_raw`] ([`RawBackward`]) |
 //! | decode | [`decode_step`] | [`decode_step_raw`] ([`RawDecode`]) |
-//! | feature map | [`feature_map`] | [`feature_map_raw`] |
+//! | feature map | [`feature_map()`] | [`feature_map_raw`] |
 //!
 //! Shapes and options: [`AttentionShape`] ([`Strides`]), [`AttentionOptions`]
 //! ([`ScheduleChoice`]), [`DecodeShape`] ([`RowStrides`]), [`RowsShape`];
