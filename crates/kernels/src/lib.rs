@@ -37,7 +37,7 @@
 //! let mut s = dev.upload(&vec![0f32; b * h * d * m])?; // fp32 state S: D x M per head
 //! let mut z = dev.upload(&vec![0f32; b * h * d])?;     // fp32 normaliser z: D per head
 //! let opts = AttentionOptions::default(); // elu+1, normalised, eps 1e-6, scale 1
-//! let states = StateIo { initial: None, final_state: Some(StateMut { s: &mut s, z: &mut z }) };
+//! let states = StateIo::final_only(StateMut { s: &mut s, z: &mut z });
 //! match causal_forward(&dev, Qkv { q: &q, k: &k, v: &v }, &mut o, &shape, None, &opts, states) {
 //!     Err(e @ Error::KernelsNotBuilt { .. }) => { eprintln!("{e}"); return Ok(()); }
 //!     r => r?,
