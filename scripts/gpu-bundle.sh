@@ -8,6 +8,11 @@
 #                      (preset 6: 6-9 minutes on 2 busy cores; 9e took ~12)
 #   bin/tests/<name>   release test executables that can reach a GPU
 #                      (fatbins embedded, debug info stripped)
+#   bin/tests/candle-cuda  linattn-candle's CUDA tests (tests/cuda.rs, the
+#                      `cuda` feature): candle links cuBLAS, cuRAND, NVRTC
+#                      and libcuda dynamically, so this one needs them to
+#                      start; they are not carried (~0.8 GB): gpu-check.sh
+#                      finds torch's copies (nvidia/*/lib) on the GPU machine
 #   bin/kernels-bench  the criterion kernels bench
 #   bin/linattn        the CLI (`info` prints the embedded ptxas report)
 #   whl/               flash-linear-attention + fla-core wheels (the peer)
@@ -23,7 +28,19 @@ cd "$root"
 if [ -z "${NVCC:-}" ]; then
   if command -v nvcc >/dev/null; then NVCC=$(command -v nvcc); else NVCC=$(scripts/install-nvcc.sh | tail -n1); fi
 fi
-export NVCC LINATTN_DENY_SPILLS=1
+# The libraries candle's CUDA backend links (cuBLAS, cuRAND, NVRTC from
+# PyPI, a libcuda stub), for the linker only: LIBRARY_PATH, set for the
+# candle build alone (it is not part of cargo's fingerprints, so nothing
+# else rebuilds).
+cuda_link=$(scripts/install-nvcc.sh --with-libs | tail -n2 | head -n1)
+# One environment for every build below (PATH and CUDA_PATH are inputs of
+# linattn-kernels' build script, so the candle build shares its kernels):
+# candle's build finds nvcc on PATH and takes the compute capability from
+# CUDA_COMPUTE_CAP instead of asking nvidia-smi; 90 is the lent H200's (its
+# PTX also JIT-compiles on newer GPUs).
+cuda_root=$(cd "$(dirname "$NVCC")/.." && pwd)
+export NVCC LINATTN_DENY_SPILLS=1 PATH="$(dirname "$NVCC"):$PATH" CUDA_ROOT="$cuda_root" CUDA_PATH="$cuda_root" \
+  CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 out=.gpu-bundle
 rm -rf "$out"
 mkdir -p "$out/bin/tests" "$out/whl"
@@ -56,14 +73,23 @@ while read -r name kind path; do
   [ "$kind" = bin ] || [ "$kind" = example ] && continue
   cp "$path" "$dest"
 done < "$out/tests.txt"
+# linattn-candle's CUDA tests: candle turns cudarc's dynamic linking on for
+# this build (see docs/candle.md), so it is a cargo call of its own.
+LIBRARY_PATH="$cuda_link${LIBRARY_PATH:+:$LIBRARY_PATH}" \
+  cargo test --release --no-run --message-format=json -p linattn-candle --features cuda --test cuda \
+  2>> "$out/build.log" | artifacts > "$out/candle.txt"
+read -r _ _ path < "$out/candle.txt"
+cp "$path" "$out/bin/tests/candle-cuda"
+needed=$(readelf -d "$out/bin/tests/candle-cuda" | sed -nE 's/.*\(NEEDED\).*\[(.*)\]/\1/p' | tr '\n' ' ')
+echo "gpu-bundle: candle-cuda needs $needed" >&2
 cargo bench --bench kernels --no-run --message-format=json 2>> "$out/build.log" | artifacts |
   while read -r _ kind path; do [ "$kind" = bench ] && cp "$path" "$out/bin/kernels-bench"; done
 cargo build --release --bin linattn 2>> "$out/build.log"
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 cp "$target_dir/release/linattn" "$out/bin/linattn"
 strip --strip-debug "$out"/bin/tests/* "$out/bin/kernels-bench" "$out/bin/linattn"
-printf 'repo_root %s\ntarget_dir %s\nglibc %s\n' "$root" "$target_dir" \
-  "$(ldd --version | head -n1 | grep -oE '[0-9]+\.[0-9]+$')" > "$out/paths"
+printf 'repo_root %s\ntarget_dir %s\nglibc %s\ncandle_needs %s\n' "$root" "$target_dir" \
+  "$(ldd --version | head -n1 | grep -oE '[0-9]+\.[0-9]+$')" "$needed" > "$out/paths"
 tar -C "$out" -cf - bin | xz -6 -T1 --lzma2=preset=6,dict=192MiB > "$out/bin.tar.xz"
 rm -rf "$out/bin"
 
