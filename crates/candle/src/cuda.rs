@@ -31,7 +31,9 @@ use crate::{AttentionOptions, Error, Result, State};
 /// cache holds the stream and its context, so neither address is reused
 /// while cached.
 fn executor(dev: &CudaDevice) -> Result<Arc<Gpu>> {
-    static CACHE: OnceLock<Mutex<HashMap<(usize, usize), Arc<Gpu>>>> = OnceLock::new();
+    /// Executors by (context, stream) address.
+    type Executors = Mutex<HashMap<(usize, usize), Arc<Gpu>>>;
+    static CACHE: OnceLock<Executors> = OnceLock::new();
     let stream = dev.cuda_stream();
     let key = (
         stream.context().cu_ctx() as usize,
