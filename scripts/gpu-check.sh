@@ -6,7 +6,7 @@
 #      failing binary is rerun alone on its failing tests with
 #      CUDA_LAUNCH_BLOCKING=1 LINATTN_SYNC_LAUNCHES=1 --test-threads=1.
 #      A binary linked against CUDA libraries (candle-cuda: linattn-candle's
-#      CUDA tests; candle links cuBLAS, cuRAND, NVRTC) gets torch's copies
+#      CUDA tests: cuBLAS, cuRAND, the CUDA runtime) gets torch's copies
 #      (python3's site-packages/nvidia/*/lib, or LINATTN_GPU_CHECK_CUDA_LIBS
 #      = dirs separated by ':') on LD_LIBRARY_PATH, for it alone; a library
 #      still missing is a SKIPPED row naming it (NO GPU for libcuda.so.1)
