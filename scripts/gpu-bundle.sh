@@ -5,7 +5,9 @@
 #   bin.tar.xz         the executables below; they share most of their bytes
 #                      (embedded fatbins, the emulator), so xz with a window
 #                      larger than one of them packs ~370 MB into ~5.7 MB
-#                      (preset 6: 6-9 minutes on 2 busy cores; 9e took ~12)
+#                      (preset 6: 4-9 minutes on 2 busy cores; 9e took
+#                      ~12); with candle-cuda (80 MB stripped, much of it
+#                      candle's PTX) ~570 MB into 12.2 MB
 #   bin/tests/<name>   release test executables that can reach a GPU
 #                      (fatbins embedded, debug info stripped)
 #   bin/tests/candle-cuda  linattn-candle's CUDA tests (tests/cuda.rs, the
