@@ -4,7 +4,12 @@
 #   1. environment: glibc, nvidia-smi, `linattn info` (what linattn sees)
 #   2. every test binary on the GPU only (LINATTN_TEST_DEVICES=gpu); a
 #      failing binary is rerun alone on its failing tests with
-#      CUDA_LAUNCH_BLOCKING=1 LINATTN_SYNC_LAUNCHES=1 --test-threads=1
+#      CUDA_LAUNCH_BLOCKING=1 LINATTN_SYNC_LAUNCHES=1 --test-threads=1.
+#      A binary linked against CUDA libraries (candle-cuda: linattn-candle's
+#      CUDA tests: cuBLAS, cuRAND, the CUDA runtime) gets torch's copies
+#      (python3's site-packages/nvidia/*/lib, or LINATTN_GPU_CHECK_CUDA_LIBS
+#      = dirs separated by ':') on LD_LIBRARY_PATH, for it alone; a library
+#      still missing is a SKIPPED row naming it (NO GPU for libcuda.so.1)
 #   3. device-to-device copy bandwidth (torch)
 #   4. the kernel benches at the anchor shapes (benches/kernels.rs)
 #   5. flash-linear-attention and torch SDPA at the same shapes
@@ -12,8 +17,8 @@
 #      gVisor runtime refuses it: reported as skipped, not failed)
 # --quick: steps 1-5 at the first anchor shape only, in under 3 minutes.
 #
-# Every step runs under `timeout` with a stated budget: full 350 s, quick
-# 170 s in all; time a step leaves unused goes to the next ones, and no step
+# Every step runs under `timeout` with a stated budget: full 370 s, quick
+# 180 s in all; time a step leaves unused goes to the next ones, and no step
 # eats into the budgets of those after it. LINATTN_GPU_CHECK_BUDGET_<STEP>=s
 # overrides one (STEP: ENV UNPACK TESTS COPY BENCH PEERS SANITIZER).
 #
@@ -83,9 +88,9 @@ trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null; row "stopped" "TIMEOUT
 steps=(unpack env tests copy bench peers sanitizer)
 declare -A budget
 if [ "$quick" = 1 ]; then
-  budget=([env]=20 [unpack]=30 [tests]=70 [copy]=10 [bench]=20 [peers]=20 [sanitizer]=0)
+  budget=([env]=20 [unpack]=30 [tests]=80 [copy]=10 [bench]=20 [peers]=20 [sanitizer]=0)
 else
-  budget=([env]=20 [unpack]=30 [tests]=110 [copy]=15 [bench]=75 [peers]=60 [sanitizer]=40)
+  budget=([env]=20 [unpack]=30 [tests]=130 [copy]=15 [bench]=75 [peers]=60 [sanitizer]=40)
 fi
 total=0
 for s in "${steps[@]}"; do
@@ -241,6 +246,46 @@ fi
 [ "${LINATTN_GPU_CHECK_FORCE:-0}" = 1 ] && run_gpu=1
 pack
 
+# The folders of the CUDA libraries torch's wheels installed (nvidia-cublas
+# and the like put them under site-packages/nvidia/<name>/lib), for the test
+# binaries that link them; LINATTN_GPU_CHECK_CUDA_LIBS overrides.
+cuda_lib_dirs() {
+  if [ -n "${LINATTN_GPU_CHECK_CUDA_LIBS+set}" ]; then
+    echo "$LINATTN_GPU_CHECK_CUDA_LIBS"
+    return
+  fi
+  python3 - 2> /dev/null <<'PY'
+import glob, os, site
+roots = []
+try:
+    import nvidia  # the namespace package of NVIDIA's wheels
+    roots = list(nvidia.__path__)
+except ImportError:
+    pass
+for sp in site.getsitepackages() + [site.getusersitepackages()]:
+    roots.append(os.path.join(sp, "nvidia"))
+seen = []
+for r in roots:
+    for d in sorted(glob.glob(os.path.join(r, "*", "lib"))):
+        d = os.path.realpath(d)
+        if d not in seen:
+            seen.append(d)
+print(":".join(seen))
+PY
+}
+# needs_libs EXE: sets exe_env to what EXE needs on LD_LIBRARY_PATH (empty
+# when it starts as it is) and missing to the libraries nothing provides.
+needs_libs() {
+  exe_env=""
+  missing=""
+  command -v ldd > /dev/null || return 0
+  ldd "$1" 2> /dev/null | grep -q 'not found' || return 0
+  [ -n "${cuda_libs+set}" ] || cuda_libs=$(cuda_lib_dirs)
+  exe_env=$cuda_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  missing=$(LD_LIBRARY_PATH=$exe_env ldd "$1" 2> /dev/null | awk '$2 == "=>" && $3 == "not" {print $1}' | sort -u | tr '\n' ' ')
+  missing=${missing% }
+}
+
 # ---- 2. tests on the GPU ----------------------------------------------------
 # Every binary that can reach a GPU, on the GPU only (tests/common: the
 # emulator is CI's job). A failing binary is rerun alone, on its failing
@@ -252,13 +297,31 @@ if [ "$run_gpu" = 0 ]; then
   row "tests" "skipped" "NO GPU"
 else
   export LINATTN_TEST_DEVICES=gpu
-  for exe in "$bin"/tests/*; do
+  # The project's own binaries first; candle's last, so that a step cut
+  # short leaves the kernels' rows complete.
+  exes=()
+  for exe in "$bin"/tests/*; do [ "$(basename "$exe")" = candle-cuda ] || exes+=("$exe"); done
+  [ -e "$bin/tests/candle-cuda" ] && exes+=("$bin/tests/candle-cuda")
+  for exe in "${exes[@]}"; do
     name=$(basename "$exe")
     log=$logs/test-$name.log
     tl=$(left)
     if [ "$tl" -lt 1 ]; then row "test $name" "TIMEOUT" "not run: the step's ${t} s were used up"; continue; fi
+    needs_libs "$exe"
+    if [ -n "$missing" ]; then
+      others=$(tr ' ' '\n' <<< "$missing" | grep -v '^libcuda\.so' | tr '\n' ' ')
+      others=${others% }
+      where="looked in ${cuda_libs:-no nvidia/*/lib folder from python3}"
+      if [ -n "$others" ]; then
+        row "test $name" "SKIPPED" "${others// /, } not found ($where)"
+      else
+        row "test $name" "NO GPU" "libcuda.so.1 not found: no CUDA driver"
+      fi
+      { echo "missing: $missing"; echo "$where"; LD_LIBRARY_PATH=$exe_env ldd "$exe"; } > "$log" 2>&1
+      continue
+    fi
     t0=$(date +%s)
-    limited "$tl" "$log" "$exe"
+    limited "$tl" "$log" env ${exe_env:+LD_LIBRARY_PATH="$exe_env"} "$exe"
     rc=$?
     secs=$(($(date +%s) - t0))
     pack
@@ -278,9 +341,11 @@ else
     rlog=$logs/test-$name.rerun.log
     tl=$(left)
     if [ "${#names[@]}" -gt 0 ]; then
-      limited "$tl" "$rlog" env CUDA_LAUNCH_BLOCKING=1 LINATTN_SYNC_LAUNCHES=1 "$exe" --test-threads=1 --exact "${names[@]}"
+      limited "$tl" "$rlog" env ${exe_env:+LD_LIBRARY_PATH="$exe_env"} CUDA_LAUNCH_BLOCKING=1 LINATTN_SYNC_LAUNCHES=1 \
+        "$exe" --test-threads=1 --exact "${names[@]}"
     else
-      limited "$tl" "$rlog" env CUDA_LAUNCH_BLOCKING=1 LINATTN_SYNC_LAUNCHES=1 "$exe" --test-threads=1
+      limited "$tl" "$rlog" env ${exe_env:+LD_LIBRARY_PATH="$exe_env"} CUDA_LAUNCH_BLOCKING=1 LINATTN_SYNC_LAUNCHES=1 \
+        "$exe" --test-threads=1
     fi
     rc=$?
     if [ "$rc" = 0 ]; then

@@ -18,7 +18,7 @@ use linattn_kernels::{
     Strides as KStrides,
 };
 use linattn_kernels::{decode_step, DecodeShape};
-use linattn_kernels::{Element, Gpu};
+use linattn_kernels::{Buffer, Element, Gpu};
 
 use crate::cpu::Strides;
 use crate::op::{AttnOp, Grads, Kind, Spec};
@@ -31,7 +31,9 @@ use crate::{AttentionOptions, Error, Result, State};
 /// cache holds the stream and its context, so neither address is reused
 /// while cached.
 fn executor(dev: &CudaDevice) -> Result<Arc<Gpu>> {
-    static CACHE: OnceLock<Mutex<HashMap<(usize, usize), Arc<Gpu>>>> = OnceLock::new();
+    /// Executors by (context, stream) address.
+    type Executors = Mutex<HashMap<(usize, usize), Arc<Gpu>>>;
+    static CACHE: OnceLock<Executors> = OnceLock::new();
     let stream = dev.cuda_stream();
     let key = (
         stream.context().cu_ctx() as usize,
@@ -47,6 +49,60 @@ fn executor(dev: &CudaDevice) -> Result<Arc<Gpu>> {
     let g = Arc::new(Gpu::from_stream(stream)?);
     map.insert(key, g.clone());
     Ok(g)
+}
+
+/// `len` zeros on candle's stream (the executor's), allocated through the
+/// kernels crate, which never asks the driver for 0 bytes
+/// (`cuMemAllocAsync(0)` is refused): `len` 0 gives an empty slice backed
+/// by one element. Every buffer this module makes comes from here, so no
+/// shape reaching it can make an allocation fail for being empty.
+fn zeros<T: Element>(gpu: &Arc<Gpu>, len: usize) -> Result<CudaSlice<T>> {
+    match linattn_kernels::Device::Gpu(gpu.clone()).alloc_zeros::<T>(len)? {
+        Buffer::Cuda(s) => Ok(s),
+        Buffer::Host(_) => Err(crate::invalid(
+            "linattn-candle",
+            "device",
+            "a GPU executor gave a host buffer",
+        )),
+    }
+}
+
+/// `x` from element `at` on, empty when `at` is past its end (an empty
+/// tensor's storage; `slice` would panic there).
+fn tail<T>(x: &CudaSlice<T>, at: usize) -> CudaView<'_, T> {
+    x.slice(at.min(x.len())..)
+}
+
+/// Elements `at..at + n` of `x`, or a typed error naming `arg` when the
+/// storage is shorter.
+fn span<'a, T>(
+    x: &'a CudaSlice<T>,
+    at: usize,
+    n: usize,
+    arg: &'static str,
+) -> Result<CudaView<'a, T>> {
+    x.try_slice(at..at + n).ok_or_else(|| {
+        crate::invalid(
+            "linattn-candle",
+            arg,
+            format!(
+                "storage of {} elements has no {n} from element {at}",
+                x.len()
+            ),
+        )
+    })
+}
+
+/// The initial state `(S, z)` from the packed 1-D `[S ; z]` at `at`.
+fn packed_state(
+    x: &CudaSlice<f32>,
+    at: usize,
+    (u, d, m): (usize, usize, usize),
+) -> Result<(CudaView<'_, f32>, CudaView<'_, f32>)> {
+    Ok((
+        span(x, at, u * d * m, "initial")?,
+        span(x, at + u * d * m, u * d, "initial")?,
+    ))
 }
 
 fn kstrides(s: Strides) -> KStrides {
@@ -104,34 +160,29 @@ fn forward_t<T: CudaDType + Element + DeviceRepr>(
     let spec = &op.spec;
     let dev = s1.device.clone();
     let gpu = executor(&dev).map_err(wrap)?;
-    let q: CudaView<T> = s1.as_cuda_slice::<T>()?.slice(l1.start_offset()..);
+    let q: CudaView<T> = tail(s1.as_cuda_slice::<T>()?, l1.start_offset());
     let (qs, ks) = (spec.strides(l1), spec.strides(l2));
-    let k: CudaView<T> = s2.as_cuda_slice::<T>()?.slice(l2.start_offset()..);
+    let k: CudaView<T> = tail(s2.as_cuda_slice::<T>()?, l2.start_offset());
     let (v, vs) = if op.packed {
         (
-            s2.as_cuda_slice::<T>()?.slice(l2.start_offset() + spec.d..),
+            tail(s2.as_cuda_slice::<T>()?, l2.start_offset() + spec.d),
             Strides { start: 0, ..ks },
         )
     } else {
         (
-            s3.as_cuda_slice::<T>()?.slice(l3.start_offset()..),
+            tail(s3.as_cuda_slice::<T>()?, l3.start_offset()),
             spec.strides(l3),
         )
     };
     let sh = shape(spec, qs, ks, vs);
     let cu = cu_seqlens(spec);
     let dims = spec.dims(spec.m);
-    let mut o = dev.alloc_zeros::<T>(dims.iter().product())?;
+    let mut o = zeros::<T>(&gpu, dims.iter().product()).map_err(wrap)?;
     let (u, d, m) = (spec.units(), spec.d, spec.m);
-    let mut fs: CudaSlice<f32> = dev.alloc_zeros::<f32>(u * d * m)?;
-    let mut fz: CudaSlice<f32> = dev.alloc_zeros::<f32>(u * d)?;
+    let mut fs: CudaSlice<f32> = zeros(&gpu, u * d * m).map_err(wrap)?;
+    let mut fz: CudaSlice<f32> = zeros(&gpu, u * d).map_err(wrap)?;
     let init: Option<(CudaView<f32>, CudaView<f32>)> = if op.packed {
-        let x = s3.as_cuda_slice::<f32>()?;
-        let at = l3.start_offset();
-        Some((
-            x.slice(at..at + u * d * m),
-            x.slice(at + u * d * m..at + u * d * (m + 1)),
-        ))
+        Some(packed_state(s3.as_cuda_slice::<f32>()?, l3.start_offset(), (u, d, m)).map_err(wrap)?)
     } else {
         None
     };
@@ -200,7 +251,7 @@ fn cuda_ref(g: &Storage) -> Result<&CudaStorage> {
 }
 
 fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
-    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+    Ok(tail(s.as_cuda_slice::<T>()?, l.start_offset()))
 }
 
 fn backward_t<T: CudaDType + Element + DeviceRepr>(
@@ -253,22 +304,19 @@ fn backward_t<T: CudaDType + Element + DeviceRepr>(
         spec.dims(spec.m).iter().product::<usize>(),
     );
     let (u, d, m) = (spec.units(), spec.d, spec.m);
-    let mut dq = dev.alloc_zeros::<T>(qn)?;
-    let mut dk = dev.alloc_zeros::<T>(qn)?;
-    let mut dv = dev.alloc_zeros::<T>(vn)?;
-    let mut ds = dev.alloc_zeros::<f32>(u * d * m)?;
-    let mut dz = dev.alloc_zeros::<f32>(u * d)?;
+    let mut dq = zeros::<T>(&gpu, qn)?;
+    let mut dk = zeros::<T>(&gpu, qn)?;
+    let mut dv = zeros::<T>(&gpu, vn)?;
+    let mut ds = zeros::<f32>(&gpu, u * d * m)?;
+    let mut dz = zeros::<f32>(&gpu, u * d)?;
     let st = state.map(|t| t.contiguous()).transpose()?;
     let st_guard = st.as_ref().map(|t| t.storage_and_layout());
     let init = match &st_guard {
-        Some((g, l)) => {
-            let x = cuda_ref(g)?.as_cuda_slice::<f32>()?;
-            let at = l.start_offset();
-            Some((
-                x.slice(at..at + u * d * m),
-                x.slice(at + u * d * m..at + u * d * (m + 1)),
-            ))
-        }
+        Some((g, l)) => Some(packed_state(
+            cuda_ref(g)?.as_cuda_slice::<f32>()?,
+            l.start_offset(),
+            (u, d, m),
+        )?),
         None => None,
     };
     let states = BackwardStates {
@@ -352,9 +400,7 @@ fn decode_t<T: CudaDType + Element + DeviceRepr>(
     let stream = dev.cuda_stream();
     // The new state starts as a copy of the old one (see `decode_step`).
     let ds = |s: &CudaStorage, l: &Layout, n: usize| -> Result<CudaSlice<f32>> {
-        let x = s
-            .as_cuda_slice::<f32>()?
-            .slice(l.start_offset()..l.start_offset() + n);
+        let x = span(s.as_cuda_slice::<f32>()?, l.start_offset(), n, "state")?;
         stream.clone_dtod(&x).map_err(|e| {
             Error::Kernels(linattn_kernels::Error::Driver {
                 context: "copying the state".into(),
@@ -364,7 +410,7 @@ fn decode_t<T: CudaDType + Element + DeviceRepr>(
     };
     let mut s = ds(ss, ls, b * h * d * m)?;
     let mut z = ds(sz, lz, b * h * d)?;
-    let mut o = dev.alloc_zeros::<T>(b * h * m)?;
+    let mut o = zeros::<T>(&gpu, b * h * m)?;
     let x = Qkv {
         q: &view::<T>(sq, lq)?,
         k: &view::<T>(sk, lk)?,

@@ -60,7 +60,7 @@ impl Spec {
         (self.seqs.len(), self.heads)
     }
 
-    fn tokens(&self) -> usize {
+    pub fn tokens(&self) -> usize {
         match self.kind {
             Kind::Dense(_) => self.seqs.first().map_or(0, |s| s.1),
             Kind::Varlen => self.seqs.last().map_or(0, |s| s.0 + s.1),
@@ -414,6 +414,9 @@ pub(crate) fn apply(
     v: &Tensor,
     initial: Option<Option<&State>>,
 ) -> Result<(Tensor, Option<State>)> {
+    if spec.tokens() == 0 {
+        return without_tokens(&spec, v, initial);
+    }
     let q = last_dim_contiguous(q)?;
     let k = last_dim_contiguous(k)?;
     let v = last_dim_contiguous(v)?;
@@ -450,6 +453,35 @@ pub(crate) fn apply(
     let s = Tensor::from_storage(s, (u1, u2, d, m), BackpropOp::none(), false);
     let z = Tensor::from_storage(z, (u1, u2, d), BackpropOp::none(), false);
     Ok((o, Some(State { s, z })))
+}
+
+/// A call with no tokens at all (a varlen batch whose sequences are all
+/// empty; dense calls reject N = 0): nothing to compute, and nothing to
+/// allocate, on every device alike. On CUDA, making a 0-element tensor
+/// (candle's `zeros`, `cat`, `contiguous`, a dtype cast) asks the driver for
+/// 0 bytes, which `cuMemAllocAsync` refuses, so none is made: o is v's own
+/// empty `[0, H, M]` view, detached (it has no elements to take a gradient
+/// through), and each final state is its initial one (an empty sequence
+/// passes its state through), copied so that it never shares storage with
+/// a `Var` an optimiser updates in place, or zeros.
+fn without_tokens(
+    spec: &Spec,
+    v: &Tensor,
+    initial: Option<Option<&State>>,
+) -> Result<(Tensor, Option<State>)> {
+    let o = v.detach();
+    let Some(initial) = initial else {
+        return Ok((o, None));
+    };
+    let (u1, u2) = spec.state_dims();
+    let fin = match initial {
+        Some(st) => State {
+            s: st.s.copy()?.detach(),
+            z: st.z.copy()?.detach(),
+        },
+        None => State::zeros(u1, u2, spec.d, spec.m, v.device())?,
+    };
+    Ok((o, Some(fin)))
 }
 
 /// The decode step on either device.

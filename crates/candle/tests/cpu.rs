@@ -55,6 +55,11 @@ fn varlen_matches_per_sequence() {
 }
 
 #[test]
+fn varlen_without_tokens() {
+    common::varlen_without_tokens(&Device::Cpu);
+}
+
+#[test]
 fn strided_inputs() {
     common::strided_inputs(&Device::Cpu);
 }

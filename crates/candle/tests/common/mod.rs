@@ -444,6 +444,57 @@ pub fn prefill_then_decode(dev: &Device, dtype: DType) -> f64 {
     worst
 }
 
+/// A varlen call whose sequences are all empty (total_tokens = 0), causal
+/// and not, one and three sequences, every dtype: o is an empty
+/// `[0, H, M]` tensor of q's dtype on q's device, and each final state is
+/// its initial one bit for bit (zeros without one). The inputs are empty
+/// views of real tensors (a packed batch narrowed to nothing), so on CUDA
+/// nothing here asks the driver for zero bytes, and the op must not either
+/// (it takes the same path on every device: no launch, no allocation).
+pub fn varlen_without_tokens(dev: &Device) {
+    let (h, d, m) = (3, 8, 12);
+    let mut rng = Rng::new(77);
+    let opts = AttentionOptions::default();
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        let empty = |x: Tensor| x.narrow(0, 2, 0).unwrap();
+        let q = empty(rand(&mut rng, &[5, h, d], dt, dev).0);
+        let k = empty(rand(&mut rng, &[5, h, d], dt, dev).0);
+        let v = empty(rand(&mut rng, &[5, h, m], dt, dev).0);
+        for causal in [true, false] {
+            for cu in [&[0usize, 0][..], &[0, 0, 0, 0]] {
+                let seqs = cu.len() - 1;
+                let check_o = |o: &Tensor| {
+                    assert_eq!(o.dims(), &[0, h, m], "{dt:?} causal {causal} {cu:?}");
+                    assert_eq!(o.dtype(), dt);
+                    assert!(o.device().same_device(dev));
+                    // Nothing was launched or allocated: o is v's own view.
+                    let (go, _) = o.storage_and_layout();
+                    let (gv, _) = v.storage_and_layout();
+                    assert!(std::ptr::eq(&*go, &*gv), "o must be v's empty view");
+                };
+                let (o, fin) =
+                    varlen_linear_attention(&q, &k, &v, cu, causal, &opts, None).unwrap();
+                check_o(&o);
+                assert_eq!(fin.s.dims(), &[seqs, h, d, m]);
+                assert_eq!(fin.z.dims(), &[seqs, h, d]);
+                assert!(
+                    to_f64(&fin.s)
+                        .iter()
+                        .chain(&to_f64(&fin.z))
+                        .all(|&x| x == 0.0),
+                    "no tokens and no initial state: the final state is zeros"
+                );
+                let (st, sf, zf) = rand_state(&mut rng, seqs, h, d, m, dev);
+                let (o, fin) =
+                    varlen_linear_attention(&q, &k, &v, cu, causal, &opts, Some(&st)).unwrap();
+                check_o(&o);
+                assert_eq!(to_f64(&fin.s), sf, "empty sequences pass S through");
+                assert_eq!(to_f64(&fin.z), zf, "empty sequences pass z through");
+            }
+        }
+    }
+}
+
 /// Varlen equals per-sequence calls, and the reference, with states.
 pub fn varlen_matches_per_sequence(dev: &Device) -> f64 {
     let mut worst = 0f64;
