@@ -598,3 +598,25 @@ fn f16_backward_zero_query_rows_tiled() {
         check::<bf16>(&c, 1e-2, 0x17_0b);
     }
 }
+
+/// The fifth and sixth rows in the tiled passes (heads past 64
+/// state tiles, D = M = 256: prep over M tiles, dq over D tiles), causal
+/// and non-causal, q, k ~ N(mu, 1) with mu 5 and 40, bf16 and f16: prep
+/// forms `G . num` from `qh . (G S_hi^T + G S_lo^T)` and fp32 `A o (G v^T)`,
+/// dq splits S and B' into hi + lo halves as prepdq does.
+#[test]
+fn half_backward_tiled_mu_dq() {
+    let t = tiling_for(DType::Bf16, 256, 256);
+    assert!(t.dkv.is_none() && t.prep_dq.is_none(), "{t:?}");
+    assert!(t.prep.tiles > 1 && t.dqk.tiles > 1, "{t:?}");
+    for kind in [Kind::Causal, Kind::NonCausal] {
+        for mu in [5.0, 40.0] {
+            let c = Case::new(kind, 100, 256, 256).with(|c| {
+                c.h = 1;
+                c.mu = mu;
+            });
+            check::<bf16>(&c, 1e-2, 0x17_25);
+            check::<f16>(&c, 1e-2, 0x17_25);
+        }
+    }
+}
