@@ -796,17 +796,20 @@ __device__ __forceinline__ void frags_load(Acc (&st)[kDkvFrags], const FragTiles
 }
 
 // The 16-bit copy S16 (row stride L16) with tile scales sS (round_tiles'
-// rounding and indexing). The scratch and S16 must be free: sync first.
+// rounding and indexing); rows x with dead[x] != 0 are copied as zeros
+// (dead: nullptr for none). The scratch and S16 must be free: sync first.
 template <typename T>
 __device__ __forceinline__ void frags_publish(const Acc (&st)[kDkvFrags], const FragTiles& ft, T* S16, int L16,
-                                              float* sS) {
+                                              float* sS, const float* dead = nullptr) {
 #pragma unroll
     for (int k = 0; k < kDkvFrags; ++k) {
         int t, x0, e0;
         if (!ft.at(k, t, x0, e0)) continue;
         nvcuda::wmma::store_matrix_sync(ft.scratch, st[k], 16, nvcuda::wmma::mem_row_major);
         __syncwarp();
-        round_tile<T>(S16 + x0 * L16 + e0, L16, sS + t, [&](int r, int col) { return ft.scratch[r * 16 + col]; });
+        round_tile<T>(S16 + x0 * L16 + e0, L16, sS + t, [&](int r, int col) {
+            return dead != nullptr && dead[x0 + r] != 0.0f ? 0.0f : ft.scratch[r * 16 + col];
+        });
         __syncwarp();
     }
 }
@@ -1208,6 +1211,19 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     float* sS = cv.take<float>(DTT * MTT);
     (void)cv.take<float>(CT * MTT);  // the layout shared with prepdq
     float* sP = cv.take<float>(CT * CT);
+    float* dead = cv.take<float>(D16);  // eps rows' features (f16 relu)
+    // f16, relu, normalised: rows whose den is eps alone (den == eps: no key
+    // j <= i shares a feature with q_i) have qn = qh / eps, and qn is
+    // nonzero only on features x where every key j <= i has k_jx <= 0, so
+    // phi(k_jx) and phi'(k_jx) vanish for every token still to come: such
+    // a row meets only zeros in dk and dv and counts only in dS0. Staged,
+    // its 1 / eps set its f16 tile scales (qn's, then dS16's) and flushed
+    // the other rows of those tiles (dv 1.7e-2 in a D = M = 2 draw). So
+    // its qn is staged as zero for the chunk's products, its qn^T G is
+    // absorbed into dS from a second staging of qn that holds only such
+    // rows (their own tile scales), and the dS rows it touched are copied
+    // to dS16 as zeros (dead). bf16 is not scaled and takes none of this.
+    const bool eps_rows = Mma<T>::scaled && fm == LINATTN_FEATURE_MAP_RELU && p.normalize != 0;
 
     // dS from d_final (zero without) or the partition's work slot, and its
     // copy dS16.
@@ -1217,6 +1233,8 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     frags_load(st, ft, sl.s == nullptr ? nullptr : sl.s + sl.index * D * M, D, M);
     if (!sl.partials) frags_publish<T>(st, ft, S16, L16, sS);
     for (int x = tid; x < D16; x += nthreads) zs[x] = sl.z != nullptr && x < D ? sl.z[sl.index * D + x] : 0.0f;
+    if constexpr (Mma<T>::scaled)
+        for (int x = tid; x < D16; x += nthreads) dead[x] = 0.0f;
     const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
     const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
     const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride);
@@ -1251,9 +1269,10 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
             }
             __syncthreads();
             if (absorb) {
-                // qn = s phi(q) / den; d den becomes d den * den = -(G . o).
+                // qn = s phi(q) / den (zero in eps rows, above); d den
+                // becomes d den * den = -(G . o).
                 round_tiles<T>(Q16, LD, C, D16, sQ, [&](int j, int x) {
-                    return j < rows && x < D
+                    return j < rows && x < D && !(eps_rows && den[j] == p.eps)
                                ? __fdividef(phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * p.scale, den[j])
                                : 0.0f;
                 });
@@ -1292,9 +1311,34 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                             S16, L16, sS, G16, nullptr, dvb + t0 * p.v_token_stride, p.v_token_stride);
             }
             if (absorb) {
-                // dS += qn^T G, dz += qn^T (-(G . o)) (dz was last read
-                // before the sync above; qn in fp32 here, from the input).
-                frags_absorb<T>(st, ft, CT, Q16, LD, sQ, DTT, G16, L16, nullptr);
+                // dS += qn^T G; then, for f16 chunks with eps rows, once
+                // more from qn of those rows alone (one call site: the
+                // fragments' code is not duplicated).
+#pragma unroll 1
+                for (int pass = 0;; ++pass) {
+                    frags_absorb<T>(st, ft, CT, Q16, LD, sQ, DTT, G16, L16, nullptr);
+                    if constexpr (!Mma<T>::scaled) break;
+                    if (pass == 1 || !eps_rows) break;
+                    int any = 0;
+                    for (int j = tid; j < rows; j += nthreads) any |= den[j] == p.eps ? 1 : 0;
+                    // (a barrier: every warp has read Q16)
+                    if (!__syncthreads_or(any)) break;
+                    // qn of the eps rows alone, and their features.
+                    round_tiles<T>(Q16, LD, C, D16, sQ, [&](int j, int x) {
+                        return j < rows && x < D && den[j] == p.eps
+                                   ? __fdividef(phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * p.scale, den[j])
+                                   : 0.0f;
+                    });
+                    for (int x = tid; x < D; x += nthreads) {
+#pragma unroll 1
+                        for (int j = 0; j < rows; ++j)
+                            if (den[j] == p.eps && phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) != 0.0f)
+                                dead[x] = 1.0f;
+                    }
+                    __syncthreads();
+                }
+                // dz += qn^T (-(G . o)) (dz was last read before the sync
+                // above; qn in fp32 here, from the input).
                 for (int x = tid; x < D; x += nthreads) {
                     float acc = zs[x];
 #pragma unroll 1
@@ -1308,7 +1352,11 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                 // publishes once, after absorbing every chunk.
                 if (!sl.partials && (causal || c0 == 0)) {
                     __syncthreads();  // F (the scratch) and dS16 read out
-                    frags_publish<T>(st, ft, S16, L16, sS);
+                    if constexpr (Mma<T>::scaled) {
+                        frags_publish<T>(st, ft, S16, L16, sS, eps_rows ? dead : nullptr);
+                    } else {
+                        frags_publish<T>(st, ft, S16, L16, sS);
+                    }
                 }
             }
             __syncthreads();

@@ -394,9 +394,11 @@ fn whole_head_bytes(d: usize, m: usize, chunk: usize, extra: &[usize], vectors: 
 /// Shared memory of the merged tensor-core dk + dv kernel in bytes (dS
 /// itself lives in the warps' registers): the layout of
 /// [`prep_dq_mma_bytes`] with the tile scales of `phi(q) / den` after the
-/// scratch and two per-row vectors (den, d den).
+/// scratch, two per-row vectors (den, d den) and, last, one flag per
+/// feature (`D16` floats: the features of rows whose den is eps).
 pub fn dkv_mma_bytes(d: usize, m: usize, chunk: usize) -> usize {
-    whole_head_bytes(d, m, chunk, &[(chunk / 16) * (pad16(d) / 16)], 2)
+    whole_head_bytes(d, m, chunk, &[(chunk / 16) * (pad16(d) / 16)], 2).next_multiple_of(128)
+        + pad16(d) * 4
 }
 
 /// Shared memory of the fused tensor-core prep + dq kernel in bytes (S
