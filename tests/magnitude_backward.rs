@@ -10,11 +10,14 @@
 //! The three backward rows of the table are named regression
 //! tests, as are the f16 range cases this work found (a scale of 1e5; rows
 //! with phi(q) = 0, whose den is eps, in the whole-head and the tiled
-//! passes); `magnitude_sweep_backward` is the backward part of the magnitude
-//! sweep (dtype x feature map x causal / non-causal / split x mu x sigma x
-//! scale), one seed per run (`LINATTN_TEST_SEED` replays one;
-//! `LINATTN_MAG_SEEDS=n` runs n consecutive seeds, used to fix the
-//! thresholds). `-- --nocapture` prints the measured errors.
+//! passes; relu rows no earlier key shares a feature with, no initial
+//! state, `f16_backward_eps_rows`), the mu rows repeat in the tiled passes
+//! (`half_backward_tiled_mu_dq`, D = M = 256); `magnitude_sweep_backward`
+//! is the backward part of the magnitude sweep (dtype x feature map x
+//! causal / non-causal / split x mu x sigma x scale), one seed per run
+//! (`LINATTN_TEST_SEED` replays one; `LINATTN_MAG_SEEDS=n` runs n
+//! consecutive seeds, used to fix the thresholds). `-- --nocapture` prints
+//! the measured errors.
 
 mod common;
 
