@@ -10,11 +10,14 @@
 //! The three backward rows of the table are named regression
 //! tests, as are the f16 range cases this work found (a scale of 1e5; rows
 //! with phi(q) = 0, whose den is eps, in the whole-head and the tiled
-//! passes); `magnitude_sweep_backward` is the backward part of the magnitude
-//! sweep (dtype x feature map x causal / non-causal / split x mu x sigma x
-//! scale), one seed per run (`LINATTN_TEST_SEED` replays one;
-//! `LINATTN_MAG_SEEDS=n` runs n consecutive seeds, used to fix the
-//! thresholds). `-- --nocapture` prints the measured errors.
+//! passes; relu rows no earlier key shares a feature with, no initial
+//! state, `f16_backward_eps_rows`), the mu rows repeat in the tiled passes
+//! (`half_backward_tiled_mu_dq`, D = M = 256); `magnitude_sweep_backward`
+//! is the backward part of the magnitude sweep (dtype x feature map x
+//! causal / non-causal / split x mu x sigma x scale), one seed per run
+//! (`LINATTN_TEST_SEED` replays one; `LINATTN_MAG_SEEDS=n` runs n
+//! consecutive seeds, used to fix the thresholds). `-- --nocapture` prints
+//! the measured errors.
 
 mod common;
 
@@ -435,7 +438,7 @@ fn bf16_backward_small_head_varlen_split_dq() {
 /// eight), N in 16..=300, optional initial state and d_final. The identity
 /// map is drawn only where q, k > 0 almost surely (mu >= 5 sigma): elsewhere
 /// its denominator crosses zero and the problem itself is ill-conditioned.
-/// relu always has an initial state (below).
+/// relu has an initial state when the schedule is split (below).
 /// D = 1 is left out: with normalisation on, dq vanishes by construction
 /// there (the query factor cancels), so a relative error means nothing.
 fn sweep_case(rng: &mut Rng) -> Case {
@@ -475,11 +478,13 @@ fn sweep_case(rng: &mut Rng) -> Case {
     c.map = map;
     c.scale = SCALE[rng.range(0, 3)];
     // relu without an initial state leaves rows whose den is eps alone
-    // (phi(q_i) . z_i = 0: no earlier key shares a feature with q_i); their
-    // 1 / eps reaches dS's f16 copy and flushes the other rows of its
-    // 16 x 16 tile (docs/kernels.md, "16-bit roundings: backward"): the
-    // sweep gives relu an initial state (z0 > 0).
-    c.initial = map == FeatureMap::Relu || rng.bool();
+    // (phi(q_i) . z_i = 0: no earlier key shares a feature with q_i). The
+    // dkv walk keeps their 1 / eps out of its f16 tiles (dkv_mma), but a
+    // split walk's partitions start from work slots that hold later
+    // partitions' such rows without their feature flags
+    // (docs/kernels.md, "16-bit roundings: backward"): split draws give
+    // relu an initial state (z0 > 0).
+    c.initial = (map == FeatureMap::Relu && kind == 2) || rng.bool();
     c.d_final = rng.bool();
     match kind {
         2 => {
@@ -595,5 +600,47 @@ fn f16_backward_zero_query_rows_tiled() {
         });
         check::<f16>(&c, 1e-2, 0x17_0b);
         check::<bf16>(&c, 1e-2, 0x17_0b);
+    }
+}
+
+/// The fifth and sixth rows in the tiled passes (heads past 64
+/// state tiles, D = M = 256: prep over M tiles, dq over D tiles), causal
+/// and non-causal, q, k ~ N(mu, 1) with mu 5 and 40, bf16 and f16: prep
+/// forms `G . num` from `qh . (G S_hi^T + G S_lo^T)` and fp32 `A o (G v^T)`,
+/// dq splits S and B' into hi + lo halves as prepdq does.
+#[test]
+fn half_backward_tiled_mu_dq() {
+    let t = tiling_for(DType::Bf16, 256, 256);
+    assert!(t.dkv.is_none() && t.prep_dq.is_none(), "{t:?}");
+    assert!(t.prep.tiles > 1 && t.dqk.tiles > 1, "{t:?}");
+    for kind in [Kind::Causal, Kind::NonCausal] {
+        for mu in [5.0, 40.0] {
+            let c = Case::new(kind, 100, 256, 256).with(|c| {
+                c.h = 1;
+                c.mu = mu;
+            });
+            check::<bf16>(&c, 1e-2, 0x17_25);
+            check::<f16>(&c, 1e-2, 0x17_25);
+        }
+    }
+}
+
+/// f16, relu, no initial state: rows whose den is eps alone (no earlier key
+/// shares a feature with q_i; common at D = 2) have qn = qh / eps; staged,
+/// that set the f16 tile scales of qn and dS16 and flushed the tiles'
+/// other rows (dv 1.7e-2 in a D = M = 2 sweep draw). The dkv walk now
+/// stages such rows' qn as zero, adds their qn^T G to dS in fp32 and
+/// copies the dS rows they touched to dS16 as zeros (those rows only ever
+/// meet phi(k) = phi'(k) = 0). Causal and non-causal, D = M = 2 and 6.
+#[test]
+fn f16_backward_eps_rows() {
+    for kind in [Kind::Causal, Kind::NonCausal] {
+        for d in [2, 6] {
+            let c = Case::new(kind, 137, d, d).with(|c| {
+                c.map = FeatureMap::Relu;
+                c.d_final = true;
+            });
+            check::<f16>(&c, 1e-2, 0x17_e5);
+        }
     }
 }

@@ -211,38 +211,14 @@ __device__ __forceinline__ void mma_scaled(nvcuda::wmma::fragment<nvcuda::wmma::
     }
 }
 
-// The factor 2^k pulled out of the scale before s phi(q) is rounded to T
-// (qh16 = phi(q) (scale 2^-k), every product and sum of qh16 multiplied by
-// 2^k in fp32): for __half k = ceil(log2 |scale|) (0 for scale 0), so
-// |scale| 2^-k is in (1/2, 1] and |qh16| <= |phi(q)|, which the f16 input
-// bounds (|phi(x)| <= |x| + 1 <= 65505, which rounds to 65504): a scale of
-// 1e5 no longer overflows. Powers of two move no rounding, so where nothing
-// overflowed the results are bit-identical to scaling in place (and
-// identical for a power-of-two scale). bf16 has fp32's range: 1.
-template <typename T>
-__device__ __forceinline__ float q_unscale(float scale) {
-    if constexpr (Mma<T>::scaled) {
-        const int bits = __float_as_int(scale) & 0x7fffffff;
-        if (bits == 0) return 1.0f;
-        int k = ((bits >> 23) & 0xff) - 127 + ((bits & 0x7fffff) != 0 ? 1 : 0);
-        k = k < -126 ? -126 : (k > 127 ? 127 : k);
-        return __int_as_float((127 + k) << 23);
-    } else {
-        (void)scale;
-        return 1.0f;
-    }
-}
-// scale 2^-k (exact) for the 16-bit staging of qh.
-__device__ __forceinline__ float q_stage_scale(float scale, float qmul) {
-    return scale * __int_as_float((254 << 23) - __float_as_int(qmul));
-}
-
 // Which k-tiles an output row-tile r sums over.
 enum class KRange { All, UpToRow, FromRow };
 
 // A scale table for one operand of gemm: the inverse scale of tile (i, j)
 // of the operand as stored is at inv[i * si + j * sj] (nullptr: unscaled).
-// mul: a power of two on every tile (qh16's 2^k, q_unscale).
+// mul: a power of two on every tile (1 in every pass now: the passes that
+// staged s phi(q) with a factor 2^k pulled out stage phi(q) and apply s in
+// fp32).
 struct Scales {
     const float* inv;
     int si;
@@ -322,8 +298,6 @@ __device__ __forceinline__ void load_norm(const LinattnBackwardParams& p, const 
 
 // No scale table (an operand staged straight from the inputs).
 __device__ __forceinline__ Scales no_scales() { return Scales{nullptr, 0, 0, 1.0f}; }
-// qh16 staged with q_stage_scale: no table, the factor 2^k.
-__device__ __forceinline__ Scales q_scales(float qmul) { return Scales{nullptr, 0, 0, qmul}; }
 
 // One chunk's dv, shared by dv_mma and dkv_mma: F = kh dS (+ A^T dnum over
 // i >= j when causal, with A = qh kh^T (Q16's scales sq), lower block
@@ -357,11 +331,20 @@ __device__ __forceinline__ void dv_chunk(float* F, int LF, int CT, int MTT, int 
 }
 
 // ---------------------------------------------------------------------------
-// prep on tensor cores; blocks tile M (tile MT, a multiple of 16).
-// Shared: S (D16 x MT+4, fp32) | z (D16) | S16 (D16 x MT+8) | qh, kh (C x
-//         D16+8 each) | v (C x MT+8) | A16 (C x C+8) | F (C x max(C,MT)+4,
-//         fp32: A, then num) | qh . z (C) | row sums of A (C) | scales of
-//         S16 ((D16/16)(MT/16)) and A16 ((C/16)^2).
+// prep on tensor cores; blocks tile M (tile MT, a multiple of 16). Each
+// block writes its M tile's part of G . num (summed over tiles by
+// load_norm) and, on tile 0, den. num is never formed (prepdq's
+// formulation, prep_dq_mma): with A = qh kh^T and E = G v^T in fp32 and
+// H = G S^T (C x D16, all of D; S split into S_hi + S_lo) over the tile,
+//   G . num = qh . H + rowsum(A o E),   den = qh . z + rowsum(A) + eps,
+// qh staged as phi(q) and s applied to the fp32 sums. A 16-bit copy of S
+// or A in num cost ~mu 2^-9 of dq through d den (bf16 dq 9.3e-2 at q, k ~
+// N(40, 1), D = M = 256).
+// Shared: S (D16 x MT+4, fp32) | z (D16) | S16 (D16 x MT+8: S_hi, S_lo in
+//         turn) | qh, kh (C x D16+8 each) | v, G (C x MT+8 each) | F (C x
+//         max(C,D16)+4, fp32: A, then H) | E (C x C+4, fp32) | qh . z,
+//         rowsum(A), rowsum(A o E) (C each) | scales of S16
+//         ((D16/16)(MT/16)) and G ((C/16)(MT/16)).
 template <typename T>
 __device__ __forceinline__ void prep_mma(const LinattnBackwardParams& p, float* smem) {
     const Coords c = coords(p);
@@ -369,7 +352,7 @@ __device__ __forceinline__ void prep_mma(const LinattnBackwardParams& p, float* 
     const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
     const int D = (int)p.d, M = (int)p.m, C = p.chunk, D16 = pad16(D);
     const int MT = p.tile, m0 = c.tile * MT, mt = imin(M - m0, MT);
-    const int LS = MT + 4, L16 = MT + 8, LD = D16 + 8, LC = C + 8, LF = imax(C, MT) + 4;
+    const int LS = MT + 4, L16 = MT + 8, LD = D16 + 8, LF = imax(C, D16) + 4, LE = C + 4;
     const int CT = C / 16, MTT = MT / 16, DTT = D16 / 16;
     const int fm = p.feature_map;
     const bool causal = p.causal != 0;
@@ -380,13 +363,14 @@ __device__ __forceinline__ void prep_mma(const LinattnBackwardParams& p, float* 
     T* Q16 = cv.take<T>(C * LD);
     T* K16 = cv.take<T>(C * LD);
     T* V16 = cv.take<T>(C * L16);
-    T* A16 = cv.take<T>(C * LC);
+    T* G16 = cv.take<T>(C * L16);
     float* F = cv.take<float>(C * LF);
+    float* E = cv.take<float>(C * LE);
     float* qz = cv.take<float>(C);
     float* asum = cv.take<float>(C);
+    float* ag = cv.take<float>(C);
     float* sS = cv.take<float>(DTT * MTT);
-    float* sA = cv.take<float>(CT * CT);
-    const float qmul = q_unscale<T>(p.scale), qs = q_stage_scale(p.scale, qmul);
+    float* sG = cv.take<float>(CT * MTT);
     const float* s_in = ptr<const float>(p.state_in_s);
     for (int i = tid; i < D16 * MT; i += nthreads) {
         const int x = i / MT, e = i - x * MT;
@@ -409,10 +393,15 @@ __device__ __forceinline__ void prep_mma(const LinattnBackwardParams& p, float* 
             const int rows = (int)(c.r.len - c0 < C ? c.r.len - c0 : C);
             const int64_t t0 = c.r.start + c0;
             if (emit) {
-                stage<T>(Q16, LD, C, D16, rows, D, [&](int j, int x) {
-                    return phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * qs;
+                // phi(q) without the scale (s multiplies the fp32 sums) and
+                // G itself (exact in T); S_hi every chunk (S16 ends the
+                // chunk holding S_lo).
+                stage<T>(Q16, LD, C, D16, rows, D,
+                         [&](int j, int x) { return phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm); });
+                round_tiles<T>(G16, L16, C, MT, sG, [&](int j, int e) {
+                    return j < rows && e < mt ? to_float(gb[(t0 + j) * p.o_token_stride + e]) : 0.0f;
                 });
-                if (causal || c0 == 0) round_tiles<T>(S16, L16, D16, MT, sS, [&](int x, int e) { return Ss[x * LS + e]; });
+                round_tiles<T>(S16, L16, D16, MT, sS, [&](int x, int e) { return Ss[x * LS + e]; });
             }
             if (absorb) {
                 stage<T>(K16, LD, C, D16, rows, D,
@@ -425,45 +414,53 @@ __device__ __forceinline__ void prep_mma(const LinattnBackwardParams& p, float* 
                 for (int i = tid; i < C; i += nthreads) {
                     const T* q = Q16 + i * LD;
                     float a = 0.0f;
-                    for (int x = 0; x < D; ++x) a = fmaf(to_float(q[x]) * qmul, zs[x], a);
-                    qz[i] = a;
+                    for (int x = 0; x < D; ++x) a = fmaf(to_float(q[x]), zs[x], a);
+                    qz[i] = a * p.scale;
+                    asum[i] = 0.0f;
+                    ag[i] = 0.0f;
                 }
                 if (causal) {
+                    // A = qh kh^T, E = G v^T (lower block triangle, fp32).
                     gemm<T, true, false>(F, LF, CT, CT, DTT, false, true, KRange::All, Q16, LD, no_scales(), K16, LD,
                                          no_scales());
+                    gemm<T, true, false>(E, LE, CT, CT, MTT, false, true, KRange::All, G16, L16,
+                                         Scales{sG, MTT, 1, 1.0f}, V16, L16, no_scales());
                     __syncthreads();
-                    round_tiles<T>(A16, LC, C, C, sA,
-                                   [&](int i, int j) { return j <= i && i < rows ? F[i * LF + j] * qmul : 0.0f; });
                     for (int i = tid; i < rows; i += nthreads) {
-                        float s = 0.0f;
-                        for (int j = 0; j <= i; ++j) s += F[i * LF + j] * qmul;
-                        asum[i] = s;
+                        float s = 0.0f, g = 0.0f;
+                        for (int j = 0; j <= i; ++j) {
+                            s += F[i * LF + j];
+                            g = fmaf(F[i * LF + j], E[i * LE + j], g);
+                        }
+                        asum[i] = s * p.scale;
+                        ag[i] = g * p.scale;
                     }
                     __syncthreads();
                 }
-                gemm<T, true, true>(F, LF, CT, MTT, DTT, false, false, KRange::All, Q16, LD, q_scales(qmul), S16, L16,
-                                    Scales{sS, MTT, 1, 1.0f});
-                if (causal) {
-                    __syncwarp();
-                    gemm<T, true, true>(F, LF, CT, MTT, CT, true, false, KRange::UpToRow, A16, LC, Scales{sA, CT, 1, 1.0f},
-                                        V16, L16, no_scales());
-                }
+                // H = G S_hi^T + G S_lo^T (C x D16)
+                gemm<T, true, false>(F, LF, CT, DTT, MTT, false, false, KRange::All, G16, L16, Scales{sG, MTT, 1, 1.0f},
+                                     S16, L16, Scales{sS, MTT, 1, 1.0f});
+                __syncthreads();
+                round_tiles_lo<T>(S16, L16, D16, MT, sS, [&](int x, int e) { return Ss[x * LS + e]; });
+                __syncthreads();
+                gemm<T, true, false>(F, LF, CT, DTT, MTT, true, false, KRange::All, G16, L16, Scales{sG, MTT, 1, 1.0f},
+                                     S16, L16, Scales{sS, MTT, 1, 1.0f});
                 __syncthreads();
                 for (int i = warp; i < rows; i += nwarps) {
-                    const float* num = F + i * LF;
-                    const T* grow = gb + (t0 + i) * p.o_token_stride;
+                    const T* q = Q16 + i * LD;
                     float go = 0.0f;
-                    for (int e = lane; e < mt; e += 32) go = fmaf(to_float(grow[e]), num[e], go);
-                    go = warp_sum(go);
+                    for (int x = lane; x < D; x += 32) go = fmaf(to_float(q[x]), F[i * LF + x], go);
+                    go = warp_sum(go) * p.scale;
                     if (lane == 0) {
                         const int64_t row = work_row(p, c, t0 + i);
-                        wgo[row] = go;
-                        if (c.tile == 0) wden[row] = qz[i] + (causal ? asum[i] : 0.0f) + p.eps;
+                        wgo[row] = go + ag[i];
+                        if (c.tile == 0) wden[row] = qz[i] + asum[i] + p.eps;
                     }
                 }
             }
             if (absorb) {
-                // F, qz and asum are not touched here; S16 is a copy of S.
+                // F, qz and the row sums are not touched here; S16 is a
+                // copy of S.
                 gemm<T, false, true>(Ss, LS, DTT, MTT, CT, true, false, KRange::All, K16, LD, no_scales(), V16, L16,
                                      no_scales());
                 for (int x = tid; x < D; x += nthreads) {
@@ -481,13 +478,17 @@ __device__ __forceinline__ void prep_mma(const LinattnBackwardParams& p, float* 
 // dq (forward walk) and dk (reverse walk) on tensor cores; blocks tile D
 // (tile DT, a multiple of 16). kDk selects dk. Both stage G itself and
 // round B' = G v^T + d den den = den B; dq divides its fp32 rows by den,
-// dk stages qn = qh / den (the dkv walk's formulation, dkv_mma).
-// Shared: S or dS rows (DT x M16+4, fp32) | z or dz (DT) | S16 (DT x M16+8)
-//         | X16 (C x DT+8: kh for dq, qn for dk) | v (C x M16+8) | G
-//         (C x M16+8) | B16 (C x C+8) | F (C x max(C,DT)+4, fp32: B, then
-//         the gradient rows) | den (C) | d den (C) | scales of S16
-//         ((DT/16)(M16/16)), G ((C/16)(M16/16)), B16 ((C/16)^2) and qn
-//         ((C/16)(DT/16), dk).
+// dk stages qn = qh / den (the dkv walk's formulation, dkv_mma). dq splits
+// S and B' into hi + lo 16-bit halves where they feed it, as prepdq does
+// (G S_hi^T + G S_lo^T, B'_hi kh + B'_lo kh): its two parts cancel to ~1/mu
+// of their size at q, k ~ N(mu, 1) (docs/kernels.md, "dq accuracy").
+// Shared: S or dS rows (DT x M16+4, fp32) | z or dz (DT) | S16 (DT x M16+8;
+//         dq: S_hi, S_lo in turn) | X16 (C x DT+8: kh for dq, qn for dk) |
+//         v (C x M16+8) | G (C x M16+8) | B16 (C x C+8) | F (C x
+//         max(C,DT)+4, fp32: B, then the gradient rows) | den (C) | d den
+//         (C) | scales of S16 ((DT/16)(M16/16)), G ((C/16)(M16/16)), B16
+//         ((C/16)^2) and qn ((C/16)(DT/16), dk) | B'_lo (C x C+8, dq) and
+//         its scales ((C/16)^2).
 template <typename T, bool kDk>
 __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* smem) {
     const Coords c = coords(p);
@@ -513,6 +514,8 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
     float* sG = cv.take<float>(CT * MTT);
     float* sB = cv.take<float>(CT * CT);
     float* sX = cv.take<float>(CT * DTT);  // dk: qn's tile scales
+    T* B16lo = cv.take<T>(C * LC);         // dq: B'_lo
+    float* sBl = cv.take<float>(CT * CT);
     const float* s_in = ptr<const float>(kDk ? p.d_final_s : p.state_in_s);
     const float* z_in = ptr<const float>(kDk ? p.d_final_z : p.state_in_z);
     for (int i = tid; i < DT * M16; i += nthreads) {
@@ -549,7 +552,8 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
                          [&](int j, int e) { return to_float(vb[(t0 + j) * p.v_token_stride + e]); });
             }
             if (need_g || (emit && causal)) load_norm(p, c, t0, rows, C, den, dd);
-            if (emit && (causal || c0 == (kDk ? last : 0)))
+            // dq: S_hi every chunk (S16 ends its emit holding S_lo).
+            if (emit && (causal || !kDk || c0 == last))
                 round_tiles<T>(S16, L16, DT, M16, sS, [&](int x, int e) { return Ss[x * LS + e]; });
             __syncthreads();
             if (need_g || (emit && causal)) {
@@ -578,9 +582,11 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
                     gemm<T, true, false>(F, LF, CT, CT, MTT, false, true, KRange::All, G16, L16, Scales{sG, MTT, 1, 1.0f},
                                          V16, L16, no_scales());
                     __syncthreads();
-                    round_tiles<T>(B16, LC, C, C, sB, [&](int i, int j) {
+                    const auto bval = [&](int i, int j) {
                         return j > i || i >= rows ? 0.0f : fmaf(dd[i], den[i], F[i * LF + j]);
-                    });
+                    };
+                    round_tiles<T>(B16, LC, C, C, sB, bval);
+                    if constexpr (!kDk) round_tiles_lo<T>(B16lo, LC, C, C, sBl, bval);
                     __syncthreads();
                 }
                 if constexpr (kDk) {
@@ -593,13 +599,22 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
                                              Scales{sB, CT, 1, 1.0f}, X16, LX, Scales{sX, DTT, 1, 1.0f});
                     }
                 } else {
-                    // dqh = (G S^T + B' kh) / den (j <= i)
+                    // dqh = (G S_hi^T + G S_lo^T + B'_hi kh + B'_lo kh) / den
+                    // (j <= i)
                     gemm<T, true, false>(F, LF, CT, DTT, MTT, false, false, KRange::All, G16, L16, Scales{sG, MTT, 1, 1.0f},
+                                         S16, L16, Scales{sS, MTT, 1, 1.0f});
+                    __syncthreads();
+                    round_tiles_lo<T>(S16, L16, DT, M16, sS, [&](int x, int e) { return Ss[x * LS + e]; });
+                    __syncthreads();
+                    gemm<T, true, false>(F, LF, CT, DTT, MTT, true, false, KRange::All, G16, L16, Scales{sG, MTT, 1, 1.0f},
                                          S16, L16, Scales{sS, MTT, 1, 1.0f});
                     if (causal) {
                         __syncwarp();
                         gemm<T, true, true>(F, LF, CT, DTT, CT, true, false, KRange::UpToRow, B16, LC,
                                             Scales{sB, CT, 1, 1.0f}, X16, LX, no_scales());
+                        __syncwarp();
+                        gemm<T, true, true>(F, LF, CT, DTT, CT, true, false, KRange::UpToRow, B16lo, LC,
+                                            Scales{sBl, CT, 1, 1.0f}, X16, LX, no_scales());
                     }
                     __syncthreads();
                     for (int i = tid; i < C * DT; i += nthreads) {
@@ -781,17 +796,20 @@ __device__ __forceinline__ void frags_load(Acc (&st)[kDkvFrags], const FragTiles
 }
 
 // The 16-bit copy S16 (row stride L16) with tile scales sS (round_tiles'
-// rounding and indexing). The scratch and S16 must be free: sync first.
+// rounding and indexing); rows x with dead[x] != 0 are copied as zeros
+// (dead: nullptr for none). The scratch and S16 must be free: sync first.
 template <typename T>
 __device__ __forceinline__ void frags_publish(const Acc (&st)[kDkvFrags], const FragTiles& ft, T* S16, int L16,
-                                              float* sS) {
+                                              float* sS, const float* dead = nullptr) {
 #pragma unroll
     for (int k = 0; k < kDkvFrags; ++k) {
         int t, x0, e0;
         if (!ft.at(k, t, x0, e0)) continue;
         nvcuda::wmma::store_matrix_sync(ft.scratch, st[k], 16, nvcuda::wmma::mem_row_major);
         __syncwarp();
-        round_tile<T>(S16 + x0 * L16 + e0, L16, sS + t, [&](int r, int col) { return ft.scratch[r * 16 + col]; });
+        round_tile<T>(S16 + x0 * L16 + e0, L16, sS + t, [&](int r, int col) {
+            return dead != nullptr && dead[x0 + r] != 0.0f ? 0.0f : ft.scratch[r * 16 + col];
+        });
         __syncwarp();
     }
 }
@@ -1193,6 +1211,19 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     float* sS = cv.take<float>(DTT * MTT);
     (void)cv.take<float>(CT * MTT);  // the layout shared with prepdq
     float* sP = cv.take<float>(CT * CT);
+    float* dead = cv.take<float>(D16);  // eps rows' features (f16 relu)
+    // f16, relu, normalised: rows whose den is eps alone (den == eps: no key
+    // j <= i shares a feature with q_i) have qn = qh / eps, and qn is
+    // nonzero only on features x where every key j <= i has k_jx <= 0, so
+    // phi(k_jx) and phi'(k_jx) vanish for every token still to come: such
+    // a row meets only zeros in dk and dv and counts only in dS0. Staged,
+    // its 1 / eps set its f16 tile scales (qn's, then dS16's) and flushed
+    // the other rows of those tiles (dv 1.7e-2 in a D = M = 2 draw). So
+    // its qn is staged as zero for the chunk's products, its qn^T G is
+    // absorbed into dS from a second staging of qn that holds only such
+    // rows (their own tile scales), and the dS rows it touched are copied
+    // to dS16 as zeros (dead). bf16 is not scaled and takes none of this.
+    const bool eps_rows = Mma<T>::scaled && fm == LINATTN_FEATURE_MAP_RELU && p.normalize != 0;
 
     // dS from d_final (zero without) or the partition's work slot, and its
     // copy dS16.
@@ -1202,6 +1233,8 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     frags_load(st, ft, sl.s == nullptr ? nullptr : sl.s + sl.index * D * M, D, M);
     if (!sl.partials) frags_publish<T>(st, ft, S16, L16, sS);
     for (int x = tid; x < D16; x += nthreads) zs[x] = sl.z != nullptr && x < D ? sl.z[sl.index * D + x] : 0.0f;
+    if constexpr (Mma<T>::scaled)
+        for (int x = tid; x < D16; x += nthreads) dead[x] = 0.0f;
     const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
     const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
     const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride);
@@ -1236,9 +1269,10 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
             }
             __syncthreads();
             if (absorb) {
-                // qn = s phi(q) / den; d den becomes d den * den = -(G . o).
+                // qn = s phi(q) / den (zero in eps rows, above); d den
+                // becomes d den * den = -(G . o).
                 round_tiles<T>(Q16, LD, C, D16, sQ, [&](int j, int x) {
-                    return j < rows && x < D
+                    return j < rows && x < D && !(eps_rows && den[j] == p.eps)
                                ? __fdividef(phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * p.scale, den[j])
                                : 0.0f;
                 });
@@ -1277,9 +1311,34 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                             S16, L16, sS, G16, nullptr, dvb + t0 * p.v_token_stride, p.v_token_stride);
             }
             if (absorb) {
-                // dS += qn^T G, dz += qn^T (-(G . o)) (dz was last read
-                // before the sync above; qn in fp32 here, from the input).
-                frags_absorb<T>(st, ft, CT, Q16, LD, sQ, DTT, G16, L16, nullptr);
+                // dS += qn^T G; then, for f16 chunks with eps rows, once
+                // more from qn of those rows alone (one call site: the
+                // fragments' code is not duplicated).
+#pragma unroll 1
+                for (int pass = 0;; ++pass) {
+                    frags_absorb<T>(st, ft, CT, Q16, LD, sQ, DTT, G16, L16, nullptr);
+                    if constexpr (!Mma<T>::scaled) break;
+                    if (pass == 1 || !eps_rows) break;
+                    int any = 0;
+                    for (int j = tid; j < rows; j += nthreads) any |= den[j] == p.eps ? 1 : 0;
+                    // (a barrier: every warp has read Q16)
+                    if (!__syncthreads_or(any)) break;
+                    // qn of the eps rows alone, and their features.
+                    round_tiles<T>(Q16, LD, C, D16, sQ, [&](int j, int x) {
+                        return j < rows && x < D && den[j] == p.eps
+                                   ? __fdividef(phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * p.scale, den[j])
+                                   : 0.0f;
+                    });
+                    for (int x = tid; x < D; x += nthreads) {
+#pragma unroll 1
+                        for (int j = 0; j < rows; ++j)
+                            if (den[j] == p.eps && phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) != 0.0f)
+                                dead[x] = 1.0f;
+                    }
+                    __syncthreads();
+                }
+                // dz += qn^T (-(G . o)) (dz was last read before the sync
+                // above; qn in fp32 here, from the input).
                 for (int x = tid; x < D; x += nthreads) {
                     float acc = zs[x];
 #pragma unroll 1
@@ -1293,7 +1352,11 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                 // publishes once, after absorbing every chunk.
                 if (!sl.partials && (causal || c0 == 0)) {
                     __syncthreads();  // F (the scratch) and dS16 read out
-                    frags_publish<T>(st, ft, S16, L16, sS);
+                    if constexpr (Mma<T>::scaled) {
+                        frags_publish<T>(st, ft, S16, L16, sS, eps_rows ? dead : nullptr);
+                    } else {
+                        frags_publish<T>(st, ft, S16, L16, sS);
+                    }
                 }
             }
             __syncthreads();

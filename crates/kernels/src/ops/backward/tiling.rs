@@ -177,9 +177,10 @@ pub(crate) fn pad16(n: usize) -> usize {
 /// Shared memory of the tensor-core prep kernel in bytes (buffers in the
 /// order of `prep_mma`): S (fp32, `D16 x (tile + 4)`), z, S rounded to 16
 /// bits (`D16 x (tile + 8)`), phi(q) and phi(k) (`chunk x (D16 + 8)` each),
-/// v (`chunk x (tile + 8)`), A (`chunk x (chunk + 8)`), an fp32 scratch
-/// (`chunk x (max(chunk, tile) + 4)`), two per-row vectors and the tile
-/// scales. `tile` and `chunk` are multiples of 16; D16 = D rounded up to 16.
+/// v and dL/do (`chunk x (tile + 8)` each), an fp32 scratch (`chunk x
+/// (max(chunk, D16) + 4)`: A, then `G S^T`), `G v^T` (fp32, `chunk x
+/// (chunk + 4)`), three per-row vectors and the tile scales (S16, dL/do).
+/// `tile` and `chunk` are multiples of 16; D16 = D rounded up to 16.
 pub fn prep_mma_bytes(d: usize, chunk: usize, tile: usize) -> usize {
     let d16 = pad16(d);
     carve(&[
@@ -189,12 +190,14 @@ pub fn prep_mma_bytes(d: usize, chunk: usize, tile: usize) -> usize {
         chunk * (d16 + 8) * 2,
         chunk * (d16 + 8) * 2,
         chunk * (tile + 8) * 2,
-        chunk * (chunk + 8) * 2,
-        chunk * (chunk.max(tile) + 4) * 4,
+        chunk * (tile + 8) * 2,
+        chunk * (chunk.max(d16) + 4) * 4,
+        chunk * (chunk + 4) * 4,
+        chunk * 4,
         chunk * 4,
         chunk * 4,
         (d16 / 16) * (tile / 16) * 4,
-        (chunk / 16) * (chunk / 16) * 4,
+        (chunk / 16) * (tile / 16) * 4,
     ])
 }
 
@@ -202,7 +205,8 @@ pub fn prep_mma_bytes(d: usize, chunk: usize, tile: usize) -> usize {
 /// `dqk_mma`): S rows (fp32, `tile x (M16 + 4)`), z, S rounded
 /// (`tile x (M16 + 8)`), the phi tile (`chunk x (tile + 8)`), v and dnum
 /// (`chunk x (M16 + 8)` each), B (`chunk x (chunk + 8)`), the fp32 scratch,
-/// den, d den and the tile scales (S16, G, B, and the dk pass's qn).
+/// den, d den, the tile scales (S16, G, B, and the dk pass's qn), and the dq
+/// pass's low half of B (`chunk x (chunk + 8)`) with its tile scales.
 pub fn dqk_mma_bytes(m: usize, chunk: usize, tile: usize) -> usize {
     let m16 = pad16(m);
     carve(&[
@@ -220,6 +224,8 @@ pub fn dqk_mma_bytes(m: usize, chunk: usize, tile: usize) -> usize {
         (chunk / 16) * (m16 / 16) * 4,
         (chunk / 16) * (chunk / 16) * 4,
         (chunk / 16) * (tile / 16) * 4,
+        chunk * (chunk + 8) * 2,
+        (chunk / 16) * (chunk / 16) * 4,
     ])
 }
 
@@ -295,9 +301,11 @@ fn whole_head_bytes(d: usize, m: usize, chunk: usize, extra: &[usize], vectors: 
 /// Shared memory of the merged tensor-core dk + dv kernel in bytes (dS
 /// itself lives in the warps' registers): the layout of
 /// [`prep_dq_mma_bytes`] with the tile scales of `phi(q) / den` after the
-/// scratch and two per-row vectors (den, d den).
+/// scratch, two per-row vectors (den, d den) and, last, one flag per
+/// feature (`D16` floats: the features of rows whose den is eps).
 pub fn dkv_mma_bytes(d: usize, m: usize, chunk: usize) -> usize {
-    whole_head_bytes(d, m, chunk, &[(chunk / 16) * (pad16(d) / 16)], 2)
+    whole_head_bytes(d, m, chunk, &[(chunk / 16) * (pad16(d) / 16)], 2).next_multiple_of(128)
+        + pad16(d) * 4
 }
 
 /// Shared memory of the fused tensor-core prep + dq kernel in bytes (S
