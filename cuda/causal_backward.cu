@@ -3,7 +3,7 @@
 // inside, fp32 accumulation for every dtype (wmma tensor cores for f16/bf16),
 // deterministic (no atomics).
 //
-// Launches, in order (plan: crates/kernels/src/ops/backward.rs; math and
+// Launches, in order (plan: crates/kernels/src/ops/backward/plan.rs; math and
 // fp32 FMA bodies: linattn/backward_walk.cuh; tensor-core bodies for
 // f16/bf16: linattn/backward_mma.cuh):
 //   causal_backward_prep_<t>: den_i, d den_i per token (normalised only);

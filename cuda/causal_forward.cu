@@ -4,7 +4,7 @@
 // Two launch strategies over one kernel body per dtype (f32: the fp32 FMA walk
 // of linattn/chunk_walk.cuh; f16/bf16: the tensor-core walk of
 // linattn/walk_mma.cuh), chosen by the plain-Rust policy in
-// crates/kernels/src/ops/forward.rs:
+// crates/kernels/src/ops/forward/tiling.rs:
 //   walk:  one launch; grid (seq-heads x value tiles, 1); each block keeps its
 //          fp32 state slice in shared memory and walks every chunk in order.
 //   split: for small seq-heads x value tiles. (1) causal_forward_<t> with

@@ -33,7 +33,7 @@
 //
 // Shared memory: each buffer starts on a 128-byte boundary, in the order
 // listed at each body (mirrors `carve` and the *_mma_bytes functions in
-// crates/kernels/src/ops/backward.rs).
+// crates/kernels/src/ops/backward/tiling.rs).
 #pragma once
 #include <mma.h>
 #include <type_traits>

@@ -65,7 +65,7 @@ namespace linattn {
 
 // Accumulator fragments per warp for the state (8 warps: DP * MT <= 8192)
 // and for the chunk's outputs (C * MT <= 4096). The plan's tiling keeps
-// within both (`MMA_STATE_FRAGS`, `MMA_OUT_FRAGS` in crates/kernels/src/ops/forward.rs).
+// within both (`MMA_STATE_FRAGS`, `MMA_OUT_FRAGS` in crates/kernels/src/ops/forward/tiling.rs).
 constexpr int kStateFrags = 4;
 constexpr int kOutFrags = 2;
 constexpr int kScratch = 16 * 16;
