@@ -6,6 +6,4 @@ pub mod backward;
 pub mod decode;
 pub mod feature_map;
 pub mod forward;
-pub mod model_ops;
-pub mod softmax;
 mod temp;
