@@ -85,7 +85,7 @@ impl Default for TrainOptions {
                 mlp: 256,
                 ..Config::default()
             },
-            steps: 600,
+            steps: 300,
             seq_len: 64,
             batch: 16,
             lr: 3e-3,
@@ -289,9 +289,16 @@ pub fn run(opts: &TrainOptions, out: &mut impl Write) -> Result<TrainReport> {
     })
 }
 
-/// The start of the validation text, cut at a word boundary: the prompt of
-/// the samples and of the generation timing.
+/// The first line start of the validation text (its very start if it has
+/// no newline), up to 24 bytes cut at a word boundary: the prompt of the
+/// samples and of the generation timing.
 fn sample_prompt(val: &[u8]) -> Vec<u8> {
+    let start = val
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(0, |i| i + 1)
+        .min(val.len().saturating_sub(1));
+    let val = &val[start..];
     let head = &val[..val.len().min(24)];
     let cut = head
         .iter()
