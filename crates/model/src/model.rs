@@ -211,7 +211,7 @@ impl Model {
     }
 
     /// Assembles a model from a candle [`VarBuilder`] holding every tensor of
-    /// [`tensor_specs`] (names as in `docs/model.md`, f32). A `VarBuilder`
+    /// the configuration (names and shapes as in `docs/model.md`, f32). A `VarBuilder`
     /// over a `VarMap` gives a model whose weights are training variables.
     pub fn from_var_builder(config: Config, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
