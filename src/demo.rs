@@ -14,10 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use linattn_kernels::Device;
 use linattn_model::{
-    select_backend, AttentionBackend, AttentionKind, Backend, BackendChoice, Config, Generator,
-    GpuGenerator, GpuModel, Model, Sampling,
+    select_backend, AttentionKind, BackendChoice, Config, Generator, Model, Sampling,
 };
 
 /// Settings of a demo run.
@@ -170,15 +168,22 @@ pub fn run(opts: &DemoOptions, out: &mut impl Write) -> Result<DemoReport> {
         opts.prompt.len()
     )?;
     out.flush()?;
-    let (linear, softmax) = match &selection.backend {
-        Backend::Cpu(cpu) => measure_both(opts, cpu)?,
-        Backend::Gpu(dev) => measure_both_on_device(opts, dev)?,
-    };
+    let models = [AttentionKind::Linear, AttentionKind::Softmax]
+        .iter()
+        .map(|&k| Model::random_on(opts.config.with_attention(k), opts.seed, &selection.device))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (linear, softmax) = measure_pair(
+        &models,
+        opts.prompt.as_bytes(),
+        opts.tokens,
+        opts.seed,
+        opts.progress,
+    )?;
     let rows = table_rows(&linear, &softmax, opts.rows);
     print_table(out, &rows, &linear, &softmax)?;
     let title = format!(
         "Time per generated token ({}; d_model {}, {} layers, {} heads)",
-        short_backend(&selection.backend),
+        selection.short(),
         opts.config.d_model,
         opts.config.layers,
         opts.config.heads
@@ -195,95 +200,64 @@ pub fn run(opts: &DemoOptions, out: &mut impl Write) -> Result<DemoReport> {
     })
 }
 
-fn short_backend(b: &Backend) -> &'static str {
-    match b {
-        Backend::Cpu(_) => "CPU",
-        Backend::Gpu(_) => "GPU",
-    }
-}
-
-/// A sequence generated token by token: the CPU [`Generator`] or the
-/// device model's [`GpuGenerator`].
-trait Stepper {
-    fn next_token(&mut self) -> Result<u8>;
-    fn position(&self) -> usize;
-}
-
-impl<B: AttentionBackend> Stepper for Generator<'_, B> {
-    fn next_token(&mut self) -> Result<u8> {
-        Ok(Generator::next_token(self)?)
-    }
-    fn position(&self) -> usize {
-        Generator::position(self)
-    }
-}
-
-impl Stepper for GpuGenerator {
-    fn next_token(&mut self) -> Result<u8> {
-        Ok(GpuGenerator::next_token(self)?)
-    }
-    fn position(&self) -> usize {
-        GpuGenerator::position(self)
-    }
-}
-
-fn demo_models(opts: &DemoOptions) -> Result<Vec<Model>> {
-    Ok([AttentionKind::Linear, AttentionKind::Softmax]
-        .iter()
-        .map(|&k| Model::random(opts.config.with_attention(k), opts.seed))
-        .collect::<Result<Vec<_>, _>>()?)
-}
-
-/// [`lockstep`] on the CPU path: attention on `backend`, CPU projections.
-fn measure_both<B: AttentionBackend>(
-    opts: &DemoOptions,
-    backend: &B,
+/// Generates `tokens` tokens after `prompt` with each model (linear then
+/// softmax) in lock-step and times every decode step: the demo's
+/// measurement, also run by `linattn train` on the trained models.
+pub fn measure_pair(
+    models: &[Model],
+    prompt: &[u8],
+    tokens: usize,
+    seed: u64,
+    progress: bool,
 ) -> Result<(Timeline, Timeline)> {
-    let models = demo_models(opts)?;
+    anyhow::ensure!(
+        models.len() == 2,
+        "measure_pair: expected two models (linear, softmax)"
+    );
     let mut gens = Vec::new();
-    for model in &models {
+    for model in models {
         let t0 = Instant::now();
-        let gen = Generator::new(
-            model,
-            backend,
-            opts.prompt.as_bytes(),
-            Sampling::Temperature(1.0),
-            opts.seed,
-        )?;
+        let gen = Generator::new(model, prompt, Sampling::Temperature(1.0), seed)?;
         gens.push((gen, t0.elapsed()));
     }
-    lockstep(opts, gens)
+    lockstep(tokens, progress, gens)
 }
 
-/// [`lockstep`] on the device-resident model ([`GpuModel`]).
-fn measure_both_on_device(opts: &DemoOptions, dev: &Device) -> Result<(Timeline, Timeline)> {
-    let mut gens = Vec::new();
-    for model in demo_models(opts)? {
-        let gpu = GpuModel::new(&model, dev.clone())?;
-        let t0 = Instant::now();
-        let gen = GpuGenerator::new(
-            gpu,
-            opts.prompt.as_bytes(),
-            Sampling::Temperature(1.0),
-            opts.seed,
-        )?;
-        gens.push((gen, t0.elapsed()));
+/// Generates `tokens` tokens after `prompt` with one model and times every
+/// decode step (sampling at temperature 1 from an RNG seeded with `seed`).
+pub fn timeline(model: &Model, prompt: &[u8], tokens: usize, seed: u64) -> Result<Timeline> {
+    let t0 = Instant::now();
+    let mut gen = Generator::new(model, prompt, Sampling::Temperature(1.0), seed)?;
+    let prefill = t0.elapsed();
+    gen.next_token()?;
+    let mut line = Timeline {
+        kind: model.config().attention,
+        prefill,
+        positions: Vec::with_capacity(tokens),
+        seconds: Vec::with_capacity(tokens),
+    };
+    for _ in 0..tokens {
+        let t = Instant::now();
+        gen.next_token()?;
+        line.seconds.push(t.elapsed().as_secs_f64());
+        line.positions.push(gen.position() - 1);
     }
-    lockstep(opts, gens)
+    Ok(line)
 }
 
 /// Runs both models in lock-step, one decode step of each in turn, so that
 /// anything else loading the machine slows both alike. `gens` holds the
 /// linear then the softmax generator, each with its prefill time.
-fn lockstep<S: Stepper>(
-    opts: &DemoOptions,
-    started: Vec<(S, Duration)>,
+fn lockstep(
+    tokens: usize,
+    progress: bool,
+    started: Vec<(Generator<'_>, Duration)>,
 ) -> Result<(Timeline, Timeline)> {
     let kinds = [AttentionKind::Linear, AttentionKind::Softmax];
-    let bar = if opts.progress {
-        ProgressBar::new(opts.tokens as u64)
+    let bar = if progress {
+        ProgressBar::new(tokens as u64)
     } else {
-        ProgressBar::with_draw_target(Some(opts.tokens as u64), ProgressDrawTarget::hidden())
+        ProgressBar::with_draw_target(Some(tokens as u64), ProgressDrawTarget::hidden())
     };
     bar.set_style(
         ProgressStyle::with_template(
@@ -302,18 +276,18 @@ fn lockstep<S: Stepper>(
         lines.push(Timeline {
             kind,
             prefill,
-            positions: Vec::with_capacity(opts.tokens),
-            seconds: Vec::with_capacity(opts.tokens),
+            positions: Vec::with_capacity(tokens),
+            seconds: Vec::with_capacity(tokens),
         });
     }
-    for i in 0..opts.tokens {
+    for i in 0..tokens {
         for (gen, line) in gens.iter_mut().zip(&mut lines) {
             let t = Instant::now();
             gen.next_token()?;
             line.seconds.push(t.elapsed().as_secs_f64());
             line.positions.push(gen.position() - 1);
         }
-        if i % 64 == 63 || i + 1 == opts.tokens {
+        if i % 64 == 63 || i + 1 == tokens {
             bar.set_position(i as u64 + 1);
             bar.set_message(format!(
                 "ms/token now: linear {:.2}, softmax {:.2}",

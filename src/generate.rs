@@ -6,11 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use linattn_kernels::Device;
-use linattn_model::{
-    select_backend, AttentionBackend, Backend, BackendChoice, Config, Generator, GpuGenerator,
-    GpuModel, Model, Sampling,
-};
+use linattn_model::{select_backend, BackendChoice, Config, Generator, Model, Sampling};
 
 /// Settings of a generation run.
 #[derive(Debug, Clone)]
@@ -69,9 +65,9 @@ pub fn run(opts: &GenerateOptions, out: &mut impl Write) -> Result<Generated> {
     anyhow::ensure!(!opts.prompt.is_empty(), "--prompt must not be empty");
     let selection = select_backend(opts.backend)?;
     let model = match &opts.weights {
-        Some(path) => Model::load(path, None)
+        Some(path) => Model::load_on(path, None, &selection.device)
             .with_context(|| format!("loading weights from {}", path.display()))?,
-        None => Model::random(opts.config, opts.seed)?,
+        None => Model::random_on(opts.config, opts.seed, &selection.device)?,
     };
     writeln!(out, "backend: {}", selection.reason)?;
     match &opts.weights {
@@ -84,10 +80,7 @@ pub fn run(opts: &GenerateOptions, out: &mut impl Write) -> Result<Generated> {
         )?,
     }
     let sampling = Sampling::from_temperature(opts.temperature);
-    let g = match &selection.backend {
-        Backend::Cpu(cpu) => generate(&model, cpu, opts, sampling)?,
-        Backend::Gpu(dev) => generate_on_device(&model, dev, opts, sampling)?,
-    };
+    let g = generate(&model, opts, sampling)?;
     writeln!(out, "---")?;
     writeln!(
         out,
@@ -108,36 +101,9 @@ pub fn run(opts: &GenerateOptions, out: &mut impl Write) -> Result<Generated> {
     Ok(g)
 }
 
-/// The same loop on the device-resident model ([`GpuModel`]).
-fn generate_on_device(
-    model: &Model,
-    dev: &Device,
-    opts: &GenerateOptions,
-    sampling: Sampling,
-) -> Result<Generated> {
-    let gpu = GpuModel::new(model, dev.clone())?;
+fn generate(model: &Model, opts: &GenerateOptions, sampling: Sampling) -> Result<Generated> {
     let t0 = Instant::now();
-    let mut g = GpuGenerator::new(gpu, opts.prompt.as_bytes(), sampling, opts.seed)?;
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let bytes = (0..opts.tokens)
-        .map(|_| g.next_token())
-        .collect::<Result<Vec<u8>, _>>()?;
-    Ok(Generated {
-        bytes,
-        prefill_s,
-        decode_s: t1.elapsed().as_secs_f64(),
-    })
-}
-
-fn generate<B: AttentionBackend>(
-    model: &Model,
-    backend: &B,
-    opts: &GenerateOptions,
-    sampling: Sampling,
-) -> Result<Generated> {
-    let t0 = Instant::now();
-    let mut g = Generator::new(model, backend, opts.prompt.as_bytes(), sampling, opts.seed)?;
+    let mut g = Generator::new(model, opts.prompt.as_bytes(), sampling, opts.seed)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let bytes = (0..opts.tokens)

@@ -5,7 +5,8 @@
 //! - [`kernels`] (`linattn-kernels`): the CUDA kernels, their launch plans, and
 //!   the GPU and CPU-emulator executors;
 //! - [`mod@reference`] (`linattn-reference`): the plain CPU implementation;
-//! - [`model`] (`linattn-model`): a small decoder-only transformer.
+//! - [`model`] (`linattn-model`): a small decoder-only transformer on candle,
+//!   trained by `linattn train` ([`mod@train`]).
 //!
 //! ```
 //! // What was compiled, and what this machine can run; never fails.
@@ -16,6 +17,7 @@
 pub mod demo;
 pub mod generate;
 pub mod info;
+pub mod train;
 
 pub use linattn_kernels as kernels;
 pub use linattn_model as model;

@@ -212,3 +212,125 @@ fn cli_demo_and_generate_run_and_backends_match_the_machine() {
     let (ok, text) = linattn(&["demo", "--backend", "tpu"]);
     assert!(!ok && text.contains("tpu"), "{text}");
 }
+
+#[test]
+fn cli_train_writes_checkpoints_plot_and_generates_from_them() {
+    let dir = tmp("train");
+    let text = tmp("train.txt");
+    let body: String = "a linear transformer is an rnn. ".repeat(40);
+    std::fs::write(&text, &body).unwrap();
+    let (dir_s, text_s) = (dir.display().to_string(), text.display().to_string());
+    let (ok, out) = linattn(&[
+        "train",
+        "--text",
+        &text_s,
+        "--steps",
+        "4",
+        "--seq-len",
+        "16",
+        "--batch",
+        "2",
+        "--d-model",
+        "16",
+        "--heads",
+        "2",
+        "--layers",
+        "1",
+        "--backend",
+        "cpu",
+        "--no-progress",
+        "--out",
+        &dir_s,
+    ]);
+    let files = ["linear.safetensors", "softmax.safetensors", "loss.svg"].map(|f| dir.join(f));
+    let present = files.iter().map(|f| f.exists()).collect::<Vec<_>>();
+    let svg = std::fs::read_to_string(&files[2]).unwrap_or_default();
+    let weights = files[0].display().to_string();
+    let (gen_ok, gen) = linattn(&[
+        "generate",
+        "--weights",
+        &weights,
+        "--prompt",
+        "a line",
+        "-n",
+        "8",
+        "--backend",
+        "cpu",
+    ]);
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_file(&text).ok();
+    assert!(ok, "{out}");
+    assert_eq!(present, [true; 3], "{out}");
+    for want in [
+        "backend: CPU",
+        &format!("{} bytes", body.len()),
+        "bits per byte",
+        "val bpb",
+        "gen ms/token",
+        "plot written to",
+    ] {
+        assert!(out.contains(want), "missing `{want}`:\n{out}");
+    }
+    // One table row per kind, with finite numbers.
+    for kind in ["linear", "softmax"] {
+        let row = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(kind) && !l.contains(':'))
+            .unwrap_or_else(|| panic!("no table row for {kind}:\n{out}"));
+        let nums: Vec<f64> = row
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        assert_eq!(nums.len(), 5, "{row}");
+        assert!(nums.iter().all(|x| x.is_finite() && *x > 0.0), "{row}");
+    }
+    assert!(svg.starts_with("<svg") && svg.contains("</svg>"));
+    for label in [
+        "linear attention, train",
+        "linear attention, validation",
+        "softmax attention, train",
+        "softmax attention, validation",
+    ] {
+        assert!(svg.contains(label), "plot lacks `{label}`");
+    }
+    assert!(gen_ok && gen.contains("8 tokens in"), "{gen}");
+    assert!(gen.contains("linear attention, d_model 16"), "{gen}");
+}
+
+#[test]
+fn cli_train_rejects_bad_texts_and_settings() {
+    let empty = tmp("empty.txt");
+    let short = tmp("short.txt");
+    std::fs::write(&empty, "").unwrap();
+    std::fs::write(&short, "too short for a sequence").unwrap();
+    let run = |text: &PathBuf, extra: &[&str]| {
+        let t = text.display().to_string();
+        let out = tmp("bad-out").display().to_string();
+        let mut args = vec!["train", "--text", &t, "--no-progress", "--out", &out];
+        args.extend_from_slice(extra);
+        linattn(&args)
+    };
+    let cases = [
+        run(&empty, &[]),
+        run(&short, &["--seq-len", "64"]),
+        run(&short, &["--seq-len", "0"]),
+        run(&tmp("no-such-file.txt"), &[]),
+    ];
+    std::fs::remove_file(&empty).ok();
+    std::fs::remove_file(&short).ok();
+    let wants = [
+        "the text is empty",
+        "seq_len 64 needs 65 bytes",
+        "seq_len is 0",
+        "no-such-file.txt",
+    ];
+    for ((ok, text), want) in cases.iter().zip(wants) {
+        assert!(!ok, "{text}");
+        assert!(
+            text.contains("error:") && text.contains(want),
+            "`{want}`: {text}"
+        );
+        assert!(!text.contains("panicked"), "{text}");
+    }
+}

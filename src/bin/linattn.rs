@@ -6,13 +6,14 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use linattn::demo::DemoOptions;
 use linattn::generate::GenerateOptions;
+use linattn::train::TrainOptions;
 use linattn_model::{AttentionKind, BackendChoice, Config, FeatureMap};
 
 #[derive(Parser)]
 #[command(
     name = "linattn",
     version,
-    about = "Linear attention kernels: info, demo and generation"
+    about = "Linear attention kernels: info, demo, training and generation"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -26,11 +27,62 @@ enum Command {
     /// Time per generated token against position, linear vs softmax attention:
     /// prints a table and writes an SVG plot.
     Demo(DemoArgs),
+    /// Train byte-level transformers (linear and softmax attention) on a text:
+    /// prints a table of bits per byte and generation speed, writes an SVG
+    /// plot and safetensors checkpoints.
+    Train(TrainArgs),
     /// Generate bytes from a prompt and report tokens per second.
     Generate(GenerateArgs),
 }
 
-/// Model sizes shared by `demo` and `generate`.
+/// Which attention kinds `train` trains.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Which {
+    Linear,
+    Softmax,
+    Both,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The text to learn (any bytes); default: the project's docs, built in.
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Attention kinds to train (both: the same seed and data order).
+    #[arg(long, value_enum, default_value = "both")]
+    attention: Which,
+    /// AdamW steps per model.
+    #[arg(long, default_value_t = TrainOptions::default().steps)]
+    steps: usize,
+    /// Bytes per training sequence.
+    #[arg(long, default_value_t = TrainOptions::default().seq_len)]
+    seq_len: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = TrainOptions::default().batch)]
+    batch: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = TrainOptions::default().lr)]
+    lr: f64,
+    /// Output directory: <kind>.safetensors and loss.svg.
+    #[arg(long, default_value = "linattn-train")]
+    out: PathBuf,
+    #[command(flatten)]
+    size: SizeArgs,
+    /// Seed of the weights and the batch order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Validation every this many steps.
+    #[arg(long, default_value_t = TrainOptions::default().eval_every)]
+    eval_every: usize,
+    /// Where to run: auto (GPU if usable, else CPU), cpu or gpu.
+    #[arg(long, default_value = "auto")]
+    backend: BackendChoice,
+    /// Hide the progress bars.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+/// Model sizes shared by `demo`, `train` and `generate`.
 #[derive(Args)]
 struct SizeArgs {
     /// Width of the residual stream.
@@ -165,6 +217,30 @@ fn run(cli: Cli) -> Result<()> {
                 ..defaults
             };
             linattn::demo::run(&opts, &mut stdout)?;
+            Ok(())
+        }
+        Command::Train(a) => {
+            let defaults = TrainOptions::default();
+            let opts = TrainOptions {
+                text: a.text,
+                kinds: match a.attention {
+                    Which::Linear => vec![AttentionKind::Linear],
+                    Which::Softmax => vec![AttentionKind::Softmax],
+                    Which::Both => AttentionKind::ALL.to_vec(),
+                },
+                config: a.size.config(defaults.config),
+                steps: a.steps,
+                seq_len: a.seq_len,
+                batch: a.batch,
+                lr: a.lr,
+                out: a.out,
+                seed: a.seed,
+                eval_every: a.eval_every,
+                backend: a.backend,
+                progress: !a.no_progress,
+                ..defaults
+            };
+            linattn::train::run(&opts, &mut stdout)?;
             Ok(())
         }
         Command::Generate(a) => {

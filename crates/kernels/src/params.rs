@@ -31,10 +31,6 @@ kernel_params!(
     LinattnStateScanParams,
     LinattnDecodeParams,
     LinattnBackwardParams,
-    LinattnLayerNormParams,
-    LinattnRowsParams,
-    LinattnEmbedParams,
-    LinattnSoftmaxParams,
 );
 
 /// The params layout version this crate was generated against; checked

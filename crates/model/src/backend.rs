@@ -4,20 +4,17 @@
 use std::fmt;
 use std::str::FromStr;
 
-use std::sync::Arc;
+use candle_core::Device;
 
-use linattn_kernels::{BuildStatus, Device, Gpu};
-
-use crate::attention::CpuAttention;
 use crate::error::{ModelError, Result};
 
 /// What the user asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackendChoice {
-    /// The GPU if a driver, a device and a GPU backend are present, else the CPU.
+    /// The GPU if this build has CUDA support and a device is present, else the CPU.
     #[default]
     Auto,
-    /// The CPU backend.
+    /// The CPU.
     Cpu,
     /// The GPU; an error if it cannot be used.
     Gpu,
@@ -47,46 +44,40 @@ impl fmt::Display for BackendChoice {
     }
 }
 
-/// A backend ready to run the model.
-#[derive(Debug, Clone)]
-pub enum Backend {
-    /// [`CpuAttention`] plus CPU projections.
-    Cpu(CpuAttention),
-    /// The device-resident model on this GPU ([`crate::GpuModel`]: the
-    /// project's kernels, cuBLAS projections).
-    Gpu(Device),
-}
-
-/// The outcome of [`select_backend`]: the backend and a sentence saying why.
+/// The outcome of [`select_backend`]: the candle device and a sentence
+/// saying why it was chosen.
 #[derive(Debug, Clone)]
 pub struct Selection {
-    /// The backend to use.
-    pub backend: Backend,
-    /// Why it was chosen, for printing ("CPU: no CUDA driver found").
+    /// Where the model's tensors go.
+    pub device: Device,
+    /// Why, for printing ("CPU (GPU not used: ...)").
     pub reason: String,
 }
 
-/// The GPU for [`crate::GpuModel`], or why there is none: checked in order,
-/// a driver, a device, kernels built for it (nvcc at build time), opening
-/// it, and cuBLAS (loaded at run time for the projections: a GPU machine
-/// without it runs the model on the CPU under `auto`).
+impl Selection {
+    /// "CPU" or "GPU".
+    pub fn short(&self) -> &'static str {
+        if self.device.is_cuda() {
+            "GPU"
+        } else {
+            "CPU"
+        }
+    }
+}
+
+/// The CUDA device 0 for the model, or why there is none: the build must
+/// have the `cuda` feature (candle's CUDA backend and `linattn-candle`'s
+/// kernels), and candle must open a device.
 pub fn gpu_device() -> std::result::Result<Device, String> {
-    if !linattn_kernels::driver_present() {
-        return Err("no CUDA driver found (libcuda could not be loaded)".into());
+    if !cfg!(feature = "cuda") {
+        return Err(
+            "this build has no CUDA support (build with `--features cuda` to run on a GPU)".into(),
+        );
     }
-    match linattn_kernels::device_count() {
-        Err(e) => return Err(format!("the CUDA driver reports no usable device ({e})")),
-        Ok(0) => return Err("the CUDA driver reports 0 devices".into()),
-        Ok(_) => {}
+    if !candle_core::utils::cuda_is_available() {
+        return Err("this build has no CUDA support".into());
     }
-    if let BuildStatus::NotBuilt(why) = linattn_kernels::build_status() {
-        return Err(format!(
-            "a CUDA device is present but this build has no kernels ({why})"
-        ));
-    }
-    let gpu = Gpu::new(0).map_err(|e| format!("the GPU could not be opened ({e})"))?;
-    crate::gpu::open_cublas(gpu.stream()).map_err(|why| format!("a GPU is present but {why}"))?;
-    Ok(Device::Gpu(Arc::new(gpu)))
+    Device::new_cuda(0).map_err(|e| format!("no usable CUDA device ({e})"))
 }
 
 /// Why the GPU cannot run the model on this machine and build (see
@@ -102,15 +93,14 @@ pub fn gpu_unavailable_reason() -> String {
 /// cannot be used, `cpu` always succeeds.
 pub fn select_backend(choice: BackendChoice) -> Result<Selection> {
     let cpu = |reason: String| Selection {
-        backend: Backend::Cpu(CpuAttention),
+        device: Device::Cpu,
         reason,
     };
-    let gpu = |d: Device, why: &str| Selection {
+    let gpu = |device: Device, why: &str| Selection {
         reason: format!(
-            "GPU: {} ({why}; device-resident model: linattn kernels, cuBLAS projections)",
-            d.describe()
+            "GPU: CUDA device 0 ({why}; candle's CUDA backend, linattn kernels on candle's stream)"
         ),
-        backend: Backend::Gpu(d),
+        device,
     };
     match choice {
         BackendChoice::Cpu => Ok(cpu("CPU (requested with --backend cpu)".into())),
@@ -143,19 +133,16 @@ mod tests {
     #[test]
     fn cpu_and_auto_always_resolve() {
         let s = select_backend(BackendChoice::Cpu).unwrap();
-        assert!(matches!(s.backend, Backend::Cpu(_)));
+        assert!(s.device.is_cpu() && s.short() == "CPU");
         let auto = select_backend(BackendChoice::Auto).unwrap();
         match gpu_device() {
-            // With a usable GPU, auto and gpu pick it.
             Ok(_) => {
-                assert!(matches!(auto.backend, Backend::Gpu(_)), "{}", auto.reason);
+                assert!(auto.device.is_cuda(), "{}", auto.reason);
                 assert!(auto.reason.starts_with("GPU"), "{}", auto.reason);
                 assert!(select_backend(BackendChoice::Gpu).is_ok());
             }
-            // Without one, auto is the CPU with the reason and `gpu` is a
-            // clear error naming it, never a panic.
             Err(why) => {
-                assert!(matches!(auto.backend, Backend::Cpu(_)));
+                assert!(auto.device.is_cpu());
                 assert!(auto.reason.starts_with("CPU") && auto.reason.contains(&why));
                 let e = select_backend(BackendChoice::Gpu).unwrap_err().to_string();
                 assert!(

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
-use linattn_reference::FeatureMap;
+use linattn_candle::FeatureMap;
 
 use crate::error::{ModelError, Result};
 

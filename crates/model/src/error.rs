@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 /// Everything the model can reject: bad configurations, bad weight files,
-/// bad inputs, and failures of the attention backend. Each variant carries
+/// bad inputs (prompts, texts, training settings), and failures of candle or
+/// of the linear-attention op. Each variant carries
 /// enough context (the tensor, the setting, the file) to act on.
 #[derive(Debug, Error)]
 pub enum ModelError {
@@ -95,12 +96,12 @@ pub enum ModelError {
         /// Why it cannot be used.
         reason: String,
     },
-    /// The CPU reference rejected an attention call (a shape bug).
-    #[error("attention (CPU reference): {0}")]
-    Reference(#[from] linattn_reference::ReferenceError),
-    /// The kernel-backed attention failed.
-    #[error("attention (kernels): {0}")]
-    Kernels(#[from] linattn_kernels::Error),
+    /// candle reported an error (a tensor op, the optimiser, a device).
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// `linattn-candle` rejected or failed a linear-attention call.
+    #[error("linear attention: {0}")]
+    Attention(#[from] linattn_candle::Error),
     /// An error inside one transformer block, with the block's index.
     #[error("block {layer}: {source}")]
     InBlock {

@@ -3,7 +3,6 @@
 
 use linattn_reference::testing::Rng;
 
-use crate::attention::AttentionBackend;
 use crate::config::VOCAB;
 use crate::error::{ModelError, Result};
 use crate::model::{Model, Session};
@@ -96,31 +95,23 @@ impl Sampling {
 /// [`Generator::new`] runs the parallel prefill; each [`Generator::next_token`]
 /// then costs exactly one sample and one decode step (of the previously
 /// sampled token), so timing it times one step at the current position.
-pub struct Generator<'a, B: AttentionBackend> {
+pub struct Generator<'a> {
     model: &'a Model,
-    backend: &'a B,
-    session: Session<B::Cache>,
+    session: Session,
     logits: Vec<f32>,
     pending: Option<u8>,
     sampling: Sampling,
     rng: Rng,
 }
 
-impl<'a, B: AttentionBackend> Generator<'a, B> {
+impl<'a> Generator<'a> {
     /// Prefills `prompt` (at least one byte).
-    pub fn new(
-        model: &'a Model,
-        backend: &'a B,
-        prompt: &[u8],
-        sampling: Sampling,
-        seed: u64,
-    ) -> Result<Self> {
+    pub fn new(model: &'a Model, prompt: &[u8], sampling: Sampling, seed: u64) -> Result<Self> {
         sampling.check()?;
-        let (logits, session) = model.prefill(backend, prompt)?;
+        let (logits, session) = model.prefill(prompt)?;
         let last = logits[logits.len() - VOCAB..].to_vec();
         Ok(Generator {
             model,
-            backend,
             session,
             logits: last,
             pending: None,
@@ -132,7 +123,7 @@ impl<'a, B: AttentionBackend> Generator<'a, B> {
     /// Decodes the previous token (if any) and samples the next one.
     pub fn next_token(&mut self) -> Result<u8> {
         if let Some(t) = self.pending.take() {
-            self.logits = self.model.decode(self.backend, &mut self.session, t)?;
+            self.logits = self.model.decode(&mut self.session, t)?;
         }
         let t = self.sampling.sample(&self.logits, &mut self.rng)?;
         self.pending = Some(t);
@@ -145,7 +136,7 @@ impl<'a, B: AttentionBackend> Generator<'a, B> {
     }
 
     /// The decode state.
-    pub fn session(&self) -> &Session<B::Cache> {
+    pub fn session(&self) -> &Session {
         &self.session
     }
 }
@@ -154,15 +145,14 @@ impl Model {
     /// Generates `max_new_tokens` bytes after `prompt`: prefill, then one
     /// decode step per byte, sampled with `sampling` from an RNG seeded
     /// with `seed` (same inputs, same bytes).
-    pub fn generate<B: AttentionBackend>(
+    pub fn generate(
         &self,
-        backend: &B,
         prompt: &[u8],
         max_new_tokens: usize,
         sampling: Sampling,
         seed: u64,
     ) -> Result<Vec<u8>> {
-        let mut g = Generator::new(self, backend, prompt, sampling, seed)?;
+        let mut g = Generator::new(self, prompt, sampling, seed)?;
         (0..max_new_tokens).map(|_| g.next_token()).collect()
     }
 }

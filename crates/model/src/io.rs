@@ -1,77 +1,40 @@
-//! Weights in safetensors: save as f32 with the config in `__metadata__`,
-//! load with every name, shape and dtype validated.
+//! Weights in safetensors: saved as f32 with the config in `__metadata__`,
+//! loaded through candle (`candle_core::safetensors`) with every name, shape
+//! and dtype validated first, so the error names the tensor at fault.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 use safetensors::{tensor::TensorView, Dtype, SafeTensorError, SafeTensors};
 
 use crate::config::Config;
 use crate::error::{ModelError, Result};
-use crate::model::Model;
+use crate::model::{tensor_specs, Model};
 
-fn format_err(e: SafeTensorError) -> ModelError {
+fn format_err(e: impl std::fmt::Display) -> ModelError {
     ModelError::Format(e.to_string())
-}
-
-/// Decodes little-endian elements of a supported dtype to f32.
-fn to_f32(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
-    let b = view.data();
-    let out: Vec<f32> = match view.dtype() {
-        Dtype::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F64 => b
-            .chunks_exact(8)
-            .map(|c| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(c);
-                f64::from_le_bytes(a) as f32
-            })
-            .collect(),
-        Dtype::F16 => b
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => b
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(ModelError::TensorDtype {
-                name: name.into(),
-                dtype: format!("{other:?}"),
-            })
-        }
-    };
-    if let Some(index) = out.iter().position(|x| !x.is_finite()) {
-        return Err(ModelError::NonFinite {
-            name: name.into(),
-            index,
-        });
-    }
-    Ok(out)
 }
 
 impl Model {
     /// The weights as a safetensors file image: every tensor in f32 and the
     /// config in `__metadata__` (so [`Model::load`] needs nothing else).
     pub fn to_safetensors(&self) -> Result<Vec<u8>> {
-        let tensors = self.tensors();
-        let bytes: Vec<Vec<u8>> = tensors
+        let mut data = Vec::new();
+        for (name, t) in self.tensors() {
+            let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            data.push((name.as_str(), t.dims().to_vec(), bytes));
+        }
+        let views = data
             .iter()
-            .map(|(_, _, d)| d.iter().flat_map(|x| x.to_le_bytes()).collect())
-            .collect();
-        let views = tensors
-            .iter()
-            .zip(&bytes)
-            .map(|((name, shape, _), b)| {
-                TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (name.as_str(), v))
+            .map(|(name, shape, b)| {
+                TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (*name, v))
             })
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(format_err)?;
-        safetensors::serialize(views, Some(self.config.to_metadata())).map_err(format_err)
+        safetensors::serialize(views, Some(self.config().to_metadata())).map_err(format_err)
     }
 
     /// Writes [`Model::to_safetensors`] to `path`.
@@ -86,24 +49,34 @@ impl Model {
     }
 
     /// Loads a weight file written by [`Model::save`] (config from its
-    /// metadata), or any safetensors file with the same tensor names when
-    /// `config` is given (which then overrides the metadata).
+    /// metadata; files of earlier linattn versions use the same names and
+    /// format) onto the CPU, or any safetensors file with the same tensor
+    /// names when `config` is given (which then overrides the metadata).
     pub fn load(path: impl AsRef<Path>, config: Option<Config>) -> Result<Self> {
+        Self::load_on(path, config, &Device::Cpu)
+    }
+
+    /// [`Model::load`] onto `device`.
+    pub fn load_on(
+        path: impl AsRef<Path>,
+        config: Option<Config>,
+        device: &Device,
+    ) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
             action: "reading",
             path: path.into(),
             source,
         })?;
-        Self::from_safetensors(&bytes, config)
+        Self::from_safetensors(&bytes, config, device)
     }
 
-    /// [`Model::load`] from an in-memory file image.
+    /// [`Model::load_on`] from an in-memory file image.
     ///
     /// Every tensor the config needs must be present with exactly its shape
     /// (dtype F32, F16, BF16 or F64, converted to f32; finite values), and no
     /// other tensor may be present; the error names the first offender.
-    pub fn from_safetensors(bytes: &[u8], config: Option<Config>) -> Result<Self> {
+    pub fn from_safetensors(bytes: &[u8], config: Option<Config>, device: &Device) -> Result<Self> {
         let (_, meta) = SafeTensors::read_metadata(bytes).map_err(format_err)?;
         let config = match config {
             Some(c) => c,
@@ -120,24 +93,32 @@ impl Model {
         config.validate()?;
         let st = SafeTensors::deserialize(bytes).map_err(format_err)?;
         let mut seen = HashSet::new();
-        let model = Model::build(config, |name, shape, _| {
-            let view = st.tensor(name).map_err(|e| match e {
+        for (name, shape, _) in tensor_specs(&config) {
+            let view = st.tensor(&name).map_err(|e| match e {
                 SafeTensorError::TensorNotFound(_) => ModelError::MissingTensor {
-                    name: name.into(),
-                    expected: shape.to_vec(),
+                    name: name.clone(),
+                    expected: shape.clone(),
                 },
                 e => format_err(e),
             })?;
-            if view.shape() != shape {
+            if view.shape() != shape.as_slice() {
                 return Err(ModelError::TensorShape {
-                    name: name.into(),
-                    expected: shape.to_vec(),
+                    name,
+                    expected: shape,
                     found: view.shape().to_vec(),
                 });
             }
-            seen.insert(name.to_string());
-            to_f32(name, &view)
-        })?;
+            if !matches!(
+                view.dtype(),
+                Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64
+            ) {
+                return Err(ModelError::TensorDtype {
+                    name,
+                    dtype: format!("{:?}", view.dtype()),
+                });
+            }
+            seen.insert(name);
+        }
         let mut extra: Vec<&str> = st
             .names()
             .into_iter()
@@ -149,6 +130,17 @@ impl Model {
                 name: (*name).into(),
             });
         }
-        Ok(model)
+        // Names, shapes and dtypes are right: candle reads the data.
+        let loaded = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)?;
+        let mut map = HashMap::new();
+        for (name, t) in loaded {
+            let t = t.to_dtype(DType::F32)?;
+            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            if let Some(index) = v.iter().position(|x| !x.is_finite()) {
+                return Err(ModelError::NonFinite { name, index });
+            }
+            map.insert(name, t.to_device(device)?);
+        }
+        Self::from_var_builder(config, VarBuilder::from_tensors(map, DType::F32, device))
     }
 }

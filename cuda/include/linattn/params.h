@@ -237,84 +237,6 @@ typedef struct LinattnBackwardParams {
     float scale;
 } LinattnBackwardParams;
 
-
-/*
- * model_ops.cu: the transformer's element-wise and row ops, fp32 rows of a
- * contiguous [rows, cols] matrix (row stride = cols).
- * layer_norm: y = (x - mean) / sqrt(var + eps) * gain + bias per row, with
- * fp32 two-pass row statistics (block reduction); one block per row.
- */
-typedef struct LinattnLayerNormParams {
-    linattn_ptr x;              /* [rows, cols] */
-    linattn_ptr y;              /* [rows, cols], written; may equal x */
-    linattn_ptr gain;           /* [cols] */
-    linattn_ptr bias;           /* [cols] */
-    int64_t rows;
-    int64_t cols;
-    float eps;
-    int32_t _pad0;
-} LinattnLayerNormParams;
-
-/*
- * bias_gelu: x = gelu(x + bias[col]) in place (tanh approximation).
- * add_residual: x += y (+ bias[col] when bias != 0), in place.
- */
-typedef struct LinattnRowsParams {
-    linattn_ptr x;              /* [rows, cols], read and written */
-    linattn_ptr y;              /* [rows, cols] (add_residual), or 0 */
-    linattn_ptr bias;           /* [cols], or 0 (add_residual only) */
-    int64_t rows;
-    int64_t cols;
-} LinattnRowsParams;
-
-/*
- * embed_positions: x[t, c] = table[tokens[t], c] + pe(start + t, c), with the
- * sinusoidal pe(p, 2i) = sin(p * 10000^(-2i/cols)), pe(p, 2i+1) = cos(same).
- * Token ids travel as fp32 values (exact below 2^24), validated by the host.
- */
-typedef struct LinattnEmbedParams {
-    linattn_ptr tokens;         /* float[rows], integral ids in [0, vocab) */
-    linattn_ptr table;          /* [vocab, cols] */
-    linattn_ptr x;              /* [rows, cols], written */
-    int64_t rows;
-    int64_t cols;
-    int64_t vocab;
-    int64_t start;              /* position of the first row */
-} LinattnEmbedParams;
-
-/*
- * softmax_attention.cu: o = softmax(scale * q k^T (+ causal mask)) v per
- * (batch, head), online softmax in fp32, one warp per query row.
- * prefill: q, k, v, o are [batch, tokens, heads, d|m] through the strides.
- * decode: writes k, v ([batch, heads, d|m] through the head/batch strides of
- * k, v) into the caches at `position`, then attends q over positions
- * 0..=position of the caches (token stride cache_token_stride, head stride
- * cache_head_stride, batch stride cache_batch_stride; one set of strides for
- * both caches, in elements of d for keys and of m for values: k_cache uses
- * the strides as given and v_cache the same strides, so d == m for decode).
- */
-typedef struct LinattnSoftmaxParams {
-    linattn_ptr q;
-    linattn_ptr k;
-    linattn_ptr v;
-    linattn_ptr o;              /* written */
-    linattn_ptr k_cache;        /* decode only; written at `position` */
-    linattn_ptr v_cache;
-    int64_t batch;
-    int64_t heads;
-    int64_t tokens;             /* prefill: sequence length */
-    int64_t d;                  /* query/key size, <= 256 */
-    int64_t m;                  /* value size, <= 256 */
-    int64_t position;           /* decode: index of the new token */
-    int64_t q_batch_stride, q_token_stride, q_head_stride;
-    int64_t k_batch_stride, k_token_stride, k_head_stride;
-    int64_t v_batch_stride, v_token_stride, v_head_stride;
-    int64_t o_batch_stride, o_token_stride, o_head_stride;
-    int64_t cache_batch_stride, cache_token_stride, cache_head_stride;
-    int32_t causal;
-    float scale;
-} LinattnSoftmaxParams;
-
 #ifdef __cplusplus
 } /* extern "C" */
 
@@ -323,10 +245,6 @@ static_assert(sizeof(LinattnForwardParams) == 280, "LinattnForwardParams layout 
 static_assert(sizeof(LinattnStateScanParams) == 120, "LinattnStateScanParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
 static_assert(sizeof(LinattnDecodeParams) == 160, "LinattnDecodeParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
 static_assert(sizeof(LinattnBackwardParams) == 336, "LinattnBackwardParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
-static_assert(sizeof(LinattnLayerNormParams) == 56, "LinattnLayerNormParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
-static_assert(sizeof(LinattnRowsParams) == 40, "LinattnRowsParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
-static_assert(sizeof(LinattnEmbedParams) == 56, "LinattnEmbedParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
-static_assert(sizeof(LinattnSoftmaxParams) == 224, "LinattnSoftmaxParams layout changed: bump LINATTN_PARAMS_VERSION and regenerate bindings");
 #endif
 
 #endif /* LINATTN_PARAMS_H */

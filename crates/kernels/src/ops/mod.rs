@@ -27,8 +27,6 @@ pub mod decode;
 pub mod feature_map;
 pub mod forward;
 mod memory;
-pub mod model_ops;
-pub mod softmax;
 mod temp;
 pub mod tuning;
 
