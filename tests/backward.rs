@@ -1,4 +1,4 @@
-//! causal_backward.cu and noncausal_backward.cu on every executor against
+//! cuda/backward.cu (causal and non-causal) on every executor against
 //! linattn-reference's f64 gradients (themselves checked by finite
 //! differences): N = 1, around the chunk and past two chunks, D = 1, 2, 17,
 //! 64, multi-tile heads up to D = M = 256, D != M, B*H = 1, both layouts

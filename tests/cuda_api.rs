@@ -447,7 +447,7 @@ fn walk_bf16(dev: &Device, heads: usize, n: usize, d: usize, seed: u64) -> (Vec<
 }
 
 /// Two threads share one `Gpu` and launch the same kernel
-/// (`causal_forward_bf16`) with different dynamic shared memory (D = M =
+/// (`forward_bf16`) with different dynamic shared memory (D = M =
 /// 128: 98,176 B; 64: 72,256 B; both past the 48 KiB default), alternating
 /// for many rounds. The old executor set the kernel's shared-memory
 /// attribute to each launch's own size on every launch, so one thread's

@@ -1,4 +1,4 @@
-//! causal_forward.cu and noncausal_forward.cu on every executor against
+//! cuda/forward.cu (causal and non-causal) on every executor against
 //! linattn-reference in f64: a representative slice of the shape matrix
 //! (N around the chunk, D = 1 .. 256, D != M, both layouts and padded
 //! strides, every dtype, feature map and normalisation), initial and final

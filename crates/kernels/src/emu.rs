@@ -237,7 +237,7 @@ mod tests {
                     limit,
                     ..
                 }) => {
-                    assert_eq!(kernel, "causal_forward_f32");
+                    assert_eq!(kernel, "forward_f32");
                     assert_eq!((bytes, limit), (101_377, 101_376));
                 }
                 other => panic!("expected SharedMemory, got {other:?}"),

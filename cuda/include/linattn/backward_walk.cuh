@@ -1,5 +1,5 @@
-// The chunked linear-attention backward shared by causal_backward.cu and
-// noncausal_backward.cu (math: docs/linear-attention.md, "Gradients in
+// The chunked linear-attention backward of backward.cu (both kinds)
+// (math: docs/linear-attention.md, "Gradients in
 // constant memory"; notation qh = s phi(q), kh = phi(k), G = dL/do).
 //
 // Nothing is saved by the forward besides its inputs (q, k, v, the initial

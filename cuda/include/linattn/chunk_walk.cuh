@@ -1,5 +1,5 @@
-// The chunked linear-attention walk shared by causal_forward.cu and
-// noncausal_forward.cu, and the fixed-order combine of per-partition states.
+// The chunked linear-attention walk of forward.cu (both kinds), and the
+// fixed-order combine of per-partition states.
 //
 // One block owns one (sequence-head sh, value tile, partition) triple and
 // keeps its slice of the fp32 state on chip: S[:, m0 .. m0+m_tile] (d x

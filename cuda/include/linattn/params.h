@@ -45,7 +45,7 @@ typedef struct LinattnFeatureMapParams {
     int32_t _pad0;
 } LinattnFeatureMapParams;
 
-/* How the chunk walk (causal_forward.cu, noncausal_forward.cu) starts and ends. */
+/* How the chunk walk (forward.cu, both kinds) starts and ends. */
 typedef enum LinattnStateLoad {
     LINATTN_STATE_ZERO = 0,        /* start from S = 0, z = 0 */
     LINATTN_STATE_INITIAL = 1,     /* start from state_in_s / state_in_z */
@@ -81,7 +81,7 @@ typedef enum LinattnBackwardState {
 } LinattnBackwardState;
 
 /*
- * causal_forward.cu / noncausal_forward.cu: linear attention over a batch of
+ * forward.cu (causal and non-causal): linear attention over a batch of
  * sequences (dense: num_seqs = batch, every sequence `tokens` long; varlen:
  * batch index 0, sequence s owns tokens cu_seqlens[s]..cu_seqlens[s+1]).
  * Element (b, h, t, x) of q lives at b*q_batch_stride + h*q_head_stride +
@@ -130,8 +130,8 @@ typedef struct LinattnForwardParams {
 } LinattnForwardParams;
 
 /*
- * The fixed-order combine of per-partition states (causal_state_scan,
- * noncausal_state_scan): for each (sh, element) walk the partitions in order.
+ * The fixed-order combine of per-partition states (forward_state_scan,
+ * both kinds): for each (sh, element) walk the partitions in order.
  * Causal: each work slot becomes the exclusive prefix (initial state plus all
  * earlier partitions) and the final state is the total. Non-causal: work slot
  * 0 becomes the total (initial state included). Element e < d*m is S[e],
@@ -185,7 +185,7 @@ typedef struct LinattnDecodeParams {
 } LinattnDecodeParams;
 
 /*
- * causal_backward.cu / noncausal_backward.cu: gradients of linear attention
+ * backward.cu (causal and non-causal): gradients of linear attention
  * (see linattn/backward_walk.cuh). Batches, varlen offsets and states as in
  * LinattnForwardParams. Every gradient uses the strides of its primal: dq
  * those of q, dk of k, dv of v, d_o (dL/do) of o. Grid x: seq-heads x tiles,

@@ -234,9 +234,9 @@ impl AttentionOptions {
 /// Causal (prefix sums) or non-causal (every query sees the whole sequence).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
-    /// `causal_forward.cu`.
+    /// The params' `causal = 1` (same kernels as [`Kind::NonCausal`]).
     Causal,
-    /// `noncausal_forward.cu`.
+    /// The params' `causal = 0`.
     NonCausal,
 }
 

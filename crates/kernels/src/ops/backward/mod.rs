@@ -1,5 +1,5 @@
-//! The backward kernels (`cuda/causal_backward.cu`,
-//! `cuda/noncausal_backward.cu`): gradients of linear attention with
+//! The backward kernels (`cuda/backward.cu`, one module for both kinds):
+//! gradients of linear attention with
 //! respect to q, k, v and the initial state, feature map and normaliser
 //! differentiated inside the kernels.
 //!
@@ -30,7 +30,7 @@ pub(crate) mod tiling;
 
 pub use plan::{validate, workspace_len, BackwardProblem, GradLens, RawBackward};
 
-use self::plan::{check_raw, module, run_plan};
+use self::plan::{check_raw, op_name, run_plan};
 use super::attention::{AttentionOptions, AttentionShape, Kind, StateMut, StateRef};
 use super::forward::Lens;
 use super::memory::{Addrs, DeviceRead, DeviceWrite, Memory};
@@ -221,7 +221,7 @@ where
     I: DeviceRead<f32, E>,
     F: DeviceWrite<f32, E>,
 {
-    let kernel = module(kind);
+    let kernel = op_name(kind);
     let pair = |s: &StateRef<'_, I>| (s.s.elems(), s.z.elems());
     let lens = Lens {
         q: x.q.elems(),
@@ -295,7 +295,7 @@ unsafe fn backward_raw<E: Executor>(
     cu_seqlens: Option<&[usize]>,
     opts: &AttentionOptions,
 ) -> Result<()> {
-    let kernel = module(kind);
+    let kernel = op_name(kind);
     let lens = Lens::unknown(ptrs.initial_s != 0, false);
     let glens = GradLens::unknown(ptrs.d_final_s != 0, ptrs.d_initial_s != 0);
     let bp = validate(

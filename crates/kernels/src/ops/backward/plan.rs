@@ -17,63 +17,44 @@ use crate::plan::{Executor, LaunchPlan};
 use crate::target::Target;
 use crate::{Error, Result};
 
-pub(crate) fn module(kind: Kind) -> &'static str {
+/// The backward module (`cuda/backward.cu`: one module for both kinds;
+/// causality is the params' `causal` flag).
+pub(crate) const MODULE: &str = "backward";
+
+/// The op's name in errors: the public entry point of a kind.
+pub(crate) fn op_name(kind: Kind) -> &'static str {
     match kind {
         Kind::Causal => "causal_backward",
         Kind::NonCausal => "noncausal_backward",
     }
 }
 
-/// The kernel symbol of a pass for a dtype (`None`: no such kernel, the
-/// merged [`Pass::Dkv`] and [`Pass::PrepDq`] walks exist for f16 and bf16
-/// only).
-pub fn kernel_name(kind: Kind, pass: Pass, dtype: DType) -> Option<&'static str> {
+/// The kernel symbol of a pass for a dtype, the same for both kinds
+/// (`None`: no such kernel, the merged [`Pass::Dkv`] and [`Pass::PrepDq`]
+/// walks exist for f16 and bf16 only).
+pub fn kernel_name(pass: Pass, dtype: DType) -> Option<&'static str> {
     use DType::*;
     use Pass::*;
-    macro_rules! names {
-        ($($k:ident $p:ident $t:ident => $n:literal),* $(,)?) => {
-            match (kind, pass, dtype) {
-                $((Kind::$k, $p, $t) => Some($n),)*
-                (_, Dkv | PrepDq, F32) => None,
-                (Kind::Causal, StateScan, _) => Some("causal_backward_state_scan"),
-                (Kind::NonCausal, StateScan, _) => Some("noncausal_backward_state_scan"),
-            }
-        };
-    }
-    names!(
-        Causal Prep F32 => "causal_backward_prep_f32",
-        Causal Prep F16 => "causal_backward_prep_f16",
-        Causal Prep Bf16 => "causal_backward_prep_bf16",
-        Causal Dq F32 => "causal_backward_dq_f32",
-        Causal Dq F16 => "causal_backward_dq_f16",
-        Causal Dq Bf16 => "causal_backward_dq_bf16",
-        Causal Dk F32 => "causal_backward_dk_f32",
-        Causal Dk F16 => "causal_backward_dk_f16",
-        Causal Dk Bf16 => "causal_backward_dk_bf16",
-        Causal Dv F32 => "causal_backward_dv_f32",
-        Causal Dv F16 => "causal_backward_dv_f16",
-        Causal Dv Bf16 => "causal_backward_dv_bf16",
-        NonCausal Prep F32 => "noncausal_backward_prep_f32",
-        NonCausal Prep F16 => "noncausal_backward_prep_f16",
-        NonCausal Prep Bf16 => "noncausal_backward_prep_bf16",
-        NonCausal Dq F32 => "noncausal_backward_dq_f32",
-        NonCausal Dq F16 => "noncausal_backward_dq_f16",
-        NonCausal Dq Bf16 => "noncausal_backward_dq_bf16",
-        NonCausal Dk F32 => "noncausal_backward_dk_f32",
-        NonCausal Dk F16 => "noncausal_backward_dk_f16",
-        NonCausal Dk Bf16 => "noncausal_backward_dk_bf16",
-        NonCausal Dv F32 => "noncausal_backward_dv_f32",
-        NonCausal Dv F16 => "noncausal_backward_dv_f16",
-        NonCausal Dv Bf16 => "noncausal_backward_dv_bf16",
-        Causal Dkv F16 => "causal_backward_dkv_f16",
-        Causal Dkv Bf16 => "causal_backward_dkv_bf16",
-        NonCausal Dkv F16 => "noncausal_backward_dkv_f16",
-        NonCausal Dkv Bf16 => "noncausal_backward_dkv_bf16",
-        Causal PrepDq F16 => "causal_backward_prepdq_f16",
-        Causal PrepDq Bf16 => "causal_backward_prepdq_bf16",
-        NonCausal PrepDq F16 => "noncausal_backward_prepdq_f16",
-        NonCausal PrepDq Bf16 => "noncausal_backward_prepdq_bf16",
-    )
+    Some(match (pass, dtype) {
+        (Prep, F32) => "backward_prep_f32",
+        (Prep, F16) => "backward_prep_f16",
+        (Prep, Bf16) => "backward_prep_bf16",
+        (Dq, F32) => "backward_dq_f32",
+        (Dq, F16) => "backward_dq_f16",
+        (Dq, Bf16) => "backward_dq_bf16",
+        (Dk, F32) => "backward_dk_f32",
+        (Dk, F16) => "backward_dk_f16",
+        (Dk, Bf16) => "backward_dk_bf16",
+        (Dv, F32) => "backward_dv_f32",
+        (Dv, F16) => "backward_dv_f16",
+        (Dv, Bf16) => "backward_dv_bf16",
+        (Dkv, F16) => "backward_dkv_f16",
+        (Dkv, Bf16) => "backward_dkv_bf16",
+        (PrepDq, F16) => "backward_prepdq_f16",
+        (PrepDq, Bf16) => "backward_prepdq_bf16",
+        (Dkv | PrepDq, F32) => return None,
+        (StateScan, _) => "backward_state_scan",
+    })
 }
 
 /// A validated backward call.
@@ -328,12 +309,12 @@ pub struct Layout {
 /// for a dtype without one, f32, or a head whose state does not fit the
 /// fragments: the separate walks run then) and where the workspace's parts
 /// start.
-pub fn layout(kind: Kind, dtype: DType, bp: &BackwardProblem, ptrs: &RawBackward) -> Layout {
+pub fn layout(dtype: DType, bp: &BackwardProblem, ptrs: &RawBackward) -> Layout {
     let sp = &bp.problem.shape;
     let (d, m) = (sp.d, sp.m);
     let t = bp.tiling;
     let whole = |pass: Pass, pt: Option<PassTiling>| {
-        pt.filter(|_| kernel_name(kind, pass, dtype).is_some() && dkv_threads(d, m).is_some())
+        pt.filter(|_| kernel_name(pass, dtype).is_some() && dkv_threads(d, m).is_some())
     };
     let fused = whole(Pass::PrepDq, t.prep_dq);
     let merged = whole(Pass::Dkv, t.dkv);
@@ -456,7 +437,7 @@ impl<'a> Steps<'a> {
         opts: &AttentionOptions,
         ptrs: &'a RawBackward,
     ) -> Self {
-        let layout = layout(kind, dtype, bp, ptrs);
+        let layout = layout(dtype, bp, ptrs);
         let base = base_params(kind, bp, opts, ptrs, &layout);
         Steps {
             kind,
@@ -500,11 +481,11 @@ impl<'a> Steps<'a> {
         BackwardLaunch {
             pass,
             plan: LaunchPlan {
-                module: module(self.kind),
+                module: MODULE,
                 // Every pass but Dkv, PrepDq and StateScan exists for every
                 // dtype and kind, and those are planned only where they
                 // exist (step 1).
-                kernel: kernel_name(self.kind, pass, self.dtype).unwrap_or(""),
+                kernel: kernel_name(pass, self.dtype).unwrap_or(""),
                 grid: [
                     (self.bp.problem.seq_heads() * pt.tiles) as u32,
                     if split_grid {

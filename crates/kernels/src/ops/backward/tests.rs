@@ -137,7 +137,7 @@ fn merged_dkv_policy() {
                         shared_bytes(dtype, Pass::PrepDq, d, m, pt),
                         prep_dq_mma_bytes(d, m, pt.chunk)
                     );
-                    assert!(kernel_name(Kind::NonCausal, Pass::PrepDq, dtype).is_some());
+                    assert!(kernel_name(Pass::PrepDq, dtype).is_some());
                 }
                 if let Some(pt) = t.dkv {
                     assert_eq!((pt.tiles, pt.tile), (1, pad16(d)));
@@ -149,7 +149,7 @@ fn merged_dkv_policy() {
                         shared_bytes(dtype, Pass::Dkv, d, m, pt),
                         dkv_mma_bytes(d, m, pt.chunk)
                     );
-                    assert!(kernel_name(Kind::Causal, Pass::Dkv, dtype).is_some());
+                    assert!(kernel_name(Pass::Dkv, dtype).is_some());
                 }
             }
         }
@@ -182,12 +182,9 @@ fn merged_dkv_policy() {
         assert!(tiling_for(DType::F32, d, m).prep_dq.is_none());
         assert!(tiling(d, m).dkv.is_none() && tiling(d, m).prep_dq.is_none());
     }
-    assert_eq!(kernel_name(Kind::NonCausal, Pass::Dkv, DType::F32), None);
-    assert_eq!(kernel_name(Kind::Causal, Pass::PrepDq, DType::F32), None);
-    assert_eq!(
-        kernel_name(Kind::NonCausal, Pass::Dkv, DType::F16),
-        Some("noncausal_backward_dkv_f16")
-    );
+    assert_eq!(kernel_name(Pass::Dkv, DType::F32), None);
+    assert_eq!(kernel_name(Pass::PrepDq, DType::F32), None);
+    assert_eq!(kernel_name(Pass::Dkv, DType::F16), Some("backward_dkv_f16"));
 }
 
 #[test]
@@ -310,22 +307,12 @@ fn split_schedule_per_architecture() {
 fn whole_head_launch_bounds_match_the_sources() {
     let (threads, min_blocks) = WHOLE_HEAD_LAUNCH_BOUNDS;
     let bounds = format!("__launch_bounds__({threads}, {min_blocks})");
-    for (src, kind) in [
-        (
-            include_str!("../../../../../cuda/causal_backward.cu"),
-            Kind::Causal,
-        ),
-        (
-            include_str!("../../../../../cuda/noncausal_backward.cu"),
-            Kind::NonCausal,
-        ),
-    ] {
-        for dtype in [DType::F16, DType::Bf16] {
-            for pass in [Pass::Dkv, Pass::PrepDq] {
-                let name = kernel_name(kind, pass, dtype).unwrap();
-                let decl = format!("{bounds} {name}(");
-                assert!(src.contains(&decl), "missing `{decl}`");
-            }
+    let src = include_str!("../../../../../cuda/backward.cu");
+    for dtype in [DType::F16, DType::Bf16] {
+        for pass in [Pass::Dkv, Pass::PrepDq] {
+            let name = kernel_name(pass, dtype).unwrap();
+            let decl = format!("{bounds} {name}(");
+            assert!(src.contains(&decl), "missing `{decl}`");
         }
     }
 }
@@ -399,7 +386,7 @@ fn split_plans_sum_scan_and_walk() {
         );
         assert_eq!((p.num_parts, p.part_len), (3, bp.schedule.part_len as i64));
         if x.pass == Pass::StateScan {
-            assert_eq!(x.plan.kernel, "causal_backward_state_scan");
+            assert_eq!(x.plan.kernel, "backward_state_scan");
             assert_eq!(x.plan.grid, [(h * scan_blocks(d, m)) as u32, 1, 1]);
             assert_eq!(x.plan.shared_bytes, 0);
         } else {
@@ -416,7 +403,7 @@ fn split_plans_sum_scan_and_walk() {
         modes(&nc),
         six(LINATTN_BWD_SCAN_TOTAL_IN, LINATTN_BWD_SCAN_TOTAL_FINAL)
     );
-    assert_eq!(nc[1].plan.kernel, "noncausal_backward_state_scan");
+    assert_eq!(nc[1].plan.kernel, "backward_state_scan");
 }
 
 #[test]
@@ -458,8 +445,8 @@ fn plans_have_the_expected_launches() {
     let l = plan(Kind::Causal, DType::Bf16, &bp, &opts, &ptrs);
     let passes: Vec<Pass> = l.iter().map(|l| l.pass).collect();
     assert_eq!(passes, [Pass::PrepDq, Pass::Dkv]);
-    assert_eq!(l[0].plan.kernel, "causal_backward_prepdq_bf16");
-    assert_eq!(l[1].plan.kernel, "causal_backward_dkv_bf16");
+    assert_eq!(l[0].plan.kernel, "backward_prepdq_bf16");
+    assert_eq!(l[1].plan.kernel, "backward_dkv_bf16");
     assert!(l.iter().all(|x| x.plan.grid == [6, 1, 1]
         && x.plan.block == [256, 1, 1]
         && x.plan.params.tiles == 1
@@ -519,7 +506,7 @@ fn plans_have_the_expected_launches() {
     let passes: Vec<Pass> = lf.iter().map(|l| l.pass).collect();
     assert_eq!(passes, [Pass::Prep, Pass::Dq, Pass::Dk, Pass::Dv]);
     assert!(lf.iter().all(|l| !l.plan.kernel.is_empty()));
-    assert_eq!(l[0].plan.kernel, "causal_backward_prep_f32");
+    assert_eq!(l[0].plan.kernel, "backward_prep_f32");
     let pt = bp32.tiling.prep.tiles;
     assert_eq!(l[0].plan.grid, [(6 * pt) as u32, 1, 1]);
     assert_eq!(l[0].plan.params.work_dden, (11 << 20) + 2 * 100 * 3 * 4);
@@ -597,7 +584,7 @@ fn plans_have_the_expected_launches() {
     assert_eq!(workspace_len(&bp2), 0);
     let l = plan(Kind::NonCausal, DType::F32, &bp2, &plain, &ptrs);
     assert_eq!(l.len(), 3);
-    assert_eq!(l[0].plan.kernel, "noncausal_backward_dq_f32");
+    assert_eq!(l[0].plan.kernel, "backward_dq_f32");
     assert_eq!(l[0].plan.params.causal, 0);
     assert_eq!(l[0].plan.params.work_den, 0);
     // ... and in bf16 the fused walk writes dq alone.
@@ -613,7 +600,7 @@ fn plans_have_the_expected_launches() {
     )
     .unwrap();
     let l = plan(Kind::NonCausal, DType::Bf16, &bp3, &plain, &ptrs);
-    assert_eq!(l[0].plan.kernel, "noncausal_backward_prepdq_bf16");
+    assert_eq!(l[0].plan.kernel, "backward_prepdq_bf16");
     assert_eq!(l[0].writes, [(6 << 20, 2 * 3 * 100 * 40 * 2)]);
     assert_eq!(
         (l[0].plan.params.work_den, l[0].plan.params.normalize),
@@ -796,7 +783,7 @@ fn plan_steps_one_by_one() {
 
     // Split, f16: whole-head walks, partition states after the per-token part.
     let (bp, opts) = bp_of(DType::F16, ScheduleChoice::Split { parts: 3 }, true);
-    let lay = layout(Kind::Causal, DType::F16, &bp, &ptrs);
+    let lay = layout(DType::F16, &bp, &ptrs);
     assert!(lay.split && lay.fused.is_some() && lay.merged.is_some());
     assert_eq!(lay.prep_slots, 1);
     assert_eq!((lay.work_den, lay.work_dden), (ws, ws + (rows * 4) as u64));

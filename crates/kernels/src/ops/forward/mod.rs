@@ -1,4 +1,4 @@
-//! The forward kernels (`cuda/causal_forward.cu`, `cuda/noncausal_forward.cu`):
+//! The forward kernels (`cuda/forward.cu`, one module for both kinds):
 //! linear attention over a batch (or a packed varlen batch) of sequences,
 //! feature map and normaliser fused, optional initial state in and final
 //! state out (fp32).
@@ -19,7 +19,7 @@ pub(crate) mod tiling;
 
 pub use plan::{validate, workspace_len, Lens, Problem, RawForward};
 
-use self::plan::{check_raw, module, run_plan, write_regions};
+use self::plan::{check_raw, op_name, run_plan, write_regions};
 use super::attention::{AttentionOptions, AttentionShape, Kind, Qkv, StateIo};
 use super::memory::{Addrs, DeviceRead, DeviceWrite, Memory};
 use crate::dtype::{DType, Element};
@@ -145,7 +145,7 @@ where
     I: DeviceRead<f32, E>,
     F: DeviceWrite<f32, E>,
 {
-    let kernel = module(kind);
+    let kernel = op_name(kind);
     let lens = Lens {
         q: x.q.elems(),
         k: x.k.elems(),
@@ -200,7 +200,7 @@ unsafe fn forward_raw<E: Executor>(
     cu_seqlens: Option<&[usize]>,
     opts: &AttentionOptions,
 ) -> Result<()> {
-    let kernel = module(kind);
+    let kernel = op_name(kind);
     let lens = Lens::unknown(ptrs.initial_s != 0, ptrs.final_s != 0);
     let problem = validate(
         kernel,

@@ -305,32 +305,29 @@ pub fn workspace_len(kind: Kind, problem: &Problem, opts: &AttentionOptions) -> 
     problem.seq_heads() * s.parts * (d * problem.shape.m + d)
 }
 
-/// The walk kernels' and the scan's module.
-pub(crate) fn module(kind: Kind) -> &'static str {
+/// The walk kernels' and the scan's module (`cuda/forward.cu`: one module
+/// for both kinds; causality is the params' `causal` flag).
+pub(crate) const MODULE: &str = "forward";
+
+/// The op's name in errors: the public entry point of a kind.
+pub(crate) fn op_name(kind: Kind) -> &'static str {
     match kind {
         Kind::Causal => "causal_forward",
         Kind::NonCausal => "noncausal_forward",
     }
 }
 
-/// The walk kernel's symbol for a kind and dtype.
-pub fn kernel_name(kind: Kind, dtype: DType) -> &'static str {
-    match (kind, dtype) {
-        (Kind::Causal, DType::F32) => "causal_forward_f32",
-        (Kind::Causal, DType::F16) => "causal_forward_f16",
-        (Kind::Causal, DType::Bf16) => "causal_forward_bf16",
-        (Kind::NonCausal, DType::F32) => "noncausal_forward_f32",
-        (Kind::NonCausal, DType::F16) => "noncausal_forward_f16",
-        (Kind::NonCausal, DType::Bf16) => "noncausal_forward_bf16",
+/// The walk kernel's symbol for a dtype (the same kernel for both kinds).
+pub fn kernel_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "forward_f32",
+        DType::F16 => "forward_f16",
+        DType::Bf16 => "forward_bf16",
     }
 }
 
-fn scan_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Causal => "causal_state_scan",
-        Kind::NonCausal => "noncausal_state_scan",
-    }
-}
+/// The state scan's symbol (both kinds).
+const SCAN_NAME: &str = "forward_state_scan";
 
 /// Step 1: the schedule of a validated call ([`schedule`] with the
 /// problem's tiling and resident walks).
@@ -416,7 +413,6 @@ pub fn base_params(
 /// Step 3a: one walk launch: a block per (sequence-head, value tile) and
 /// partition.
 pub fn walk_launch(
-    kind: Kind,
     dtype: DType,
     problem: &Problem,
     sched: &Schedule,
@@ -424,8 +420,8 @@ pub fn walk_launch(
 ) -> Launch {
     let t = problem.tiling;
     Launch::Walk(LaunchPlan {
-        module: module(kind),
-        kernel: kernel_name(kind, dtype),
+        module: MODULE,
+        kernel: kernel_name(dtype),
         grid: [
             (problem.seq_heads() * t.m_tiles) as u32,
             sched.parts as u32,
@@ -444,8 +440,8 @@ pub fn scan_launch(kind: Kind, problem: &Problem, sched: &Schedule, ptrs: &RawFo
     let (work_s, work_z) = work_states(problem, sched, ptrs);
     let bps = scan_blocks_per_state(sp.d, sp.m);
     Launch::Scan(LaunchPlan {
-        module: module(kind),
-        kernel: scan_name(kind),
+        module: MODULE,
+        kernel: SCAN_NAME,
         grid: [(problem.seq_heads() * bps) as u32, 1, 1],
         block: [THREADS, 1, 1],
         shared_bytes: 0,
@@ -490,7 +486,7 @@ pub fn plan(
 ) -> ForwardPlan {
     let sched = call_schedule(problem, opts);
     let base = base_params(problem, opts, &sched, ptrs);
-    let walk = |params| walk_launch(kind, dtype, problem, &sched, params);
+    let walk = |params| walk_launch(dtype, problem, &sched, params);
     let has_initial = ptrs.initial_s != 0;
     let has_final = ptrs.final_s != 0;
     let partials = walk(LinattnForwardParams {

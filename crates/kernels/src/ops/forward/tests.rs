@@ -196,20 +196,10 @@ fn policy_per_architecture() {
 fn walk_launch_bounds_match_the_sources() {
     let (threads, min_blocks) = WALK_LAUNCH_BOUNDS;
     let bounds = format!("__launch_bounds__({threads}, {min_blocks})");
-    for (src, kind) in [
-        (
-            include_str!("../../../../../cuda/causal_forward.cu"),
-            Kind::Causal,
-        ),
-        (
-            include_str!("../../../../../cuda/noncausal_forward.cu"),
-            Kind::NonCausal,
-        ),
-    ] {
-        for dtype in [DType::F32, DType::F16, DType::Bf16] {
-            let decl = format!("{bounds} {}(", kernel_name(kind, dtype));
-            assert!(src.contains(&decl), "missing `{decl}`");
-        }
+    let src = include_str!("../../../../../cuda/forward.cu");
+    for dtype in [DType::F32, DType::F16, DType::Bf16] {
+        let decl = format!("{bounds} {}(", kernel_name(dtype));
+        assert!(src.contains(&decl), "missing `{decl}`");
     }
 }
 
@@ -244,7 +234,7 @@ fn plans_have_the_expected_launches() {
     let Launch::Walk(l) = w.launches[0] else {
         panic!()
     };
-    assert_eq!(l.kernel, "causal_forward_f16");
+    assert_eq!(l.kernel, "forward_f16");
     assert_eq!(l.grid, [2 * p.tiling.m_tiles as u32, 1, 1]);
     assert_eq!(
         l.params.state_store,
@@ -266,7 +256,7 @@ fn plans_have_the_expected_launches() {
     let Launch::Walk(l) = n.launches[2] else {
         panic!()
     };
-    assert_eq!((l.params.causal, l.kernel), (0, "noncausal_forward_f32"));
+    assert_eq!((l.params.causal, l.kernel), (0, "forward_f32"));
     // One partition, no states: the combine is skipped.
     opts.schedule = ScheduleChoice::Walk;
     let bare = RawForward {
@@ -557,17 +547,17 @@ fn plan_steps_one_by_one() {
     assert_eq!((base.causal, base.write_output), (1, 1));
     assert_eq!(base.work_s, 5 << 20);
     assert_eq!(base.work_z, (5 << 20) + (6 * 4 * 24 * 40 * 4) as u64);
-    let Launch::Walk(w) = walk_launch(Kind::NonCausal, DType::F16, &p, &sched, base) else {
+    let Launch::Walk(w) = walk_launch(DType::F16, &p, &sched, base) else {
         panic!("a walk step gave a scan");
     };
-    assert_eq!(w.kernel, "noncausal_forward_f16");
+    assert_eq!(w.kernel, "forward_f16");
     assert_eq!(w.grid, [(6 * p.tiling.m_tiles) as u32, 4, 1]);
     let Launch::Scan(s) = scan_launch(Kind::Causal, &p, &sched, &ptrs) else {
         panic!("a scan step gave a walk");
     };
     assert_eq!(
         (s.kernel, s.params.causal, s.params.num_parts),
-        ("causal_state_scan", 1, 4)
+        ("forward_state_scan", 1, 4)
     );
     assert_eq!(
         (s.params.work_s, s.params.work_z),

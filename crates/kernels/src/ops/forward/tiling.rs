@@ -23,8 +23,8 @@ pub const THREADS: u32 = 256;
 /// (100 KiB); see [`Target::blocks_per_sm`](crate::Target::blocks_per_sm).
 pub const SHARED_BUDGET_BYTES: usize = MIN_SHARED_PER_BLOCK_OPTIN as usize;
 /// Threads of a walk block and the minimum blocks per SM in its
-/// `__launch_bounds__(256, 2)` (every `causal_forward_*` and
-/// `noncausal_forward_*`): ptxas keeps it within 128 registers, so an SM's
+/// `__launch_bounds__(256, 2)` (every `forward_*` kernel of
+/// `cuda/forward.cu`): ptxas keeps it within 128 registers, so an SM's
 /// 64K registers hold at most two, whatever its shared memory.
 pub const WALK_LAUNCH_BOUNDS: (u32, u32) = (THREADS, 2);
 
