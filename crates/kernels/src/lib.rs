@@ -87,6 +87,10 @@ pub use ops::{
     RawDecode, RawForward, RowStrides, RowsShape, ScheduleChoice, StateIo, StateMut, StateRef,
     Strides,
 };
+pub use ops::{
+    combine_states, local_state, noncausal_readout, piece_offsets, Collective, ContextParallel,
+    InProcess, PieceInputs, PieceStart, StateLayout,
+};
 pub use plan::{Executor, LaunchPlan};
 pub use target::{KernelFootprint, Target};
 
