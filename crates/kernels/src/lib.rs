@@ -79,6 +79,8 @@ pub use embedded::{build_status, embedded_modules, ptxas_report, BuildStatus, Ke
 pub use emu::Emulator;
 pub use error::{Error, Result};
 pub use gpu::{device_count, driver_present, DeviceInfo, Gpu, SYNC_LAUNCHES_ENV};
+#[cfg(feature = "nccl")]
+pub use ops::NcclCollective;
 pub use ops::{
     causal_backward, causal_backward_raw, causal_forward, causal_forward_raw, decode_step,
     decode_step_raw, feature_map, feature_map_raw, noncausal_backward, noncausal_backward_raw,

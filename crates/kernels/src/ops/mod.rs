@@ -40,6 +40,8 @@ pub use backward::{
     causal_backward, causal_backward_raw, noncausal_backward, noncausal_backward_raw,
     BackwardInputs, BackwardStates, Grads, RawBackward,
 };
+#[cfg(feature = "nccl")]
+pub use context_parallel::NcclCollective;
 pub use context_parallel::{
     combine_states, local_state, noncausal_readout, piece_offsets, Collective, ContextParallel,
     InProcess, PieceInputs, PieceStart, StateLayout,

@@ -19,6 +19,12 @@ pub struct NcclCollective {
     comm: Comm,
 }
 
+// SAFETY: an NCCL communicator may be used from any thread, one call at a
+// time (NCCL's thread-safety rule); `NcclCollective` is not `Sync`, so
+// moving it to the thread that drives its GPU keeps that rule. cudarc's
+// `Comm` holds a raw pointer and so is not `Send` by itself.
+unsafe impl Send for NcclCollective {}
+
 fn nccl_error(what: &str, e: cudarc::nccl::result::NcclError) -> Error {
     Error::driver(format!("NCCL {what}"), format!("{:?}", e.0))
 }
