@@ -734,3 +734,142 @@ fn d_initial_on_another_rank_fails_every_rank() {
         invalid(on_one, if r == 1 { "d_initial" } else { "rank" });
     }
 }
+
+/// `combine_states` adds `initial` and slots `first..first + count` in slot
+/// order (exact on small integers), overwrites slot `first` only, and with
+/// no slot copies `initial` (or gives zeros).
+#[test]
+fn combine_states_sums_a_slot_range() {
+    use linattn_kernels::combine_states;
+    for dev in devices() {
+        let l = StateLayout {
+            num_seqs: 2,
+            heads: 3,
+            d: 4,
+            m: 5,
+        };
+        let len = l.len();
+        let slots = 4;
+        let host: Vec<f32> = (0..slots * len).map(|i| ((i * 7) % 13) as f32).collect();
+        let init: Vec<f32> = (0..len).map(|i| (i % 5) as f32 - 2.0).collect();
+        let init_b = dev.upload(&init).unwrap();
+        for (first, count, with_init) in [
+            (0, 4, true),
+            (1, 2, false),
+            (3, 1, true),
+            (2, 0, true),
+            (4, 0, false),
+        ] {
+            let mut g = dev.upload(&host).unwrap();
+            let mut out = nan_buf::<f32>(&dev, len);
+            combine_states(
+                &dev,
+                &l,
+                &mut g,
+                first,
+                count,
+                with_init.then_some(&init_b),
+                &mut out,
+            )
+            .unwrap();
+            let out = dev.download(&out).unwrap();
+            let want: Vec<f32> = (0..len)
+                .map(|e| {
+                    let base = if with_init { init[e] } else { 0.0 };
+                    (first..first + count).fold(base, |a, s| a + host[s * len + e])
+                })
+                .collect();
+            assert_eq!(out, want, "first {first} count {count}");
+            let g = dev.download(&g).unwrap();
+            for s in 0..slots {
+                let (got, orig) = (&g[s * len..(s + 1) * len], &host[s * len..(s + 1) * len]);
+                if count > 0 && s == first {
+                    assert_eq!(got, &want[..], "slot {first} holds the sum");
+                } else {
+                    assert_eq!(got, orig, "slot {s} untouched");
+                }
+            }
+        }
+        let mut g = dev.upload(&host).unwrap();
+        let mut out = dev.alloc_zeros::<f32>(len).unwrap();
+        invalid(
+            &combine_states(&dev, &l, &mut g, 3, 2, None::<&Buffer<f32>>, &mut out),
+            "gathered",
+        );
+        let mut short = dev.alloc_zeros::<f32>(len - 1).unwrap();
+        invalid(
+            &combine_states(&dev, &l, &mut g, 0, 1, None::<&Buffer<f32>>, &mut short),
+            "out",
+        );
+    }
+}
+
+/// `local_state` is the state the non-causal forward reports as final,
+/// bit for bit (the same launches without the read-out), for every dtype.
+#[test]
+fn local_state_is_the_forward_final_state() {
+    fn check<T: Element>(dev: &Device) {
+        let c = Case {
+            kind: Kind::NonCausal,
+            h: 2,
+            d: 8,
+            m: 4,
+            cu: vec![0, 37, 37, 120],
+            cuts: vec![0, 120],
+            mean: 20.0,
+            seed: test_seed(),
+            opts: AttentionOptions {
+                schedule: ScheduleChoice::Split { parts: 3 },
+                ..Default::default()
+            },
+            states: true,
+        };
+        let x = data(&c);
+        let want = single::<T>(dev, &c, &x, &c.opts);
+        let shape = c.shape(c.total());
+        let up = |v: &[f64]| dev.upload(&to_dtype::<T>(v)).unwrap();
+        let (k, v) = (up(&x.k), up(&x.v));
+        let init = dev.upload(x.initial.as_ref().unwrap()).unwrap();
+        let mut out = nan_buf::<f32>(dev, c.layout().len());
+        linattn_kernels::local_state(
+            dev,
+            &k,
+            &v,
+            &shape,
+            Some(&c.cu),
+            &c.opts,
+            Some(&init),
+            &mut out,
+        )
+        .unwrap();
+        let got: Vec<f64> = dev
+            .download(&out)
+            .unwrap()
+            .iter()
+            .map(|&a| a as f64)
+            .collect();
+        assert_eq!(
+            got.iter().map(|a| a.to_bits()).collect::<Vec<_>>(),
+            want.fin.iter().map(|a| a.to_bits()).collect::<Vec<_>>()
+        );
+        let mut short = nan_buf::<f32>(dev, c.layout().len() - 1);
+        invalid(
+            &linattn_kernels::local_state(
+                dev,
+                &k,
+                &v,
+                &shape,
+                Some(&c.cu),
+                &c.opts,
+                None::<&Buffer<f32>>,
+                &mut short,
+            ),
+            "out",
+        );
+    }
+    for dev in devices() {
+        check::<f32>(&dev);
+        check::<f16>(&dev);
+        check::<bf16>(&dev);
+    }
+}

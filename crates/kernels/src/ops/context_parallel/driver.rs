@@ -290,8 +290,13 @@ impl<C: Collective> ContextParallel<C> {
 
     /// Exchanges descriptors; every rank returns an error if any rank's
     /// local check failed or the descriptors differ.
-    fn agree(&self, dev: &Device, local: Result<()>, desc: [f32; DESC_LEN]) -> Result<()> {
-        let mut d = desc;
+    fn agree(&self, dev: &Device, local: Result<()>, desc: Result<[f32; DESC_LEN]>) -> Result<()> {
+        // A descriptor that cannot be built is this rank's error, still
+        // exchanged (as "rejected") so that no other rank waits for it.
+        let (local, mut d) = match desc {
+            Ok(d) => (local, d),
+            Err(e) => (local.and(Err(e)), [0.0; DESC_LEN]),
+        };
         d[1] = local.is_ok() as u32 as f32;
         let send = dev.upload(&d)?;
         let mut recv = dev.alloc_zeros::<f32>(DESC_LEN * self.ranks())?;
@@ -373,7 +378,7 @@ impl<C: Collective> ContextParallel<C> {
         self.agree(
             dev,
             local,
-            descriptor(true, 1, kind, T::DTYPE, &layout, flags)?,
+            descriptor(true, 1, kind, T::DTYPE, &layout, flags),
         )?;
         let (r, n) = (self.rank(), self.ranks());
         let len = layout.len();
@@ -515,7 +520,7 @@ impl<C: Collective> ContextParallel<C> {
         self.agree(
             dev,
             local,
-            descriptor(true, 2, kind, T::DTYPE, &layout, flags)?,
+            descriptor(true, 2, kind, T::DTYPE, &layout, flags),
         )?;
         let (r, n) = (self.rank(), self.ranks());
         let len = layout.len();
