@@ -30,10 +30,26 @@ fn nccl_error(what: &str, e: cudarc::nccl::result::NcclError) -> Error {
 }
 
 impl NcclCollective {
-    /// Whether libnccl can be loaded on this machine.
+    /// Whether libnccl (`libnccl.so.2` or `libnccl.so`) loads on this
+    /// machine and exports `ncclGetUniqueId`. Probed here rather than with
+    /// cudarc's `is_culib_present`, which exists only when cudarc loads
+    /// libraries at run time (not under candle's dynamic linking).
     pub fn available() -> bool {
-        // SAFETY: only tries to open the library.
-        unsafe { cudarc::nccl::sys::is_culib_present() }
+        static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *PRESENT.get_or_init(|| {
+            ["libnccl.so.2", "libnccl.so"].into_iter().any(|name| {
+                // SAFETY: loading libnccl runs only its initialisers; the
+                // symbol is looked up, never called.
+                unsafe {
+                    libloading::Library::new(name)
+                        .map(|lib| {
+                            lib.get::<unsafe extern "C" fn()>(b"ncclGetUniqueId\0")
+                                .is_ok()
+                        })
+                        .unwrap_or(false)
+                }
+            })
+        })
     }
 
     fn check_available() -> Result<()> {
