@@ -873,3 +873,141 @@ fn local_state_is_the_forward_final_state() {
         check::<bf16>(&dev);
     }
 }
+
+/// A dense batch (no `cu_seqlens`, `[B, H, N, dim]`): each rank holds
+/// tokens `a..b` of every sequence in its own contiguous `[B, H, b - a, dim]`
+/// buffers; every result matches one device on the whole batch.
+#[test]
+fn dense_batches() {
+    let (bsz, h, n, d, m) = (2, 2, 96, 8, 8);
+    let cuts = [0, 40, 40, 96];
+    let ranks = cuts.len() - 1;
+    let mut rng = Rng::new(test_seed());
+    let draw = |rng: &mut Rng, w: usize, mean: f64| -> Vec<f32> {
+        (0..bsz * h * n * w)
+            .map(|_| (mean + rng.normal()) as f32)
+            .collect()
+    };
+    let x = [
+        draw(&mut rng, d, 10.0),
+        draw(&mut rng, d, 10.0),
+        draw(&mut rng, m, 0.0),
+        draw(&mut rng, m, 0.0),
+    ];
+    let widths = [d, d, m, m];
+    // Tokens a..b of every (batch, head) row block, contiguous.
+    let cut = |v: &[f32], w: usize, a: usize, b: usize| -> Vec<f32> {
+        (0..bsz * h)
+            .flat_map(|bh| v[(bh * n + a) * w..(bh * n + b) * w].iter().copied())
+            .collect()
+    };
+    let opts = AttentionOptions {
+        scale: 0.1,
+        ..Default::default()
+    };
+    for proto in devices() {
+        for kind in [Kind::Causal, Kind::NonCausal] {
+            // One device.
+            let shape = AttentionShape::bhnd(bsz, h, n, d, m);
+            let [q, k, v, d_o] = x.each_ref().map(|a| proto.upload(a).unwrap());
+            let mut o = nan_buf::<f32>(&proto, bsz * h * n * m);
+            let st: StateIo<'_, Buffer<f32>, Buffer<f32>> = StateIo::none();
+            let qkv = Qkv {
+                q: &q,
+                k: &k,
+                v: &v,
+            };
+            match kind {
+                Kind::Causal => causal_forward(&proto, qkv, &mut o, &shape, None, &opts, st),
+                Kind::NonCausal => noncausal_forward(&proto, qkv, &mut o, &shape, None, &opts, st),
+            }
+            .unwrap();
+            let mut g = [d, d, m].map(|w| nan_buf::<f32>(&proto, bsz * h * n * w));
+            let [dq, dk, dv] = &mut g;
+            let bi = BackwardInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                d_o: &d_o,
+            };
+            let gr = Grads { dq, dk, dv };
+            let bs = BackwardStates::none();
+            match kind {
+                Kind::Causal => causal_backward(&proto, bi, gr, &shape, None, &opts, bs),
+                Kind::NonCausal => noncausal_backward(&proto, bi, gr, &shape, None, &opts, bs),
+            }
+            .unwrap();
+            let mut want = vec![proto.download(&o).unwrap()];
+            want.extend(g.iter().map(|b| proto.download(b).unwrap()));
+            // R ranks.
+            let comms = InProcess::group(ranks).unwrap();
+            let outs: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
+                let hs: Vec<_> = comms
+                    .into_iter()
+                    .map(|comm| {
+                        let (proto, x, cut) = (&proto, &x, &cut);
+                        s.spawn(move || {
+                            let dev = rank_device(proto);
+                            let r = comm.rank();
+                            let (a, b) = (cuts[r], cuts[r + 1]);
+                            let shape = AttentionShape::bhnd(bsz, h, b - a, d, m);
+                            let [q, k, v, d_o] = [0, 1, 2, 3]
+                                .map(|i| dev.upload(&cut(&x[i], widths[i], a, b)).unwrap());
+                            let cp = ContextParallel::new(comm).unwrap();
+                            let p = PieceInputs {
+                                q: &q,
+                                k: &k,
+                                v: &v,
+                                shape: &shape,
+                                cu_seqlens: None,
+                            };
+                            let mut o = nan_buf::<f32>(&dev, bsz * h * (b - a) * m);
+                            let start = cp
+                                .forward(&dev, kind, p, &mut o, &opts, None, None)
+                                .unwrap();
+                            let mut g =
+                                [d, d, m].map(|w| nan_buf::<f32>(&dev, bsz * h * (b - a) * w));
+                            let [dq, dk, dv] = &mut g;
+                            cp.backward(
+                                &dev,
+                                kind,
+                                p,
+                                &d_o,
+                                Grads { dq, dk, dv },
+                                &opts,
+                                &start,
+                                None,
+                                None,
+                            )
+                            .unwrap();
+                            let mut out = vec![dev.download(&o).unwrap()];
+                            out.extend(g.iter().map(|b| dev.download(b).unwrap()));
+                            out
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (i, name) in ["o", "dq", "dk", "dv"].iter().enumerate() {
+                let w = [m, d, d, m][i];
+                let whole = cut(&want[i], w, 0, n);
+                // Reassemble [B, H, N, w] from the pieces.
+                let mut got = vec![f32::NAN; whole.len()];
+                for (r, out) in outs.iter().enumerate() {
+                    let (a, b) = (cuts[r], cuts[r + 1]);
+                    for bh in 0..bsz * h {
+                        let src = &out[i][bh * (b - a) * w..(bh + 1) * (b - a) * w];
+                        got[(bh * n + a) * w..(bh * n + b) * w].copy_from_slice(src);
+                    }
+                }
+                let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+                assert!(
+                    got.iter().all(|a| a.is_finite()),
+                    "{kind:?} {name}: not finite"
+                );
+                let e = rel_l2_error(&f(&got), &f(&whole));
+                assert!(e < 1e-5, "{kind:?} dense {name}: rel L2 {e:.2e}");
+            }
+        }
+    }
+}
