@@ -66,9 +66,11 @@ for line in sys.stdin:
 }
 
 # The packages whose tests can run on a GPU (the reference and the emulator
-# crates never touch one; CI runs them everywhere).
+# crates never touch one; CI runs them everywhere). With the `nccl` feature
+# (crates/kernels/tests/nccl.rs): cudarc loads libnccl at run time, so
+# nothing here links NCCL and the test skips where the library is missing.
 cargo test --release --no-run --message-format=json -p linattn -p linattn-kernels -p linattn-model \
-  2> "$out/build.log" | artifacts > "$out/tests.txt"
+  --features linattn-kernels/nccl 2> "$out/build.log" | artifacts > "$out/tests.txt"
 while read -r name kind path; do
   dest="$out/bin/tests/$name"
   [ "$kind" = lib ] && dest="$out/bin/tests/lib-$name"
@@ -90,7 +92,8 @@ read -r _ _ path < "$out/candle.txt"
 cp "$path" "$out/bin/tests/candle-cuda"
 needed=$(readelf -d "$out/bin/tests/candle-cuda" | sed -nE 's/.*\(NEEDED\).*\[(.*)\]/\1/p' | tr '\n' ' ')
 echo "gpu-bundle: candle-cuda needs $needed" >&2
-cargo bench --bench kernels --no-run --message-format=json 2>> "$out/build.log" | artifacts |
+cargo bench --bench kernels --no-run --message-format=json --features linattn-kernels/nccl \
+  2>> "$out/build.log" | artifacts |
   while read -r _ kind path; do [ "$kind" = bench ] && cp "$path" "$out/bin/kernels-bench"; done
 cargo build --release --bin linattn 2>> "$out/build.log"
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')

@@ -141,8 +141,9 @@ if [ "$mode" = cargo ]; then
       set -e
       LINATTN_DENY_SPILLS=1 cargo build --release -p linattn-kernels
       cargo build --release --bin linattn
-      cargo test --release --no-run --message-format=json -p linattn -p linattn-kernels -p linattn-model > "$1"
-      cargo bench --bench kernels --no-run --message-format=json > "$2"' _ "$work/tests.json" "$work/bench.json"; then
+      cargo test --release --no-run --message-format=json -p linattn -p linattn-kernels -p linattn-model \
+        --features linattn-kernels/nccl > "$1"
+      cargo bench --bench kernels --no-run --message-format=json --features linattn-kernels/nccl > "$2"' _ "$work/tests.json" "$work/bench.json"; then
     row "build (nvcc, no spills)" "ok" "$("$NVCC" --version | tail -n1); budget ${tb} s, outside the run's clock"
   else
     rc=$?

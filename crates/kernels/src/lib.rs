@@ -79,6 +79,8 @@ pub use embedded::{build_status, embedded_modules, ptxas_report, BuildStatus, Ke
 pub use emu::Emulator;
 pub use error::{Error, Result};
 pub use gpu::{device_count, driver_present, DeviceInfo, Gpu, SYNC_LAUNCHES_ENV};
+#[cfg(feature = "nccl")]
+pub use ops::NcclCollective;
 pub use ops::{
     causal_backward, causal_backward_raw, causal_forward, causal_forward_raw, decode_step,
     decode_step_raw, feature_map, feature_map_raw, noncausal_backward, noncausal_backward_raw,
@@ -86,6 +88,10 @@ pub use ops::{
     BackwardStates, DecodeShape, DeviceRead, DeviceWrite, DqPrecision, Grads, Kind, Memory, Qkv,
     RawBackward, RawDecode, RawForward, RowStrides, RowsShape, ScheduleChoice, StateIo, StateMut,
     StateRef, Strides,
+};
+pub use ops::{
+    combine_states, local_state, noncausal_readout, piece_offsets, Collective, ContextParallel,
+    InProcess, PieceInputs, PieceStart, StateLayout,
 };
 pub use plan::{Executor, LaunchPlan};
 pub use target::{KernelFootprint, Target};

@@ -29,6 +29,10 @@ pub(crate) fn span(counts: [usize; 3], strides: [usize; 3], dim: usize) -> Optio
 /// the smaller axes. Conservative (interleavings that happen not to collide
 /// are rejected), which is fine for an output.
 pub(crate) fn rows_disjoint(axes: &[(usize, usize)], dim: usize) -> bool {
+    // No rows at all (e.g. an empty dense piece, whose packed strides are 0).
+    if axes.iter().any(|&(n, _)| n == 0) {
+        return true;
+    }
     let mut axes: Vec<(usize, usize)> = axes.iter().copied().filter(|&(n, _)| n > 1).collect();
     axes.sort_by_key(|&(_, s)| s);
     let mut reach = dim;
@@ -171,6 +175,9 @@ mod tests {
         assert!(!rows_disjoint(&[(2, 30), (4, 10)], 10));
         // Axes of one entry never collide.
         assert!(rows_disjoint(&[(1, 0), (3, 16)], 16));
+        // No rows at all: an empty dense batch's contiguous strides are 0.
+        assert!(rows_disjoint(&[(2, 0), (2, 0), (0, 16)], 16));
+        assert!(!rows_disjoint(&[(2, 0), (2, 0), (1, 16)], 16));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! | backward | [`causal_backward`], [`noncausal_backward`] | [`causal_backward_raw`], [`noncausal_backward_raw`] ([`RawBackward`]) |
 //! | decode | [`decode_step`] | [`decode_step_raw`] ([`RawDecode`]) |
 //! | feature map | [`feature_map()`] | [`feature_map_raw`] |
+//! | context parallel | [`local_state`], [`combine_states`], [`noncausal_readout`], [`ContextParallel`] over a [`Collective`] | the forward/backward `*_raw` entry points |
 //!
 //! Shapes and options: [`AttentionShape`] ([`Strides`]), [`AttentionOptions`]
 //! ([`ScheduleChoice`]), [`DecodeShape`] ([`RowStrides`]), [`RowsShape`];
@@ -23,6 +24,7 @@
 pub mod attention;
 pub mod backward;
 pub(crate) mod checks;
+pub mod context_parallel;
 pub mod decode;
 pub mod feature_map;
 pub mod forward;
@@ -37,6 +39,12 @@ pub use attention::{
 pub use backward::{
     causal_backward, causal_backward_raw, noncausal_backward, noncausal_backward_raw,
     BackwardInputs, BackwardStates, Grads, RawBackward,
+};
+#[cfg(feature = "nccl")]
+pub use context_parallel::NcclCollective;
+pub use context_parallel::{
+    combine_states, local_state, noncausal_readout, piece_offsets, Collective, ContextParallel,
+    InProcess, PieceInputs, PieceStart, StateLayout,
 };
 pub use decode::{decode_step, decode_step_raw, DecodeShape, RawDecode, RowStrides};
 pub use feature_map::{feature_map, feature_map_raw, RowsShape};

@@ -327,7 +327,7 @@ pub fn kernel_name(dtype: DType) -> &'static str {
 }
 
 /// The state scan's symbol (both kinds).
-const SCAN_NAME: &str = "forward_state_scan";
+pub(crate) const SCAN_NAME: &str = "forward_state_scan";
 
 /// Step 1: the schedule of a validated call ([`schedule`] with the
 /// problem's tiling and resident walks).
