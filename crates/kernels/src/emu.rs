@@ -250,4 +250,64 @@ mod tests {
         let r = unsafe { emu.module.launch_params(walk.kernel, &cfg, &walk.params) };
         assert!(r.is_err(), "the emulator crate ran past its shared limit");
     }
+
+    /// A walk launched with less dynamic shared memory than its carving
+    /// takes (a Rust/CUDA layout mismatch) is an error naming the carve, not
+    /// a read past the buffer: every dtype's walk (fp32 and tensor-core
+    /// carvings), 4 bytes short and one buffer short, on both launch paths.
+    /// The exact size runs (the checks in the carve do not misfire).
+    #[test]
+    fn an_undersized_shared_memory_launch_fails() {
+        let emu = Emulator::checked().unwrap();
+        let (n, d, m) = (40, 24, 40);
+        let shape = AttentionShape::bnhd(1, 1, n, d, m);
+        let opts = AttentionOptions::default();
+        let lens = Lens::unknown(false, false);
+        for dtype in [DType::F32, DType::F16, DType::Bf16] {
+            let problem =
+                forward::validate("t", dtype, &shape, None, &opts, &lens, &emu.target()).unwrap();
+            let bytes = dtype.size();
+            let (q, k) = (vec![0u8; n * d * bytes], vec![0u8; n * d * bytes]);
+            let v = vec![0u8; n * m * bytes];
+            let mut o = vec![0xffu8; n * m * bytes];
+            let ptrs = RawForward {
+                q: q.as_ptr() as u64,
+                k: k.as_ptr() as u64,
+                v: v.as_ptr() as u64,
+                o: o.as_mut_ptr() as u64,
+                ..RawForward::default()
+            };
+            let plan = tuning::forward::plan(Kind::Causal, dtype, &problem, &opts, &ptrs);
+            let tuning::forward::Launch::Walk(mut walk) = plan.launches[0] else {
+                panic!("expected the walk first: {:?}", plan.launches[0]);
+            };
+            let writes = [(o.as_mut_ptr() as u64, o.len())];
+            let exact = walk.shared_bytes;
+            // SAFETY: the buffers cover the shape.
+            unsafe { emu.launch_writing(&walk, &writes) }.unwrap();
+            // 4 short: the last carve fails; 64 short: an earlier one may.
+            for short in [4, 64] {
+                walk.shared_bytes = exact - short;
+                // SAFETY: as above; the carve check stops the kernel before
+                // it touches shared memory past the launch's bytes.
+                for r in unsafe { [emu.launch(&walk), emu.launch_writing(&walk, &writes)] } {
+                    match r {
+                        Err(Error::Emulator(msg)) => assert!(
+                            msg.contains(walk.kernel)
+                                && msg.contains("shared-memory carve ends at byte ")
+                                && msg.contains(&format!(
+                                    "but the launch has {} dynamic shared bytes",
+                                    exact - short
+                                ))
+                                && (short > 4 || msg.contains(&format!("at byte {exact} "))),
+                            "{dtype:?} short {short}: {msg}"
+                        ),
+                        other => {
+                            panic!("{dtype:?} short {short}: expected a carve error, got {other:?}")
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
