@@ -59,19 +59,6 @@ __device__ __forceinline__ int pad16(int n) { return (n + 15) & ~15; }
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
-// Carves the dynamic shared memory into buffers, each on a 128-byte boundary.
-struct Carve {
-    char* base;
-    unsigned off;
-    template <typename U>
-    __device__ __forceinline__ U* take(int n) {
-        off = (off + 127u) & ~127u;
-        U* q = reinterpret_cast<U*>(base + off);
-        off += (unsigned)n * (unsigned)sizeof(U);
-        return q;
-    }
-};
-
 // dst[r][c] (row stride ld) = value(r, c) rounded to T for r < rows and
 // c < cols, zero elsewhere in R16 x C16.
 template <typename T, typename F>
