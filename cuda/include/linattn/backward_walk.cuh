@@ -240,14 +240,14 @@ __device__ __forceinline__ void prep_fma(const LinattnBackwardParams& p, float* 
     const int MT = p.tile, MTP = odd(MT), m0 = c.tile * MT, mt = M - m0 < MT ? M - m0 : MT;
     const int fm = p.feature_map;
     const bool causal = p.causal != 0;
-    CarvePacked cv{reinterpret_cast<char*>(smem), 0u};
-    float* Ss = cv.take<float>(D * MTP);
-    float* zs = cv.take<float>(D);
-    float* Qs = cv.take<float>(C * DP);
-    float* Ks = cv.take<float>(C * DP);
-    float* Vs = cv.take<float>(C * MTP);
-    float* As = cv.take<float>(C * C);
-    float* qz = cv.take<float>(C);
+    float* Ss = smem;
+    float* zs = Ss + D * MTP;
+    float* Qs = zs + D;
+    float* Ks = Qs + C * DP;
+    float* Vs = Ks + C * DP;
+    float* As = Vs + C * MTP;
+    float* qz = As + C * C;
+    smem_end(smem, qz + C);
     for (int i = tid; i < D * mt; i += nthreads) {
         const int x = i / mt, e = i - x * mt;
         Ss[x * MTP + e] = p.state_in_s != 0 ? ptr<const float>(p.state_in_s)[(c.sh * D + x) * M + m0 + e] : 0.0f;
@@ -387,14 +387,14 @@ __device__ __forceinline__ void dqk_fma(const LinattnBackwardParams& p, float* s
     const int DT = p.tile, d0 = c.tile * DT, dt = D - d0 < DT ? D - d0 : DT;
     const int fm = p.feature_map;
     const bool causal = p.causal != 0;
-    CarvePacked cv{reinterpret_cast<char*>(smem), 0u};
-    float* Ss = cv.take<float>(DT * MP);
-    float* zs = cv.take<float>(DT);
-    float* Xs = cv.take<float>(C * DT);
-    float* Vs = cv.take<float>(C * MP);
-    float* Gs = cv.take<float>(C * MP);
-    float* Bs = cv.take<float>(C * C);
-    float* dd = cv.take<float>(C);
+    float* Ss = smem;
+    float* zs = Ss + DT * MP;
+    float* Xs = zs + DT;
+    float* Vs = Xs + C * DT;
+    float* Gs = Vs + C * MP;
+    float* Bs = Gs + C * MP;
+    float* dd = Bs + C * C;
+    smem_end(smem, dd + C);
     const float* s_in = ptr<const float>(kDk ? p.d_final_s : p.state_in_s);
     const float* z_in = ptr<const float>(kDk ? p.d_final_z : p.state_in_z);
     for (int i = tid; i < dt * M; i += nthreads) {
@@ -516,12 +516,12 @@ __device__ __forceinline__ void dv_fma(const LinattnBackwardParams& p, float* sm
     const int MT = p.tile, MTP = odd(MT), m0 = c.tile * MT, mt = M - m0 < MT ? M - m0 : MT;
     const int fm = p.feature_map;
     const bool causal = p.causal != 0;
-    CarvePacked cv{reinterpret_cast<char*>(smem), 0u};
-    float* Ss = cv.take<float>(D * MTP);
-    float* Qs = cv.take<float>(C * DP);
-    float* Ks = cv.take<float>(C * DP);
-    float* Gs = cv.take<float>(C * MTP);
-    float* As = cv.take<float>(C * C);
+    float* Ss = smem;
+    float* Qs = Ss + D * MTP;
+    float* Ks = Qs + C * DP;
+    float* Gs = Ks + C * DP;
+    float* As = Gs + C * MTP;
+    smem_end(smem, As + C * C);
     for (int i = tid; i < D * mt; i += nthreads) {
         const int x = i / mt, e = i - x * mt;
         Ss[x * MTP + e] = p.d_final_s != 0 ? ptr<const float>(p.d_final_s)[(c.sh * D + x) * M + m0 + e] : 0.0f;

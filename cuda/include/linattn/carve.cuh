@@ -6,9 +6,11 @@
 // launch's dynamic shared memory: on a GPU that is another buffer's bytes or
 // a fault far from its cause. With LINATTN_SMEM_CHECKS on, every carve checks
 // that it ends inside the launch's dynamic shared bytes (PTX's
-// %dynamic_smem_size; the emulator's record of the launch) and otherwise
-// fails the launch naming both numbers: on the emulator an error returned to
-// the caller, on a GPU a trap. On in emulator builds and GPU debug builds
+// %dynamic_smem_size; the emulator's record of the launch): each take() of
+// the 128-byte Carve, and the end of each back-to-back layout (smem_end,
+// which bounds every buffer before it). A carve past the end fails the
+// launch naming both numbers: on the emulator an error returned to the
+// caller, on a GPU a trap. On in emulator builds and GPU debug builds
 // (nvcc -G defines __CUDACC_DEBUG__; -DLINATTN_SMEM_CHECKS=1 in
 // LINATTN_NVCC_FLAGS forces it), compiled out of release GPU builds.
 #pragma once
@@ -53,33 +55,46 @@ __device__ inline void smem_overrun(unsigned end, unsigned have) {
 }
 #endif
 
-// Hands out consecutive buffers of the dynamic shared memory at `base`, each
-// starting on an Align-byte boundary (Align 1: packed, each buffer right
-// after the previous one). Aggregate: `CarveAligned<128> cv{base, 0u};`.
-template <unsigned Align>
-struct CarveAligned {
-    static_assert((Align & (Align - 1)) == 0, "Align is a power of two");
+#if LINATTN_SMEM_CHECKS
+// Fails the launch unless a carve ending at byte `end` fits the launch.
+__device__ __forceinline__ void smem_check(unsigned end) {
+    const unsigned have = dynamic_smem_bytes();
+    if (end > have) smem_overrun(end, have);
+}
+#endif
+
+// The backward walks' carving: consecutive buffers of the dynamic shared
+// memory at `base`, each starting on a 128-byte boundary. Aggregate:
+// `Carve cv{reinterpret_cast<char*>(smem), 0u};`.
+struct Carve {
     char* base;
     unsigned off;
 
     // The next n elements of U.
     template <typename U>
     __device__ __forceinline__ U* take(int n) {
-        if constexpr (Align > 1) off = (off + (Align - 1)) & ~(Align - 1);
+        off = (off + 127u) & ~127u;
         U* q = reinterpret_cast<U*>(base + off);
         off += (unsigned)n * (unsigned)sizeof(U);
 #if LINATTN_SMEM_CHECKS
-        const unsigned have = dynamic_smem_bytes();
-        if (off > have) smem_overrun(off, have);
+        smem_check(off);
 #endif
         return q;
     }
 };
 
-// The backward walks' carving: every buffer on a 128-byte boundary.
-using Carve = CarveAligned<128>;
-// The forward walks' carving: buffers back to back (their sizes keep every
-// wmma tile 32-byte aligned; see each walk's layout comment).
-using CarvePacked = CarveAligned<1>;
+// The forward walks and the fp32 backward bodies carve their buffers back
+// to back with plain pointer arithmetic from `smem` (the code ptxas
+// allocates their registers for; routing it through a carver moved the
+// fp32 walks by 20-50 registers) and check the end of their last buffer:
+// the layout only grows, so that one check covers every buffer before it.
+__device__ __forceinline__ void smem_end(const void* smem, const void* end) {
+#if LINATTN_SMEM_CHECKS
+    smem_check((unsigned)(static_cast<const char*>(end) - static_cast<const char*>(smem)));
+#else
+    (void)smem;
+    (void)end;
+#endif
+}
 
 }  // namespace linattn

@@ -63,14 +63,14 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
     const int mt = M - m0 < MT ? M - m0 : MT;  // valid columns of this tile
 
     // Shared memory (the plan's `walk_shared_bytes` mirrors it):
-    CarvePacked cv{reinterpret_cast<char*>(smem), 0u};
-    float* Ss = cv.take<float>(D * MT);  // D x MT
-    float* zs = cv.take<float>(D);       // D
-    float* Qs = cv.take<float>(C * DP);  // C x DP: s * phi(q)
-    float* Ks = cv.take<float>(C * DP);  // C x DP: phi(k)
-    float* Vs = cv.take<float>(C * MT);  // C x MT: v
-    float* As = cv.take<float>(C * C);   // C x C scores
-    float* qz = cv.take<float>(C);       // C: s phi(q) . z
+    float* Ss = smem;            // D x MT
+    float* zs = Ss + D * MT;     // D
+    float* Qs = zs + D;          // C x DP: s * phi(q)
+    float* Ks = Qs + C * DP;     // C x DP: phi(k)
+    float* Vs = Ks + C * DP;     // C x MT: v
+    float* As = Vs + C * MT;     // C x C scores
+    float* qz = As + C * C;      // C: s phi(q) . z
+    smem_end(smem, qz + C);
 
     // ---- starting state -------------------------------------------------
     const float* ls;

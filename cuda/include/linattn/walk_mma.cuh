@@ -184,21 +184,20 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
     // the registers that sharing takes (ptxas spills on sm_90 otherwise).
     const bool share = shared_e && !MmaScaled<T>::value;
 
-    CarvePacked cv{reinterpret_cast<char*>(smem), 0u};
-    T* Q16 = cv.take<T>(C * LQ);
-    T* K16 = cv.take<T>(C * LQ);
-    T* V16 = cv.take<T>(C * LV);
-    T* S16 = cv.take<T>(DP * LV);
-    T* A16 = cv.take<T>(C * LA);
-    float* F = cv.take<float>(C * LF);
-    float* scratches = cv.take<float>(nwarps * kScratch);
-    float* scratch = scratches + warp * kScratch;
-    float* zs = cv.take<float>(DP);
-    float* den = cv.take<float>(C);
-    float* scales = cv.take<float>(state_tiles);
+    T* Q16 = reinterpret_cast<T*>(smem);
+    T* K16 = Q16 + C * LQ;
+    T* V16 = K16 + C * LQ;
+    T* S16 = V16 + C * LV;
+    T* A16 = S16 + DP * LV;
+    float* F = reinterpret_cast<float*>(A16 + C * LA);
+    float* scratch = F + C * LF + warp * kScratch;
+    float* zs = F + C * LF + nwarps * kScratch;
+    float* den = zs + DP;
+    float* scales = den + C;
+    smem_end(smem, scales + state_tiles);
     // f16: each staged s phi(q) row's scale exponent, from its staging (1) to
     // its score rounding (3), in warp 0's scratch (free until (4)).
-    float* rowq = scratches;
+    float* rowq = F + C * LF;
     constexpr bool kScaled = MmaScaled<T>::value;
 
     const bool causal = p.causal != 0;
