@@ -38,24 +38,11 @@
 #include <mma.h>
 #include <type_traits>
 #include "linattn/backward_walk.cuh"
+#include "linattn/mma_tile.cuh"
 
 namespace linattn {
 namespace bwd {
 
-template <typename T> struct Mma {
-    static constexpr bool available = false;
-    static constexpr bool scaled = false;
-};
-template <> struct Mma<__half> {
-    static constexpr bool available = true;
-    static constexpr bool scaled = true;
-};
-template <> struct Mma<__nv_bfloat16> {
-    static constexpr bool available = true;
-    static constexpr bool scaled = false;
-};
-
-__device__ __forceinline__ int pad16(int n) { return (n + 15) & ~15; }
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
@@ -67,6 +54,18 @@ __device__ __forceinline__ void stage(T* dst, int ld, int R16, int C16, int rows
         const int r = i / C16, c = i - r * C16;
         dst[r * ld + c] = from_float<T>(r < rows && c < cols ? value(r, c) : 0.0f);
     }
+}
+
+// The power of two that brings a warp's largest magnitude mx (its lanes'
+// maxima) into [2^14, 2^15) (pow2_shift, linattn/scaled_round.cuh); inv =
+// its inverse. Every mx > 0 is scaled, an overflowed one (inf, > 3e38) by
+// the clamp's 2^-100 (the forward's publish_tile leaves those unscaled:
+// see there).
+__device__ __forceinline__ float tile_pow2(float mx, float& inv) {
+    mx = warp_max(mx);
+    const int e = mx > 0.0f ? pow2_shift(mx, kTileTop) : 0;
+    inv = pow2(e);
+    return pow2(-e);
 }
 
 // One warp rounds the 16 x 16 fp32 tile value(r, c) (r, c < 16) to T at dst
@@ -86,14 +85,9 @@ __device__ __forceinline__ void round_tile(T* dst, int ld, float* inv, F value) 
     }
     float s = 1.0f;
     if constexpr (Mma<T>::scaled) {
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        int k = 0;
-        if (mx > 0.0f) {
-            k = 14 - (((__float_as_int(mx) >> 23) & 0xff) - 127);
-            k = k < -100 ? -100 : (k > 100 ? 100 : k);
-        }
-        s = __int_as_float((127 + k) << 23);
-        if (lane == 0) *inv = __int_as_float((127 - k) << 23);
+        float si;
+        s = tile_pow2(mx, si);
+        if (lane == 0) *inv = si;
     } else {
         (void)inv;
     }
@@ -115,19 +109,6 @@ __device__ __forceinline__ void round_tiles(T* dst, int ld, int R16, int C16, fl
         const int r0 = (t / tc) * 16, c0 = (t - (t / tc) * tc) * 16;
         round_tile<T>(dst + r0 * ld + c0, ld, inv + t, [&](int r, int c) { return value(r0 + r, c0 + c); });
     }
-}
-
-// The power of two that brings a warp's largest magnitude mx (its lanes'
-// maxima) into [2^14, 2^15), as round_tile picks it; *inv = its inverse.
-__device__ __forceinline__ float tile_pow2(float mx, float& inv) {
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    int k = 0;
-    if (mx > 0.0f) {
-        k = 14 - (((__float_as_int(mx) >> 23) & 0xff) - 127);
-        k = k < -100 ? -100 : (k > 100 ? 100 : k);
-    }
-    inv = __int_as_float((127 - k) << 23);
-    return __int_as_float((127 + k) << 23);
 }
 
 // round_tile's low half: x - hi(x) (exact in fp32), hi(x) being what
@@ -176,25 +157,6 @@ __device__ __forceinline__ void round_tiles_lo(T* dst, int ld, int R16, int C16,
     for (int t = warp; t < tiles; t += nwarps) {
         const int r0 = (t / tc) * 16, c0 = (t - (t / tc) * tc) * 16;
         round_tile_lo<T>(dst + r0 * ld + c0, ld, inv + t, [&](int r, int c) { return value(r0 + r, c0 + c); });
-    }
-}
-
-// acc += a b. For __half the product goes through a separate fp32 partial
-// multiplied by f (the operands' inverse tile scales) before it is added;
-// fragments of one type share their element mapping, so element i of the
-// partial and of acc is the same (row, column). bf16 accumulates directly.
-template <typename T, typename FA, typename FB>
-__device__ __forceinline__ void mma_scaled(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>& acc,
-                                           const FA& a, const FB& b, float f) {
-    using namespace nvcuda;
-    if constexpr (Mma<T>::scaled) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> part;
-        wmma::fill_fragment(part, 0.0f);
-        wmma::mma_sync(part, a, b, part);
-        for (int i = 0; i < part.num_elements; ++i) acc.x[i] = fmaf(part.x[i], f, acc.x[i]);
-    } else {
-        (void)f;
-        wmma::mma_sync(acc, a, b, acc);
     }
 }
 
