@@ -189,7 +189,7 @@ __device__ __forceinline__ void state_scan(const LinattnStateScanParams& p) {
     const int64_t e = (int64_t)(blockIdx.x - sh32 * (unsigned)p.blocks_per_state) * blockDim.x + threadIdx.x;
     const int64_t DM = p.d * p.m;
     if (e >= DM + p.d) return;
-    const SeqRange r = seq_range(p.cu_seqlens, sh32 / (unsigned)p.heads, p.tokens);
+    const SeqRange r = seq_range(p.cu_seqlens, (int64_t)(sh32 / (unsigned)p.heads), p.tokens);
     const int64_t nparts = (r.len + p.part_len - 1) / p.part_len;
     const bool is_z = e >= DM;
     const int64_t ez = e - DM;
