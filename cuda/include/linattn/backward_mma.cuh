@@ -248,15 +248,48 @@ __device__ __forceinline__ void load_norm(const LinattnBackwardParams& p, const 
 // No scale table (an operand staged straight from the inputs).
 __device__ __forceinline__ Scales no_scales() { return Scales{nullptr, 0, 0, 1.0f}; }
 
-// One chunk's dv, shared by dv_mma and dkv_mma: F = kh dS (+ A^T dnum over
-// i >= j when causal, with A = qh kh^T (Q16's scales sq), lower block
-// triangle, rounded into A16 with tile scales sA), then rows x cols of it written from `out` (the
-// chunk's first row) with row stride `stride`. Ends with F read out.
+// What dv_chunk works on: one chunk's staged operands in shared memory,
+// their tile scales, and where its dv rows go (the style of the params
+// structs: named fields, set at the call).
 template <typename T>
-__device__ __forceinline__ void dv_chunk(float* F, int LF, int CT, int MTT, int DTT, bool causal, int rows, int cols,
-                                         const T* Q16, Scales sq, const T* K16, int LD, T* A16, int LC, float* sA,
-                                         const T* S16, int L16, const float* sS, const T* G16, const float* sG, T* out,
-                                         int64_t stride) {
+struct DvChunk {
+    float* F;         // fp32 work tile, C x (>= max(C, MT)) with row stride LF
+    int LF;
+    int CT, MTT, DTT;  // 16-tiles of the chunk C, the value tile MT and D16
+    bool causal;
+    int rows, cols;   // valid rows (tokens) and columns written
+    const T* Q16;     // qh (C x D16, row stride LD) and its scales
+    Scales sq;
+    const T* K16;     // kh (C x D16, row stride LD)
+    int LD;
+    T* A16;           // A = qh kh^T rounded here (C x C, row stride LC)
+    int LC;
+    float* sA;        // A16's tile scales (written here, f16)
+    const T* S16;     // dS rounded (D16 x MT, row stride L16) and its scales
+    int L16;
+    const float* sS;
+    const T* G16;     // dnum rounded (C x MT, row stride L16) and its scales
+    const float* sG;
+    T* out;           // the chunk's first dv row, row stride `stride`
+    int64_t stride;
+};
+
+// One chunk's dv, shared by dv_mma and dkv_mma: F = kh dS (+ A^T dnum over
+// i >= j when causal, with A = qh kh^T, lower block triangle, rounded into
+// A16), then rows x cols of it written to `out`. Ends with F read out.
+template <typename T>
+__device__ __forceinline__ void dv_chunk(const DvChunk<T>& a) {
+    float* F = a.F;
+    const int LF = a.LF, CT = a.CT, MTT = a.MTT, DTT = a.DTT, rows = a.rows, cols = a.cols;
+    const bool causal = a.causal;
+    const T *Q16 = a.Q16, *K16 = a.K16, *S16 = a.S16, *G16 = a.G16;
+    const int LD = a.LD, LC = a.LC, L16 = a.L16;
+    const Scales sq = a.sq;
+    T* A16 = a.A16;
+    float* sA = a.sA;
+    const float *sS = a.sS, *sG = a.sG;
+    T* out = a.out;
+    const int64_t stride = a.stride;
     const int C = CT * 16;
     if (causal) {
         gemm<T, true, false>(F, LF, CT, CT, DTT, false, true, KRange::All, Q16, LD, sq, K16, LD, no_scales());
@@ -686,8 +719,14 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
                 __syncthreads();
             }
             if (emit) {
-                dv_chunk<T>(F, LF, CT, MTT, DTT, causal, rows, mt, Q16, Scales{sQ, DTT, 1, 1.0f}, K16, LD, A16, LC, sA, S16,
-                            L16, sS, G16, sG, dvb + t0 * p.v_token_stride, p.v_token_stride);
+                DvChunk<T> a;
+                a.F = F; a.LF = LF; a.CT = CT; a.MTT = MTT; a.DTT = DTT; a.causal = causal;
+                a.rows = rows; a.cols = mt;
+                a.Q16 = Q16; a.sq = Scales{sQ, DTT, 1, 1.0f}; a.K16 = K16; a.LD = LD;
+                a.A16 = A16; a.LC = LC; a.sA = sA;
+                a.S16 = S16; a.L16 = L16; a.sS = sS; a.G16 = G16; a.sG = sG;
+                a.out = dvb + t0 * p.v_token_stride; a.stride = p.v_token_stride;
+                dv_chunk<T>(a);
             }
             if (absorb) {
                 // dS += qn^T G (F is not touched; S16 is a copy of dS).
@@ -1256,8 +1295,14 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                 }
                 __syncthreads();  // F, P16 and dz are reused below
                 // A' = qn kh^T (causal), then dv = kh dS + A'^T G.
-                dv_chunk<T>(F, LF, CT, MTT, DTT, causal, rows, M, Q16, Scales{sQ, DTT, 1, 1.0f}, K16, LD, P16, LC, sP,
-                            S16, L16, sS, G16, nullptr, dvb + t0 * p.v_token_stride, p.v_token_stride);
+                DvChunk<T> a;
+                a.F = F; a.LF = LF; a.CT = CT; a.MTT = MTT; a.DTT = DTT; a.causal = causal;
+                a.rows = rows; a.cols = M;
+                a.Q16 = Q16; a.sq = Scales{sQ, DTT, 1, 1.0f}; a.K16 = K16; a.LD = LD;
+                a.A16 = P16; a.LC = LC; a.sA = sP;
+                a.S16 = S16; a.L16 = L16; a.sS = sS; a.G16 = G16; a.sG = nullptr;
+                a.out = dvb + t0 * p.v_token_stride; a.stride = p.v_token_stride;
+                dv_chunk<T>(a);
             }
             if (absorb) {
                 // dS += qn^T G; then, for f16 chunks with eps rows, once
