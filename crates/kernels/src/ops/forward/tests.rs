@@ -23,6 +23,11 @@ fn lens_for(shape: &AttentionShape) -> Lens {
     }
 }
 
+/// The problem of a call with full-length buffers, planned for an H200.
+fn problem(dtype: DType, shape: &AttentionShape, opts: &AttentionOptions) -> Problem {
+    validate("t", dtype, shape, None, opts, &lens_for(shape), &H200).unwrap()
+}
+
 #[test]
 fn tiling_fits_shared_memory_for_every_size() {
     for d in 1..=MAX_DIM {
@@ -207,16 +212,7 @@ fn walk_launch_bounds_match_the_sources() {
 fn plans_have_the_expected_launches() {
     let shape = AttentionShape::bhnd(1, 2, 300, 32, 48);
     let mut opts = AttentionOptions::default();
-    let p = validate(
-        "t",
-        DType::F32,
-        &shape,
-        None,
-        &opts,
-        &lens_for(&shape),
-        &H200,
-    )
-    .unwrap();
+    let p = problem(DType::F32, &shape, &opts);
     let ptrs = RawForward {
         q: 16,
         k: 32,
@@ -346,16 +342,7 @@ fn raw_checks_catch_overlaps_and_nulls() {
         schedule: ScheduleChoice::Walk,
         ..Default::default()
     };
-    let p = validate(
-        "t",
-        DType::F32,
-        &shape,
-        None,
-        &opts,
-        &lens_for(&shape),
-        &H200,
-    )
-    .unwrap();
+    let p = problem(DType::F32, &shape, &opts);
     let ok = RawForward {
         q: 1000,
         k: 2000,
@@ -521,16 +508,7 @@ fn plan_steps_one_by_one() {
         schedule: ScheduleChoice::Split { parts: 4 },
         ..Default::default()
     };
-    let p = validate(
-        "t",
-        DType::F32,
-        &shape,
-        None,
-        &opts,
-        &lens_for(&shape),
-        &H200,
-    )
-    .unwrap();
+    let p = problem(DType::F32, &shape, &opts);
     let sched = call_schedule(&p, &opts);
     assert_eq!(sched.parts, 4);
     let ptrs = RawForward {
