@@ -172,13 +172,15 @@ pub fn run(opts: &DemoOptions, out: &mut impl Write) -> Result<DemoReport> {
         .iter()
         .map(|&k| Model::random_on(opts.config.with_attention(k), opts.seed, &selection.device))
         .collect::<Result<Vec<_>, _>>()?;
-    let (linear, softmax) = measure_pair(
+    let mut lines = lockstep(
         &models,
         opts.prompt.as_bytes(),
         opts.tokens,
         opts.seed,
         opts.progress,
     )?;
+    let softmax = lines.pop().expect("two models, two timelines");
+    let linear = lines.pop().expect("two models, two timelines");
     let rows = table_rows(&linear, &softmax, opts.rows);
     print_table(out, &rows, &linear, &softmax)?;
     let title = format!(
@@ -200,60 +202,26 @@ pub fn run(opts: &DemoOptions, out: &mut impl Write) -> Result<DemoReport> {
     })
 }
 
-/// Generates `tokens` tokens after `prompt` with each model (linear then
-/// softmax) in lock-step and times every decode step: the demo's
-/// measurement, also run by `linattn train` on the trained models.
-pub fn measure_pair(
+/// Generates `tokens` tokens after `prompt` with one model and times every
+/// decode step (sampling at temperature 1 from an RNG seeded with `seed`):
+/// [`lockstep`] with one model, run by `linattn train` on each trained model.
+pub fn timeline(model: &Model, prompt: &[u8], tokens: usize, seed: u64) -> Result<Timeline> {
+    let mut lines = lockstep(std::slice::from_ref(model), prompt, tokens, seed, false)?;
+    Ok(lines.pop().expect("one model, one timeline"))
+}
+
+/// Generates `tokens` tokens after `prompt` with every model in lock-step
+/// (one decode step of each in turn, so that anything else loading the
+/// machine slows them alike) and times every decode step; sampling at
+/// temperature 1 from an RNG seeded with `seed`. Returns one [`Timeline`]
+/// per model, in order, each labelled with its model's attention kind.
+pub fn lockstep(
     models: &[Model],
     prompt: &[u8],
     tokens: usize,
     seed: u64,
     progress: bool,
-) -> Result<(Timeline, Timeline)> {
-    anyhow::ensure!(
-        models.len() == 2,
-        "measure_pair: expected two models (linear, softmax)"
-    );
-    let mut gens = Vec::new();
-    for model in models {
-        let t0 = Instant::now();
-        let gen = Generator::new(model, prompt, Sampling::Temperature(1.0), seed)?;
-        gens.push((gen, t0.elapsed()));
-    }
-    lockstep(tokens, progress, gens)
-}
-
-/// Generates `tokens` tokens after `prompt` with one model and times every
-/// decode step (sampling at temperature 1 from an RNG seeded with `seed`).
-pub fn timeline(model: &Model, prompt: &[u8], tokens: usize, seed: u64) -> Result<Timeline> {
-    let t0 = Instant::now();
-    let mut gen = Generator::new(model, prompt, Sampling::Temperature(1.0), seed)?;
-    let prefill = t0.elapsed();
-    gen.next_token()?;
-    let mut line = Timeline {
-        kind: model.config().attention,
-        prefill,
-        positions: Vec::with_capacity(tokens),
-        seconds: Vec::with_capacity(tokens),
-    };
-    for _ in 0..tokens {
-        let t = Instant::now();
-        gen.next_token()?;
-        line.seconds.push(t.elapsed().as_secs_f64());
-        line.positions.push(gen.position() - 1);
-    }
-    Ok(line)
-}
-
-/// Runs both models in lock-step, one decode step of each in turn, so that
-/// anything else loading the machine slows both alike. `gens` holds the
-/// linear then the softmax generator, each with its prefill time.
-fn lockstep(
-    tokens: usize,
-    progress: bool,
-    started: Vec<(Generator<'_>, Duration)>,
-) -> Result<(Timeline, Timeline)> {
-    let kinds = [AttentionKind::Linear, AttentionKind::Softmax];
+) -> Result<Vec<Timeline>> {
     let bar = if progress {
         ProgressBar::new(tokens as u64)
     } else {
@@ -266,15 +234,18 @@ fn lockstep(
         .expect("static template")
         .progress_chars("=> "),
     );
-    let mut gens = Vec::new();
-    let mut lines = Vec::new();
-    for ((mut gen, prefill), kind) in started.into_iter().zip(kinds) {
+    let mut gens = Vec::with_capacity(models.len());
+    let mut lines = Vec::with_capacity(models.len());
+    for model in models {
+        let t0 = Instant::now();
+        let mut gen = Generator::new(model, prompt, Sampling::Temperature(1.0), seed)?;
+        let prefill = t0.elapsed();
         // The first call only samples from the prefill's logits; every later
         // one decodes the previous token: that is the step being timed.
         gen.next_token()?;
         gens.push(gen);
         lines.push(Timeline {
-            kind,
+            kind: model.config().attention,
             prefill,
             positions: Vec::with_capacity(tokens),
             seconds: Vec::with_capacity(tokens),
@@ -289,17 +260,16 @@ fn lockstep(
         }
         if i % 64 == 63 || i + 1 == tokens {
             bar.set_position(i as u64 + 1);
-            bar.set_message(format!(
-                "ms/token now: linear {:.2}, softmax {:.2}",
-                lines[0].seconds[i] * 1e3,
-                lines[1].seconds[i] * 1e3
-            ));
+            let now = lines
+                .iter()
+                .map(|l| format!("{} {:.2}", l.kind, l.seconds[i] * 1e3))
+                .collect::<Vec<_>>()
+                .join(", ");
+            bar.set_message(format!("ms/token now: {now}"));
         }
     }
     bar.finish_and_clear();
-    let softmax = lines.pop().expect("two timelines");
-    let linear = lines.pop().expect("two timelines");
-    Ok((linear, softmax))
+    Ok(lines)
 }
 
 /// `n` equal ranges covering the positions of `t` (fewer if there are fewer

@@ -117,6 +117,7 @@ impl Case {
             eps: self.eps,
             scale: self.scale,
             schedule: self.schedule,
+            ..Default::default()
         }
     }
 

@@ -166,6 +166,7 @@ fn run_kernel<T: Element>(dev: &Device, c: &Case, x: &Inputs<T>) -> Outputs {
         eps: c.eps,
         scale: c.scale,
         schedule: c.schedule,
+        ..Default::default()
     };
     let sh = c.seq_heads();
     let q = dev.upload(&x.q).unwrap();

@@ -83,9 +83,9 @@ pub use ops::{
     causal_backward, causal_backward_raw, causal_forward, causal_forward_raw, decode_step,
     decode_step_raw, feature_map, feature_map_raw, noncausal_backward, noncausal_backward_raw,
     noncausal_forward, noncausal_forward_raw, AttentionOptions, AttentionShape, BackwardInputs,
-    BackwardStates, DecodeShape, DeviceRead, DeviceWrite, Grads, Kind, Memory, Qkv, RawBackward,
-    RawDecode, RawForward, RowStrides, RowsShape, ScheduleChoice, StateIo, StateMut, StateRef,
-    Strides,
+    BackwardStates, DecodeShape, DeviceRead, DeviceWrite, DqPrecision, Grads, Kind, Memory, Qkv,
+    RawBackward, RawDecode, RawForward, RowStrides, RowsShape, ScheduleChoice, StateIo, StateMut,
+    StateRef, Strides,
 };
 pub use plan::{Executor, LaunchPlan};
 pub use target::{KernelFootprint, Target};

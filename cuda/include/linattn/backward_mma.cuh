@@ -419,15 +419,18 @@ __device__ __forceinline__ void prep_mma(const LinattnBackwardParams& p, float* 
                     }
                     __syncthreads();
                 }
-                // H = G S_hi^T + G S_lo^T (C x D16)
+                // H = G S_hi^T + G S_lo^T (C x D16; S_hi alone with
+                // LINATTN_DQ_SINGLE)
                 gemm<T, true, false>(F, LF, CT, DTT, MTT, false, false, KRange::All, G16, L16, Scales{sG, MTT, 1, 1.0f},
                                      S16, L16, Scales{sS, MTT, 1, 1.0f});
                 __syncthreads();
-                round_tiles_lo<T>(S16, L16, D16, MT, sS, [&](int x, int e) { return Ss[x * LS + e]; });
-                __syncthreads();
-                gemm<T, true, false>(F, LF, CT, DTT, MTT, true, false, KRange::All, G16, L16, Scales{sG, MTT, 1, 1.0f},
-                                     S16, L16, Scales{sS, MTT, 1, 1.0f});
-                __syncthreads();
+                if (p.dq_precision == LINATTN_DQ_SPLIT) {
+                    round_tiles_lo<T>(S16, L16, D16, MT, sS, [&](int x, int e) { return Ss[x * LS + e]; });
+                    __syncthreads();
+                    gemm<T, true, false>(F, LF, CT, DTT, MTT, true, false, KRange::All, G16, L16,
+                                         Scales{sG, MTT, 1, 1.0f}, S16, L16, Scales{sS, MTT, 1, 1.0f});
+                    __syncthreads();
+                }
                 for (int i = warp; i < rows; i += nwarps) {
                     const T* q = Q16 + i * LD;
                     float go = 0.0f;
@@ -481,6 +484,7 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
     const int CT = C / 16, MTT = M16 / 16, DTT = DT / 16;
     const int fm = p.feature_map;
     const bool causal = p.causal != 0;
+    const bool split = p.dq_precision == LINATTN_DQ_SPLIT;  // dq: S and B' as hi + lo
     Carve cv{reinterpret_cast<char*>(smem), 0u};
     float* Ss = cv.take<float>(DT * LS);
     float* zs = cv.take<float>(DT);
@@ -534,7 +538,7 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
                          [&](int j, int e) { return to_float(vb[(t0 + j) * p.v_token_stride + e]); });
             }
             if (need_g || (emit && causal)) load_norm(p, c, t0, rows, C, den, dd);
-            // dq: S_hi every chunk (S16 ends its emit holding S_lo).
+            // dq: S_hi every chunk (S16 ends a split emit holding S_lo).
             if (emit && (causal || !kDk || c0 == last))
                 round_tiles<T>(S16, L16, DT, M16, sS, [&](int x, int e) { return Ss[x * LS + e]; });
             __syncthreads();
@@ -568,7 +572,7 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
                         return j > i || i >= rows ? 0.0f : fmaf(dd[i], den[i], F[i * LF + j]);
                     };
                     round_tiles<T>(B16, LC, C, C, sB, bval);
-                    if constexpr (!kDk) round_tiles_lo<T>(B16lo, LC, C, C, sBl, bval);
+                    if (!kDk && split) round_tiles_lo<T>(B16lo, LC, C, C, sBl, bval);
                     __syncthreads();
                 }
                 if constexpr (kDk) {
@@ -585,18 +589,22 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
                     // (j <= i)
                     gemm<T, true, false>(F, LF, CT, DTT, MTT, false, false, KRange::All, G16, L16, Scales{sG, MTT, 1, 1.0f},
                                          S16, L16, Scales{sS, MTT, 1, 1.0f});
-                    __syncthreads();
-                    round_tiles_lo<T>(S16, L16, DT, M16, sS, [&](int x, int e) { return Ss[x * LS + e]; });
-                    __syncthreads();
-                    gemm<T, true, false>(F, LF, CT, DTT, MTT, true, false, KRange::All, G16, L16, Scales{sG, MTT, 1, 1.0f},
-                                         S16, L16, Scales{sS, MTT, 1, 1.0f});
+                    if (split) {
+                        __syncthreads();
+                        round_tiles_lo<T>(S16, L16, DT, M16, sS, [&](int x, int e) { return Ss[x * LS + e]; });
+                        __syncthreads();
+                        gemm<T, true, false>(F, LF, CT, DTT, MTT, true, false, KRange::All, G16, L16,
+                                             Scales{sG, MTT, 1, 1.0f}, S16, L16, Scales{sS, MTT, 1, 1.0f});
+                    }
                     if (causal) {
                         __syncwarp();
                         gemm<T, true, true>(F, LF, CT, DTT, CT, true, false, KRange::UpToRow, B16, LC,
                                             Scales{sB, CT, 1, 1.0f}, X16, LX, no_scales());
-                        __syncwarp();
-                        gemm<T, true, true>(F, LF, CT, DTT, CT, true, false, KRange::UpToRow, B16lo, LC,
-                                            Scales{sBl, CT, 1, 1.0f}, X16, LX, no_scales());
+                        if (split) {
+                            __syncwarp();
+                            gemm<T, true, true>(F, LF, CT, DTT, CT, true, false, KRange::UpToRow, B16lo, LC,
+                                                Scales{sBl, CT, 1, 1.0f}, X16, LX, no_scales());
+                        }
                     }
                     __syncthreads();
                     for (int i = tid; i < C * DT; i += nthreads) {
@@ -964,6 +972,7 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
     const int fm = p.feature_map;
     const bool causal = p.causal != 0;
     const bool norm = p.normalize != 0;
+    const bool split = p.dq_precision == LINATTN_DQ_SPLIT;  // S and B' as hi + lo
     Carve cv{reinterpret_cast<char*>(smem), 0u};
     float* zs = cv.take<float>(D16);
     T* S16 = cv.take<T>(D16 * L16);
@@ -1061,15 +1070,17 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                     }
                     __syncthreads();
                 }
-                // ---- H = G S_hi^T + G S_lo^T -----------------------------
+                // ---- H = G S_hi^T + G S_lo^T (S_hi alone: SINGLE) --------
                 gemm<T, true, false>(F, LF, CT, DTT, MTT, false, false, KRange::All, G16, L16, Scales{sG, MTT, 1, 1.0f},
                                      S16, L16, Scales{sS, MTT, 1, 1.0f});
                 __syncthreads();
-                frags_publish_lo<T>(st, ft, idx, S16, L16, sS);
-                __syncthreads();
-                gemm<T, true, false>(F, LF, CT, DTT, MTT, true, false, KRange::All, G16, L16, Scales{sG, MTT, 1, 1.0f},
-                                     S16, L16, Scales{sS, MTT, 1, 1.0f});
-                __syncthreads();
+                if (split) {
+                    frags_publish_lo<T>(st, ft, idx, S16, L16, sS);
+                    __syncthreads();
+                    gemm<T, true, false>(F, LF, CT, DTT, MTT, true, false, KRange::All, G16, L16,
+                                         Scales{sG, MTT, 1, 1.0f}, S16, L16, Scales{sS, MTT, 1, 1.0f});
+                    __syncthreads();
+                }
                 // ---- den, d den: G . num = qh . H + rowsum(A o E) --------
                 for (int i = warp; i < C; i += nwarps) {
                     float go = 0.0f;
@@ -1109,11 +1120,13 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                     gemm<T, true, true>(F, LF, CT, DTT, CT, true, false, KRange::UpToRow, P16, LC,
                                         Scales{sP, CT, 1, 1.0f}, K16, LD, no_scales());
                     __syncthreads();
-                    round_tiles_lo<T>(P16, LC, C, C, sP, bval);
-                    __syncthreads();
-                    gemm<T, true, true>(F, LF, CT, DTT, CT, true, false, KRange::UpToRow, P16, LC,
-                                        Scales{sP, CT, 1, 1.0f}, K16, LD, no_scales());
-                    __syncthreads();
+                    if (split) {
+                        round_tiles_lo<T>(P16, LC, C, C, sP, bval);
+                        __syncthreads();
+                        gemm<T, true, true>(F, LF, CT, DTT, CT, true, false, KRange::UpToRow, P16, LC,
+                                            Scales{sP, CT, 1, 1.0f}, K16, LD, no_scales());
+                        __syncthreads();
+                    }
                 }
                 for (int i = tid; i < C * D16; i += nthreads) {
                     const int j = i / D16, x = i - j * D16;
@@ -1127,9 +1140,9 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                     dqb[off] = from_float<T>(p.scale * phi_prime(to_float(qb[off]), fm) * acc);
                 }
                 __syncthreads();  // z and F (the publish scratch) read out
-                // S16 holds S_lo: the non-causal walk (no absorb) puts S_hi
-                // back for its next chunk.
-                if (!causal) frags_publish<T>(st, ft, S16, L16, sS);
+                // S16 holds S_lo (split): the non-causal walk (no absorb)
+                // puts S_hi back for its next chunk.
+                if (!causal && split) frags_publish<T>(st, ft, S16, L16, sS);
             }
             if (absorb) {
                 // S += kh^T v, z += kh^T 1; then the next chunk's S16 (the

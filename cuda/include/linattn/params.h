@@ -22,7 +22,7 @@ extern "C" {
 #endif
 
 /* Bump when any struct below changes layout. */
-#define LINATTN_PARAMS_VERSION 2
+#define LINATTN_PARAMS_VERSION 3
 
 typedef uint64_t linattn_ptr;
 
@@ -79,6 +79,18 @@ typedef enum LinattnBackwardState {
     LINATTN_BWD_SCAN_TOTAL_IN = 5, /* the scan: every slot the total, from state_in (non-causal) */
     LINATTN_BWD_SCAN_TOTAL_FINAL = 6 /* the scan: every slot the total, from d_final (non-causal) */
 } LinattnBackwardState;
+
+/*
+ * How the 16-bit backward passes that feed dq (prepdq; the tiled prep and
+ * dq) round the state S and B' = G . (v_j - o_i): SPLIT multiplies both a
+ * high and a low 16-bit copy (two tensor-core products each, S to ~2^-17
+ * relative), SINGLE the high copy alone (the one-copy products; dq error
+ * grows ~mu 2^-9 at q, k ~ N(mu, 1) for bf16). Ignored by f32.
+ */
+typedef enum LinattnDqPrecision {
+    LINATTN_DQ_SPLIT = 0,
+    LINATTN_DQ_SINGLE = 1
+} LinattnDqPrecision;
 
 /*
  * forward.cu (causal and non-causal): linear attention over a batch of
@@ -232,7 +244,7 @@ typedef struct LinattnBackwardParams {
     int32_t num_parts;          /* partitions per sequence (grid y; 1 but for split whole-head walks) */
     int64_t part_len;           /* tokens per partition (a multiple of chunk) */
     int32_t state_mode;         /* LinattnBackwardState */
-    int32_t _pad0;
+    int32_t dq_precision;       /* LinattnDqPrecision */
     float eps;
     float scale;
 } LinattnBackwardParams;

@@ -156,7 +156,39 @@ pub enum ScheduleChoice {
     },
 }
 
-/// Options of the forward kernels and the decode step.
+/// How the f16/bf16 backward rounds the fp32 state S (and the row terms
+/// `B' = G . (v_j - o_i)`) where they feed dq; f32 calls ignore it.
+///
+/// dq_i is proportional to `sum_{j<=i} (G_i . (v_j - o_i)) phi(k_j)`; the
+/// kernels form it as `G_i S_i^T / den_i + dden_i z_i` plus the chunk's
+/// `B' kh`, whose parts cancel to ~1/mu of their size when q, k ~ N(mu, 1)
+/// (every score of a row nearly equal), so a relative rounding e of S or B'
+/// becomes ~mu e in dq (`docs/kernels.md`, "dq accuracy"). Costs in
+/// tensor-core MACs: `docs/benchmarks.md`, "Backward".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DqPrecision {
+    /// Two 16-bit copies, `S = S_hi + S_lo` and `B' = B'_hi + B'_lo`, and
+    /// two tensor-core products each: S reaches dq to ~2^-17 relative, and
+    /// dq stays under 1e-2 relative L2 error for q, k ~ N(mu, 1) up to
+    /// mu = 40 in both 16-bit types. The default: it is the documented
+    /// accuracy contract, and it costs the whole-head walks (D = M <= 128)
+    /// no extra tensor-core MACs (they dropped num's products to pay for
+    /// it); only the tiled passes of heads past 64 state tiles (D = M =
+    /// 256) pay +20.6% of their tensor work, and those passes are
+    /// memory-bound (each re-reads q, k or v, dL/do per tile).
+    #[default]
+    Split,
+    /// One 16-bit copy (the high half): one product each, saving
+    /// `G S_lo^T` and `B'_lo kh` (prepdq: 19,456 of 61,440 MACs per
+    /// token-head at D = M = 128; tiled D = M = 256: 135,168 of 790,528).
+    /// dq's error then grows with mu: measured (emulator, D = M = 64 and
+    /// 256, causal and non-causal, worst of 100 seeds) up to the bounds
+    /// `tests/magnitude_backward.rs` asserts (`docs/kernels.md`, "dq
+    /// accuracy"); dk, dv, dS0 and dz0 are unchanged.
+    Single,
+}
+
+/// Options of the forward kernels, the decode step and the backward.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttentionOptions {
     /// phi applied to q and k.
@@ -180,6 +212,9 @@ pub struct AttentionOptions {
     /// Walk or split: the forward kernels, and the backward's whole-head
     /// walks (`ops::tuning::backward::split_schedule`).
     pub schedule: ScheduleChoice,
+    /// The backward's 16-bit rounding of the state where it feeds dq
+    /// (default [`DqPrecision::Split`]); forward and decode ignore it.
+    pub dq_precision: DqPrecision,
 }
 
 impl Default for AttentionOptions {
@@ -190,6 +225,7 @@ impl Default for AttentionOptions {
             eps: 1e-6,
             scale: 1.0,
             schedule: ScheduleChoice::Auto,
+            dq_precision: DqPrecision::Split,
         }
     }
 }

@@ -31,8 +31,8 @@ mod temp;
 pub mod tuning;
 
 pub use attention::{
-    AttentionOptions, AttentionShape, Kind, Qkv, ScheduleChoice, StateIo, StateMut, StateRef,
-    Strides, MAX_DIM,
+    AttentionOptions, AttentionShape, DqPrecision, Kind, Qkv, ScheduleChoice, StateIo, StateMut,
+    StateRef, Strides, MAX_DIM,
 };
 pub use backward::{
     causal_backward, causal_backward_raw, noncausal_backward, noncausal_backward_raw,

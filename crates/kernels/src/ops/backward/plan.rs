@@ -8,11 +8,11 @@
 
 use super::tiling::*;
 use crate::dtype::DType;
-use crate::ops::attention::{AttentionOptions, AttentionShape, Kind, Strides};
+use crate::ops::attention::{AttentionOptions, AttentionShape, DqPrecision, Kind, Strides};
 use crate::ops::checks::{self, byte_range};
 use crate::ops::forward::tiling::{Schedule, THREADS};
 use crate::ops::forward::{self, Lens, Problem};
-use crate::params::{LinattnBackwardParams, LinattnBackwardState};
+use crate::params::{LinattnBackwardParams, LinattnBackwardState, LinattnDqPrecision};
 use crate::plan::{Executor, LaunchPlan};
 use crate::target::Target;
 use crate::{Error, Result};
@@ -405,7 +405,10 @@ pub fn base_params(
         },
         part_len: bp.schedule.part_len as i64,
         state_mode: LinattnBackwardState::LINATTN_BWD_WHOLE as i32,
-        _pad0: 0,
+        dq_precision: match opts.dq_precision {
+            DqPrecision::Split => LinattnDqPrecision::LINATTN_DQ_SPLIT,
+            DqPrecision::Single => LinattnDqPrecision::LINATTN_DQ_SINGLE,
+        } as i32,
         eps: opts.eps,
         scale: opts.scale,
     }

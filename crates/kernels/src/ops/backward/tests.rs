@@ -345,6 +345,54 @@ fn whole_head_launch_bounds_match_the_sources() {
     }
 }
 
+/// `AttentionOptions::dq_precision` reaches every launch's params (the
+/// kernels read it in the passes that feed dq), `Split` by default.
+#[test]
+fn dq_precision_reaches_every_launch() {
+    use crate::params::LinattnDqPrecision::*;
+    for (d, m) in [(64, 64), (256, 256)] {
+        let shape = AttentionShape::bhnd(1, 2, 100, d, m);
+        let (lens, glens) = full_lens(&shape);
+        let ptrs = RawBackward {
+            q: 1 << 20,
+            k: 2 << 20,
+            v: 3 << 20,
+            d_o: 5 << 20,
+            dq: 6 << 20,
+            dk: 7 << 20,
+            dv: 8 << 20,
+            workspace: 11 << 20,
+            ..Default::default()
+        };
+        for (choice, want) in [
+            (None, LINATTN_DQ_SPLIT),
+            (Some(DqPrecision::Split), LINATTN_DQ_SPLIT),
+            (Some(DqPrecision::Single), LINATTN_DQ_SINGLE),
+        ] {
+            let mut opts = AttentionOptions::default();
+            if let Some(c) = choice {
+                opts.dq_precision = c;
+            }
+            let bp = validate(
+                "t",
+                DType::Bf16,
+                &shape,
+                None,
+                &opts,
+                &lens,
+                &glens,
+                &Target::H200,
+            )
+            .unwrap();
+            let l = plan(Kind::Causal, DType::Bf16, &bp, &opts, &ptrs);
+            assert!(!l.is_empty());
+            for x in &l {
+                assert_eq!(x.plan.params.dq_precision, want as i32, "{:?}", x.pass);
+            }
+        }
+    }
+}
+
 #[test]
 fn split_plans_sum_scan_and_walk() {
     let (h, n, d, m) = (2, 1000, 40, 24);
