@@ -8,12 +8,13 @@
 //!
 //! | op | typed memory | raw addresses |
 //! | --- | --- | --- |
-//! | forward | [`causal_forward`], [`noncausal_forward`] | [`causal_forward_raw`], [`noncausal_forward_raw`] ([`RawForward`]) |
-//! | backward | [`causal_backward`], [`noncausal_backward`] | [`causal_backward_raw`], [`noncausal_backward_raw`] ([`RawBackward`]) |
+//! | forward | [`forward()`] | [`forward_raw`] ([`RawForward`]) |
+//! | backward | [`backward()`] | [`backward_raw`] ([`RawBackward`]) |
 //! | decode | [`decode_step`] | [`decode_step_raw`] ([`RawDecode`]) |
 //! | feature map | [`feature_map()`] | [`feature_map_raw`] |
 //!
-//! Shapes and options: [`AttentionShape`] ([`Strides`]), [`AttentionOptions`]
+//! Causality is an argument ([`Kind`]) of the forward and backward entry
+//! points. Shapes and options: [`AttentionShape`] ([`Strides`]), [`AttentionOptions`]
 //! ([`ScheduleChoice`]), [`DecodeShape`] ([`RowStrides`]), [`RowsShape`];
 //! arguments: [`Qkv`], [`StateIo`] ([`StateRef`], [`StateMut`]),
 //! [`BackwardInputs`], [`Grads`], [`BackwardStates`]. The tiling and
@@ -34,13 +35,8 @@ pub use attention::{
     AttentionOptions, AttentionShape, DqPrecision, Kind, Qkv, ScheduleChoice, StateIo, StateMut,
     StateRef, Strides, MAX_DIM,
 };
-pub use backward::{
-    causal_backward, causal_backward_raw, noncausal_backward, noncausal_backward_raw,
-    BackwardInputs, BackwardStates, Grads, RawBackward,
-};
+pub use backward::{backward, backward_raw, BackwardInputs, BackwardStates, Grads, RawBackward};
 pub use decode::{decode_step, decode_step_raw, DecodeShape, RawDecode, RowStrides};
 pub use feature_map::{feature_map, feature_map_raw, RowsShape};
-pub use forward::{
-    causal_forward, causal_forward_raw, noncausal_forward, noncausal_forward_raw, RawForward,
-};
+pub use forward::{forward, forward_raw, RawForward};
 pub use memory::{DeviceRead, DeviceWrite, Memory};

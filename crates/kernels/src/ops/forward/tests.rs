@@ -451,7 +451,8 @@ fn the_executor_target_decides_the_schedule() {
         let up = |x: &Vec<f32>| dev.upload(x).unwrap();
         let (q, k, v) = (up(&host[0]), up(&host[1]), up(&host[2]));
         let mut o = dev.upload(&vec![f32::NAN; h * n * d]).unwrap();
-        causal_forward(
+        forward(
+            Kind::Causal,
             &dev,
             Qkv {
                 q: &q,
@@ -490,7 +491,7 @@ fn the_executor_target_decides_the_schedule() {
             ..RawForward::default()
         };
         // SAFETY: host buffers covering the shape; nothing else aliases o.
-        let r = unsafe { causal_forward_raw(&emu, DType::F32, &ptrs, &shape, None, &opts) };
+        let r = unsafe { forward_raw(Kind::Causal, &emu, DType::F32, &ptrs, &shape, None, &opts) };
         match (parts, r) {
             (1, Ok(())) => assert!(o.iter().all(|x| x.is_finite())),
             (2, Err(e)) => assert!(e.to_string().contains("workspace"), "{e}"),
