@@ -165,6 +165,34 @@ mod tests {
     use crate::params::LinattnFeatureMapParams;
     use crate::DType;
 
+    /// The walk launch (the first) of a causal forward over one sequence of
+    /// n tokens, d and m wide, from host buffers q, k, v (`bufs`) and o.
+    fn walk_plan(
+        emu: &Emulator,
+        dtype: DType,
+        (n, d, m): (usize, usize, usize),
+        [q, k, v]: [u64; 3],
+        o: u64,
+    ) -> LaunchPlan<crate::params::LinattnForwardParams> {
+        let shape = AttentionShape::bnhd(1, 1, n, d, m);
+        let opts = AttentionOptions::default();
+        let lens = Lens::unknown(false, false);
+        let problem =
+            forward::validate("t", dtype, &shape, None, &opts, &lens, &emu.target()).unwrap();
+        let ptrs = RawForward {
+            q,
+            k,
+            v,
+            o,
+            ..RawForward::default()
+        };
+        let plan = tuning::forward::plan(Kind::Causal, dtype, &problem, &opts, &ptrs);
+        match plan.launches[0] {
+            tuning::forward::Launch::Walk(walk) => walk,
+            other => panic!("expected the walk first: {other:?}"),
+        }
+    }
+
     /// A plan naming a kernel the library lacks is an error naming it, not
     /// a crash, on both launch paths.
     #[test]
@@ -199,25 +227,11 @@ mod tests {
         assert_eq!(emu.target(), Target::A40);
         assert_eq!(emu.module.shared_limit(), 99 * 1024);
         // A walk whose plan sits near the budget (f32, d = m = 64).
-        let (h, n, d, m) = (1, 64, 64, 64);
-        let shape = AttentionShape::bnhd(1, h, n, d, m);
-        let opts = AttentionOptions::default();
-        let lens = Lens::unknown(false, false);
-        let problem =
-            forward::validate("t", DType::F32, &shape, None, &opts, &lens, &emu.target()).unwrap();
+        let (n, d, m) = (64, 64, 64);
         let (q, k, v) = (vec![0.5f32; n * d], vec![0.25f32; n * d], vec![1f32; n * m]);
         let mut o = vec![f32::NAN; n * m];
-        let ptrs = RawForward {
-            q: q.as_ptr() as u64,
-            k: k.as_ptr() as u64,
-            v: v.as_ptr() as u64,
-            o: o.as_mut_ptr() as u64,
-            ..RawForward::default()
-        };
-        let plan = tuning::forward::plan(Kind::Causal, DType::F32, &problem, &opts, &ptrs);
-        let tuning::forward::Launch::Walk(mut walk) = plan.launches[0] else {
-            panic!("expected the walk first: {:?}", plan.launches[0]);
-        };
+        let bufs = [q.as_ptr(), k.as_ptr(), v.as_ptr()].map(|p| p as u64);
+        let mut walk = walk_plan(&emu, DType::F32, (n, d, m), bufs, o.as_mut_ptr() as u64);
         assert!(walk.shared_bytes > 48 * 1024, "{}", walk.shared_bytes);
         let writes = [(o.as_mut_ptr() as u64, o.len() * 4)];
         // SAFETY: the buffers cover the shape.
@@ -260,27 +274,13 @@ mod tests {
     fn an_undersized_shared_memory_launch_fails() {
         let emu = Emulator::checked().unwrap();
         let (n, d, m) = (40, 24, 40);
-        let shape = AttentionShape::bnhd(1, 1, n, d, m);
-        let opts = AttentionOptions::default();
-        let lens = Lens::unknown(false, false);
         for dtype in [DType::F32, DType::F16, DType::Bf16] {
-            let problem =
-                forward::validate("t", dtype, &shape, None, &opts, &lens, &emu.target()).unwrap();
             let bytes = dtype.size();
             let (q, k) = (vec![0u8; n * d * bytes], vec![0u8; n * d * bytes]);
             let v = vec![0u8; n * m * bytes];
             let mut o = vec![0xffu8; n * m * bytes];
-            let ptrs = RawForward {
-                q: q.as_ptr() as u64,
-                k: k.as_ptr() as u64,
-                v: v.as_ptr() as u64,
-                o: o.as_mut_ptr() as u64,
-                ..RawForward::default()
-            };
-            let plan = tuning::forward::plan(Kind::Causal, dtype, &problem, &opts, &ptrs);
-            let tuning::forward::Launch::Walk(mut walk) = plan.launches[0] else {
-                panic!("expected the walk first: {:?}", plan.launches[0]);
-            };
+            let bufs = [q.as_ptr(), k.as_ptr(), v.as_ptr()].map(|p| p as u64);
+            let mut walk = walk_plan(&emu, dtype, (n, d, m), bufs, o.as_mut_ptr() as u64);
             let writes = [(o.as_mut_ptr() as u64, o.len())];
             let exact = walk.shared_bytes;
             // SAFETY: the buffers cover the shape.

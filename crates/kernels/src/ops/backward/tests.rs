@@ -352,17 +352,10 @@ fn dq_precision_reaches_every_launch() {
     use crate::params::LinattnDqPrecision::*;
     for (d, m) in [(64, 64), (256, 256)] {
         let shape = AttentionShape::bhnd(1, 2, 100, d, m);
-        let (lens, glens) = full_lens(&shape);
         let ptrs = RawBackward {
-            q: 1 << 20,
-            k: 2 << 20,
-            v: 3 << 20,
-            d_o: 5 << 20,
-            dq: 6 << 20,
-            dk: 7 << 20,
-            dv: 8 << 20,
-            workspace: 11 << 20,
-            ..Default::default()
+            d_initial_s: 0,
+            d_initial_z: 0,
+            ..spread_ptrs()
         };
         for (choice, want) in [
             (None, LINATTN_DQ_SPLIT),
@@ -373,17 +366,7 @@ fn dq_precision_reaches_every_launch() {
             if let Some(c) = choice {
                 opts.dq_precision = c;
             }
-            let bp = validate(
-                "t",
-                DType::Bf16,
-                &shape,
-                None,
-                &opts,
-                &lens,
-                &glens,
-                &Target::H200,
-            )
-            .unwrap();
+            let bp = problem(DType::Bf16, &shape, &opts);
             let l = plan(Kind::Causal, DType::Bf16, &bp, &opts, &ptrs);
             assert!(!l.is_empty());
             for x in &l {
@@ -468,7 +451,6 @@ fn split_plans_sum_scan_and_walk() {
 #[test]
 fn plans_have_the_expected_launches() {
     let shape = AttentionShape::bhnd(2, 3, 100, 40, 24);
-    let (lens, glens) = full_lens(&shape);
     let opts = AttentionOptions::default();
     let bp = problem(DType::Bf16, &shape, &opts);
     assert_eq!(bp.tiling, tiling_for(DType::Bf16, 40, 24));
@@ -586,17 +568,7 @@ fn plans_have_the_expected_launches() {
         normalize: false,
         ..opts
     };
-    let bp2 = validate(
-        "t",
-        DType::F32,
-        &shape,
-        None,
-        &plain,
-        &lens,
-        &glens,
-        &Target::H200,
-    )
-    .unwrap();
+    let bp2 = problem(DType::F32, &shape, &plain);
     assert_eq!(workspace_len(&bp2), 0);
     let l = plan(Kind::NonCausal, DType::F32, &bp2, &plain, &ptrs);
     assert_eq!(l.len(), 3);
@@ -604,17 +576,7 @@ fn plans_have_the_expected_launches() {
     assert_eq!(l[0].plan.params.causal, 0);
     assert_eq!(l[0].plan.params.work_den, 0);
     // ... and in bf16 the fused walk writes dq alone.
-    let bp3 = validate(
-        "t",
-        DType::Bf16,
-        &shape,
-        None,
-        &plain,
-        &lens,
-        &glens,
-        &Target::H200,
-    )
-    .unwrap();
+    let bp3 = problem(DType::Bf16, &shape, &plain);
     let l = plan(Kind::NonCausal, DType::Bf16, &bp3, &plain, &ptrs);
     assert_eq!(l[0].plan.kernel, "backward_prepdq_bf16");
     assert_eq!(l[0].writes, [(6 << 20, 2 * 3 * 100 * 40 * 2)]);
