@@ -245,6 +245,31 @@ __device__ __forceinline__ void load_norm(const LinattnBackwardParams& p, const 
     }
 }
 
+// f16, relu, normalised (the eps rows of dkv_mma, dqk_mma<T, true> and
+// dv_mma): dead[x] = 1 for the features x < D of the rows at kb where no
+// token in [t0, t0 + len) has k_x > 0 (relu: phi(k_x) = phi'(k_x) = 0
+// there), else 0. A dS row x with dead[x] = 1 meets only zeros in those
+// tokens' dk and dv, so its 16-bit copy for them may be zero exactly; and
+// every feature an eps row's qn = qh / eps touches is dead for every token
+// up to that row (causal) or in the sequence (non-causal). A thread per
+// feature, stopping at its first positive key. Sync before use.
+template <typename T>
+__device__ __forceinline__ void dead_features(float* dead, const T* kb, int64_t stride, int64_t t0, int64_t len,
+                                              int D) {
+    for (int x = threadIdx.x; x < D; x += blockDim.x) {
+        const T* k = kb + t0 * stride + x;
+        float d = 1.0f;
+#pragma unroll 1
+        for (int64_t j = 0; j < len; ++j, k += stride) {
+            if (to_float(*k) > 0.0f) {
+                d = 0.0f;
+                break;
+            }
+        }
+        dead[x] = d;
+    }
+}
+
 // No scale table (an operand staged straight from the inputs).
 __device__ __forceinline__ Scales no_scales() { return Scales{nullptr, 0, 0, 1.0f}; }
 
@@ -485,6 +510,11 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
     const int fm = p.feature_map;
     const bool causal = p.causal != 0;
     const bool split = p.dq_precision == LINATTN_DQ_SPLIT;  // dq: S and B' as hi + lo
+    // dk, f16, relu, normalised: rows whose den is eps alone, as in dkv_mma
+    // (qn staged as zero for the chunk's products and absorbed alone; dS16
+    // rows of features dead for the chunk's keys copied as zeros, F holding
+    // the flags while dS16 is rounded).
+    const bool eps_rows = kDk && Mma<T>::scaled && fm == LINATTN_FEATURE_MAP_RELU && p.normalize != 0;
     Carve cv{reinterpret_cast<char*>(smem), 0u};
     float* Ss = cv.take<float>(DT * LS);
     float* zs = cv.take<float>(DT);
@@ -539,8 +569,14 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
             }
             if (need_g || (emit && causal)) load_norm(p, c, t0, rows, C, den, dd);
             // dq: S_hi every chunk (S16 ends a split emit holding S_lo).
-            if (emit && (causal || !kDk || c0 == last))
-                round_tiles<T>(S16, L16, DT, M16, sS, [&](int x, int e) { return Ss[x * LS + e]; });
+            if (emit && (causal || !kDk || c0 == last)) {
+                if (eps_rows) {
+                    dead_features<T>(F, kb, p.k_token_stride, causal ? t0 : c.r.start, causal ? rows : c.r.len, dt);
+                    __syncthreads();
+                }
+                round_tiles<T>(S16, L16, DT, M16, sS,
+                               [&](int x, int e) { return eps_rows && F[x] != 0.0f ? 0.0f : Ss[x * LS + e]; });
+            }
             __syncthreads();
             if (need_g || (emit && causal)) {
                 // G itself, exact in T. dq: every product it feeds has the
@@ -554,7 +590,7 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
                 });
                 if (kDk && absorb) {
                     round_tiles<T>(X16, LX, C, DT, sX, [&](int j, int x) {
-                        return j < rows && x < dt
+                        return j < rows && x < dt && !(eps_rows && den[j] == p.eps)
                                    ? __fdividef(phi(to_float(xb[(t0 + j) * xstride + x]), fm) * p.scale, den[j])
                                    : 0.0f;
                     });
@@ -632,6 +668,21 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
                     // input)
                     gemm<T, false, true>(Ss, LS, DTT, MTT, CT, true, false, KRange::All, X16, LX,
                                          Scales{sX, DTT, 1, 1.0f}, G16, L16, Scales{sG, MTT, 1, 1.0f});
+                    if (eps_rows) {
+                        // The eps rows' qn^T G, from a staging of them alone.
+                        int any = 0;
+                        for (int j = tid; j < rows; j += nthreads) any |= den[j] == p.eps ? 1 : 0;
+                        if (__syncthreads_or(any)) {
+                            round_tiles<T>(X16, LX, C, DT, sX, [&](int j, int x) {
+                                return j < rows && x < dt && den[j] == p.eps
+                                           ? __fdividef(phi(to_float(xb[(t0 + j) * xstride + x]), fm) * p.scale, den[j])
+                                           : 0.0f;
+                            });
+                            __syncthreads();
+                            gemm<T, false, true>(Ss, LS, DTT, MTT, CT, true, false, KRange::All, X16, LX,
+                                                 Scales{sX, DTT, 1, 1.0f}, G16, L16, Scales{sG, MTT, 1, 1.0f});
+                        }
+                    }
                     for (int x = tid; x < dt; x += nthreads) {
                         float acc = zs[x];
 #pragma unroll 1
@@ -687,6 +738,9 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
     float* sG = cv.take<float>(CT * MTT);
     float* sA = cv.take<float>(CT * CT);
     float* sQ = cv.take<float>(CT * DTT);
+    // f16, relu, normalised: eps rows as in dkv_mma (F holds the dead
+    // flags while dS16 is rounded).
+    const bool eps_rows = Mma<T>::scaled && fm == LINATTN_FEATURE_MAP_RELU && p.normalize != 0;
     const float* s_in = ptr<const float>(p.d_final_s);
     for (int i = tid; i < D16 * MT; i += nthreads) {
         const int x = i / MT, e = i - x * MT;
@@ -709,8 +763,14 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
             if (emit) {
                 stage<T>(K16, LD, C, D16, rows, D,
                          [&](int j, int x) { return phi(to_float(kb[(t0 + j) * p.k_token_stride + x]), fm); });
-                if (causal || c0 == last)
-                    round_tiles<T>(S16, L16, D16, MT, sS, [&](int x, int e) { return Ss[x * LS + e]; });
+                if (causal || c0 == last) {
+                    if (eps_rows) {
+                        dead_features<T>(F, kb, p.k_token_stride, causal ? t0 : c.r.start, causal ? rows : c.r.len, D);
+                        __syncthreads();
+                    }
+                    round_tiles<T>(S16, L16, D16, MT, sS,
+                                   [&](int x, int e) { return eps_rows && F[x] != 0.0f ? 0.0f : Ss[x * LS + e]; });
+                }
             }
             __syncthreads();
             if (absorb) {
@@ -720,7 +780,7 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
                     return j < rows && e < mt ? to_float(gb[(t0 + j) * p.o_token_stride + e]) : 0.0f;
                 });
                 round_tiles<T>(Q16, LD, C, D16, sQ, [&](int j, int x) {
-                    return j < rows && x < D
+                    return j < rows && x < D && !(eps_rows && den[j] == p.eps)
                                ? __fdividef(phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * p.scale, den[j])
                                : 0.0f;
                 });
@@ -737,9 +797,25 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
                 dv_chunk<T>(a);
             }
             if (absorb) {
-                // dS += qn^T G (F is not touched; S16 is a copy of dS).
+                // dS += qn^T G (F is not touched; S16 is a copy of dS), then
+                // the eps rows' part from a staging of them alone.
                 gemm<T, false, true>(Ss, LS, DTT, MTT, CT, true, false, KRange::All, Q16, LD, Scales{sQ, DTT, 1, 1.0f},
                                      G16, L16, Scales{sG, MTT, 1, 1.0f});
+                if (eps_rows) {
+                    int any = 0;
+                    for (int j = tid; j < rows; j += nthreads) any |= den[j] == p.eps ? 1 : 0;
+                    if (__syncthreads_or(any)) {
+                        round_tiles<T>(Q16, LD, C, D16, sQ, [&](int j, int x) {
+                            return j < rows && x < D && den[j] == p.eps
+                                       ? __fdividef(phi(to_float(qb[(t0 + j) * p.q_token_stride + x]), fm) * p.scale,
+                                                    den[j])
+                                       : 0.0f;
+                        });
+                        __syncthreads();
+                        gemm<T, false, true>(Ss, LS, DTT, MTT, CT, true, false, KRange::All, Q16, LD,
+                                             Scales{sQ, DTT, 1, 1.0f}, G16, L16, Scales{sG, MTT, 1, 1.0f});
+                    }
+                }
             }
             __syncthreads();
         }
@@ -1223,7 +1299,10 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     // its qn is staged as zero for the chunk's products, its qn^T G is
     // absorbed into dS from a second staging of qn that holds only such
     // rows (their own tile scales), and the dS rows it touched are copied
-    // to dS16 as zeros (dead). bf16 is not scaled and takes none of this.
+    // to dS16 as zeros (dead; a split walk starting from a work slot also
+    // flags the features its partition's keys never make positive, which
+    // covers the other partitions' eps rows the slot holds). bf16 is not
+    // scaled and takes none of this.
     const bool eps_rows = Mma<T>::scaled && fm == LINATTN_FEATURE_MAP_RELU && p.normalize != 0;
 
     // dS from d_final (zero without) or the partition's work slot, and its
@@ -1232,10 +1311,18 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     const FragTiles ft{tiles, MTT, warp, nwarps, F + warp * 256};
     const StateSlot sl = state_slot(p, c, p.d_final_s, p.d_final_z);
     frags_load(st, ft, sl.s == nullptr ? nullptr : sl.s + sl.index * D * M, D, M);
-    if (!sl.partials) frags_publish<T>(st, ft, S16, L16, sS);
-    for (int x = tid; x < D16; x += nthreads) zs[x] = sl.z != nullptr && x < D ? sl.z[sl.index * D + x] : 0.0f;
-    if constexpr (Mma<T>::scaled)
+    if constexpr (Mma<T>::scaled) {
+        // A split walk's slot holds other partitions' eps rows (causal:
+        // later ones; non-causal: all), whose features are dead for every
+        // token of this partition: flag them from its keys.
         for (int x = tid; x < D16; x += nthreads) dead[x] = 0.0f;
+        if (eps_rows && p.state_mode == LINATTN_BWD_FROM_WORK)
+            dead_features<T>(dead, rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride), p.k_token_stride,
+                             c.r.start, c.r.len, D);
+        __syncthreads();
+    }
+    if (!sl.partials) frags_publish<T>(st, ft, S16, L16, sS, eps_rows ? dead : nullptr);
+    for (int x = tid; x < D16; x += nthreads) zs[x] = sl.z != nullptr && x < D ? sl.z[sl.index * D + x] : 0.0f;
     const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
     const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
     const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride);
