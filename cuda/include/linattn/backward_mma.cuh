@@ -965,16 +965,7 @@ __device__ __forceinline__ void frags_publish_lo(const Acc (&st)[kDkvFrags], con
         for (int i = 0; i < Acc::num_elements; ++i) mx = fmaxf(mx, fabsf(st[k].x[i]));
         // hi exactly as round_tile rounded it (same tile, same maximum).
         float s = 1.0f, inv = 1.0f;
-        if constexpr (Mma<T>::scaled) {
-            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            int e = 0;
-            if (mx > 0.0f) {
-                e = 14 - (((__float_as_int(mx) >> 23) & 0xff) - 127);
-                e = e < -100 ? -100 : (e > 100 ? 100 : e);
-            }
-            s = __int_as_float((127 + e) << 23);
-            inv = __int_as_float((127 - e) << 23);
-        }
+        if constexpr (Mma<T>::scaled) s = tile_pow2(mx, inv);
         const float shi = s;
         const auto lo = [&](float x) { return x - to_float(from_float<T>(x * shi)) * inv; };
         mx = 0.0f;
@@ -982,14 +973,9 @@ __device__ __forceinline__ void frags_publish_lo(const Acc (&st)[kDkvFrags], con
         for (int i = 0; i < Acc::num_elements; ++i) mx = fmaxf(mx, fabsf(lo(st[k].x[i])));
         s = 1.0f;
         if constexpr (Mma<T>::scaled) {
-            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            int e = 0;
-            if (mx > 0.0f) {
-                e = 14 - (((__float_as_int(mx) >> 23) & 0xff) - 127);
-                e = e < -100 ? -100 : (e > 100 ? 100 : e);
-            }
-            s = __int_as_float((127 + e) << 23);
-            if (lane == 0) sS[t] = __int_as_float((127 - e) << 23);
+            float si;
+            s = tile_pow2(mx, si);
+            if (lane == 0) sS[t] = si;
         } else {
             (void)sS;
             (void)lane;
