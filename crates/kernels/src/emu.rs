@@ -310,4 +310,78 @@ mod tests {
             }
         }
     }
+
+    /// The backward's launches (fp32 bodies: back-to-back layouts; f16 small
+    /// head: the fused and merged walks; bf16 256 wide: the tiled tensor-core
+    /// passes, both on 128-byte carves) run at their plan's size and fail
+    /// with the carve error 128 bytes short (more than a 128-byte carve
+    /// can pad its end by), on both launch paths.
+    #[test]
+    fn an_undersized_backward_launch_fails() {
+        use crate::ops::backward::{self, GradLens, RawBackward};
+        let emu = Emulator::checked().unwrap();
+        let n = 40;
+        for (dtype, dim) in [(DType::F32, 24), (DType::F16, 24), (DType::Bf16, 256)] {
+            let shape = AttentionShape::bnhd(1, 1, n, dim, dim);
+            let opts = AttentionOptions::default();
+            let bp = backward::validate(
+                "t",
+                dtype,
+                &shape,
+                None,
+                &opts,
+                &Lens::unknown(false, false),
+                &GradLens::unknown(false, false),
+                &emu.target(),
+            )
+            .unwrap();
+            let bytes = n * dim * dtype.size();
+            let inputs: Vec<Vec<u8>> = (0..4).map(|_| vec![0u8; bytes]).collect();
+            let mut grads: Vec<Vec<u8>> = (0..3).map(|_| vec![0xffu8; bytes]).collect();
+            let mut ws = vec![0f32; backward::workspace_len(&bp)];
+            let [q, k, v, d_o] = [0, 1, 2, 3].map(|i| inputs[i].as_ptr() as u64);
+            let [dq, dk, dv] = [0, 1, 2].map(|i| grads[i].as_mut_ptr() as u64);
+            let ptrs = RawBackward {
+                q,
+                k,
+                v,
+                d_o,
+                dq,
+                dk,
+                dv,
+                workspace: ws.as_mut_ptr() as u64,
+                workspace_len: ws.len(),
+                ..RawBackward::default()
+            };
+            let launches = tuning::backward::plan(Kind::Causal, dtype, &bp, &opts, &ptrs);
+            for l in &launches {
+                // SAFETY: the buffers and workspace cover the plan.
+                unsafe { emu.launch_writing(&l.plan, &l.writes) }.unwrap();
+            }
+            let walks: Vec<_> = launches
+                .iter()
+                .filter(|l| l.plan.shared_bytes >= 1024)
+                .collect();
+            assert!(walks.len() >= 2, "{dtype:?}: {launches:?}");
+            for l in walks {
+                let mut short = l.plan;
+                short.shared_bytes -= 128;
+                let want = format!(
+                    "but the launch has {} dynamic shared bytes",
+                    short.shared_bytes
+                );
+                // SAFETY: as above; the carve check stops the kernel first.
+                for r in unsafe { [emu.launch(&short), emu.launch_writing(&short, &l.writes)] } {
+                    match r {
+                        Err(Error::Emulator(msg)) => assert!(
+                            msg.contains(short.kernel) && msg.contains(&want),
+                            "{dtype:?} {}: {msg}",
+                            short.kernel
+                        ),
+                        other => panic!("{}: expected a carve error, got {other:?}", short.kernel),
+                    }
+                }
+            }
+        }
+    }
 }
