@@ -27,12 +27,10 @@ use criterion::{Bencher, Throughput};
 use cudarc::driver::sys::CUevent_flags;
 use half::bf16;
 use linattn_kernels::ops::tuning::forward::tiling;
-use linattn_kernels::{causal_backward, BackwardInputs, BackwardStates, Grads};
-use linattn_kernels::{
-    causal_forward, noncausal_forward, AttentionOptions, AttentionShape, Qkv, StateIo,
-};
+use linattn_kernels::{backward, BackwardInputs, BackwardStates, Grads, Kind};
 use linattn_kernels::{decode_step, DecodeShape};
 use linattn_kernels::{feature_map, RowsShape};
+use linattn_kernels::{forward, AttentionOptions, AttentionShape, Qkv, StateIo};
 use linattn_kernels::{BuildStatus, DType, Device, FeatureMap, Gpu};
 
 /// (B, T, H, D = M): the anchor shapes.
@@ -200,10 +198,10 @@ fn forward_cases(c: &mut Criterion, bench: &mut Bench<'_>) {
                 (4 * d * d) as f64
             };
             let flops = per_token_head * (b * t * h) as f64;
-            let f = if causal {
-                causal_forward
+            let kind = if causal {
+                Kind::Causal
             } else {
-                noncausal_forward
+                Kind::NonCausal
             };
             // Compulsory traffic: q, k, v read and o written once.
             bench.case(
@@ -219,7 +217,7 @@ fn forward_cases(c: &mut Criterion, bench: &mut Bench<'_>) {
                         v: &x,
                     };
                     let opts = AttentionOptions::default();
-                    f(dev, qkv, &mut o, &shape, None, &opts, StateIo::none()).unwrap();
+                    forward(kind, dev, qkv, &mut o, &shape, None, &opts, StateIo::none()).unwrap();
                 },
             );
         }
@@ -257,7 +255,17 @@ fn backward_cases(c: &mut Criterion, bench: &mut Bench<'_>) {
                     k: &x,
                     v: &x,
                 };
-                causal_forward(dev, qkv, &mut o, &shape, None, &opts, StateIo::none()).unwrap();
+                forward(
+                    Kind::Causal,
+                    dev,
+                    qkv,
+                    &mut o,
+                    &shape,
+                    None,
+                    &opts,
+                    StateIo::none(),
+                )
+                .unwrap();
                 let inputs = BackwardInputs {
                     q: &x,
                     k: &x,
@@ -270,7 +278,17 @@ fn backward_cases(c: &mut Criterion, bench: &mut Bench<'_>) {
                     dv: &mut dv,
                 };
                 let states = BackwardStates::none();
-                causal_backward(dev, inputs, grads, &shape, None, &opts, states).unwrap();
+                backward(
+                    Kind::Causal,
+                    dev,
+                    inputs,
+                    grads,
+                    &shape,
+                    None,
+                    &opts,
+                    states,
+                )
+                .unwrap();
             },
         );
     }

@@ -12,9 +12,9 @@
 use std::sync::Arc;
 
 use linattn_kernels::{
-    causal_backward, causal_forward, noncausal_backward, noncausal_forward, piece_offsets,
-    AttentionOptions, AttentionShape, BackwardInputs, BackwardStates, Buffer, ContextParallel,
-    Device, Emulator, Grads, InProcess, Kind, PieceInputs, Qkv, StateIo, StateMut,
+    backward, forward, piece_offsets, AttentionOptions, AttentionShape, BackwardInputs,
+    BackwardStates, Buffer, ContextParallel, Device, Emulator, Grads, InProcess, Kind, PieceInputs,
+    Qkv, StateIo, StateMut,
 };
 use linattn_reference::testing::{rel_l2_error, Rng};
 
@@ -56,10 +56,7 @@ fn single(
             z: &mut fz,
         }),
     };
-    match kind {
-        Kind::Causal => causal_forward(&dev, qkv, &mut o, &shape, Some(&CU), opts, st)?,
-        Kind::NonCausal => noncausal_forward(&dev, qkv, &mut o, &shape, Some(&CU), opts, st)?,
-    }
+    forward(kind, &dev, qkv, &mut o, &shape, Some(&CU), opts, st)?;
     let mut g: [Buffer<f32>; 3] = [D, D, M].map(|w| dev.alloc_zeros(t * H * w).unwrap());
     let [dq, dk, dv] = &mut g;
     let bi = BackwardInputs {
@@ -69,26 +66,16 @@ fn single(
         d_o: &d_o,
     };
     let gr = Grads { dq, dk, dv };
-    match kind {
-        Kind::Causal => causal_backward(
-            &dev,
-            bi,
-            gr,
-            &shape,
-            Some(&CU),
-            opts,
-            BackwardStates::none(),
-        )?,
-        Kind::NonCausal => noncausal_backward(
-            &dev,
-            bi,
-            gr,
-            &shape,
-            Some(&CU),
-            opts,
-            BackwardStates::none(),
-        )?,
-    }
+    backward(
+        kind,
+        &dev,
+        bi,
+        gr,
+        &shape,
+        Some(&CU),
+        opts,
+        BackwardStates::none(),
+    )?;
     let mut fin = dev.download(&fs)?;
     fin.extend(dev.download(&fz)?);
     Ok([

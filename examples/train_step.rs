@@ -1,7 +1,7 @@
 //! A tiny training loop through the kernels: one causal linear-attention
 //! layer `o = attn(x Wq, x Wk, x Wv)` fitted to a random target with plain
-//! SGD. Forward is `causal_forward`, the gradients of q, k and v come from
-//! `causal_backward`, and the chain rule to the weights is a few host
+//! SGD. Forward is `forward(Kind::Causal, ..)`, the gradients of q, k and v come from
+//! `backward(Kind::Causal, ..)`, and the chain rule to the weights is a few host
 //! matrix products. Runs on the GPU when there is one, else on the CPU
 //! emulator (the same `.cu` sources), in a few seconds.
 //!
@@ -10,8 +10,8 @@
 //! ```
 
 use linattn_kernels::Device;
-use linattn_kernels::{causal_backward, BackwardInputs, BackwardStates, Grads};
-use linattn_kernels::{causal_forward, AttentionOptions, AttentionShape, Qkv, StateIo};
+use linattn_kernels::{backward, BackwardInputs, BackwardStates, Grads, Kind};
+use linattn_kernels::{forward, AttentionOptions, AttentionShape, Qkv, StateIo};
 use linattn_reference::testing::Rng;
 
 /// Batch, tokens, input features, key size, value size.
@@ -86,7 +86,16 @@ fn train(dev: &Device, steps: usize) -> Result<Vec<f32>, linattn_kernels::Error>
             k: &k,
             v: &v,
         };
-        causal_forward(dev, qkv, &mut o, &shape, None, &opts, StateIo::none())?;
+        forward(
+            Kind::Causal,
+            dev,
+            qkv,
+            &mut o,
+            &shape,
+            None,
+            &opts,
+            StateIo::none(),
+        )?;
         let o = dev.download(&o)?;
         // Loss 0.5 * mean over rows of |o - target|^2; dL/do = (o - target) / rows
         // (the 1 / rows is folded into the SGD step).
@@ -99,7 +108,8 @@ fn train(dev: &Device, steps: usize) -> Result<Vec<f32>, linattn_kernels::Error>
             dev.upload(&vec![0.0f32; rows * D])?,
             dev.upload(&vec![0.0f32; rows * M])?,
         );
-        causal_backward(
+        backward(
+            Kind::Causal,
             dev,
             BackwardInputs {
                 q: &q,

@@ -16,7 +16,7 @@ mod common;
 use common::{devices, layout, span, to_dtype, to_f64, tolerance};
 use half::{bf16, f16};
 use linattn_kernels::ops::tuning::backward::{tiling, tiling_for};
-use linattn_kernels::{causal_backward, noncausal_backward, BackwardInputs, BackwardStates, Grads};
+use linattn_kernels::{backward, BackwardInputs, BackwardStates, Grads};
 use linattn_kernels::{
     AttentionOptions, AttentionShape, Kind, ScheduleChoice, StateMut, StateRef, Strides,
 };
@@ -260,11 +260,8 @@ fn run_kernel<T: Element>(dev: &Device, c: &Case, x: &Inputs<T>) -> Got<T> {
             z: &mut dz,
         }),
     };
-    let f = match c.kind {
-        Kind::Causal => causal_backward,
-        Kind::NonCausal => noncausal_backward,
-    };
-    f(
+    backward(
+        c.kind,
         dev,
         inputs,
         grads,
@@ -986,7 +983,8 @@ fn split_and_resume<T: Element>(seed: u64) {
             let mut dv = nan(h * len * m);
             let mut ds = dev.upload(&vec![f32::NAN; h * d * m]).unwrap();
             let mut dz = dev.upload(&vec![f32::NAN; h * d]).unwrap();
-            causal_backward(
+            backward(
+                Kind::Causal,
                 &dev,
                 BackwardInputs {
                     q: &bq,
@@ -1056,7 +1054,8 @@ fn bad_calls_return_errors() {
     let (q, k, v, g) = (buf(8), buf(8), buf(8), buf(8));
     let (mut dq, mut dk, mut dv) = (buf(8), buf(7), buf(8));
     let mut call = |d: usize| {
-        causal_backward(
+        backward(
+            Kind::Causal,
             &dev,
             BackwardInputs {
                 q: &q,

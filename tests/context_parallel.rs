@@ -17,10 +17,9 @@ use std::sync::Arc;
 use common::{devices, to_dtype, to_f64, tolerance};
 use half::{bf16, f16};
 use linattn_kernels::{
-    causal_backward, causal_forward, noncausal_backward, noncausal_forward, piece_offsets,
-    AttentionOptions, AttentionShape, BackwardInputs, BackwardStates, Buffer, Collective,
-    ContextParallel, Device, Element, Error, Grads, InProcess, Kind, PieceInputs, Qkv,
-    ScheduleChoice, StateIo, StateLayout, StateMut, StateRef,
+    backward, forward, piece_offsets, AttentionOptions, AttentionShape, BackwardInputs,
+    BackwardStates, Buffer, Collective, ContextParallel, Device, Element, Error, Grads, InProcess,
+    Kind, PieceInputs, Qkv, ScheduleChoice, StateIo, StateLayout, StateMut, StateRef,
 };
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
 
@@ -153,11 +152,7 @@ fn single<T: Element>(dev: &Device, c: &Case, x: &Data, opts: &AttentionOptions)
         v: &v,
     };
     let cu = Some(&c.cu[..]);
-    match c.kind {
-        Kind::Causal => causal_forward(dev, qkv, &mut o, &shape, cu, opts, st),
-        Kind::NonCausal => noncausal_forward(dev, qkv, &mut o, &shape, cu, opts, st),
-    }
-    .unwrap();
+    forward(c.kind, dev, qkv, &mut o, &shape, cu, opts, st).unwrap();
     let mut dq = nan_buf::<T>(dev, t * c.h * c.d);
     let mut dk = nan_buf::<T>(dev, t * c.h * c.d);
     let mut dv = nan_buf::<T>(dev, t * c.h * c.m);
@@ -184,11 +179,7 @@ fn single<T: Element>(dev: &Device, c: &Case, x: &Data, opts: &AttentionOptions)
         dk: &mut dk,
         dv: &mut dv,
     };
-    match c.kind {
-        Kind::Causal => causal_backward(dev, bi, g, &shape, cu, opts, bs),
-        Kind::NonCausal => noncausal_backward(dev, bi, g, &shape, cu, opts, bs),
-    }
-    .unwrap();
+    backward(c.kind, dev, bi, g, &shape, cu, opts, bs).unwrap();
     let dl = |b: &Buffer<T>| to_f64(&dev.download(b).unwrap());
     let df = |b: &Buffer<f32>| -> Vec<f64> {
         dev.download(b).unwrap().iter().map(|&x| x as f64).collect()
@@ -917,11 +908,7 @@ fn dense_batches() {
                 k: &k,
                 v: &v,
             };
-            match kind {
-                Kind::Causal => causal_forward(&proto, qkv, &mut o, &shape, None, &opts, st),
-                Kind::NonCausal => noncausal_forward(&proto, qkv, &mut o, &shape, None, &opts, st),
-            }
-            .unwrap();
+            forward(kind, &proto, qkv, &mut o, &shape, None, &opts, st).unwrap();
             let mut g = [d, d, m].map(|w| nan_buf::<f32>(&proto, bsz * h * n * w));
             let [dq, dk, dv] = &mut g;
             let bi = BackwardInputs {
@@ -932,11 +919,7 @@ fn dense_batches() {
             };
             let gr = Grads { dq, dk, dv };
             let bs = BackwardStates::none();
-            match kind {
-                Kind::Causal => causal_backward(&proto, bi, gr, &shape, None, &opts, bs),
-                Kind::NonCausal => noncausal_backward(&proto, bi, gr, &shape, None, &opts, bs),
-            }
-            .unwrap();
+            backward(kind, &proto, bi, gr, &shape, None, &opts, bs).unwrap();
             let mut want = vec![proto.download(&o).unwrap()];
             want.extend(g.iter().map(|b| proto.download(b).unwrap()));
             // R ranks.

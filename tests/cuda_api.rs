@@ -18,14 +18,15 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 use linattn_kernels::ops::backward;
-use linattn_kernels::ops::forward::{self, Lens};
-use linattn_kernels::{causal_backward, BackwardInputs, BackwardStates, Grads, RawBackward};
-use linattn_kernels::{
-    causal_forward, AttentionOptions, AttentionShape, Qkv, RawForward, ScheduleChoice, StateIo,
-    StateMut, StateRef,
-};
+use linattn_kernels::ops::forward;
+use linattn_kernels::ops::forward::Lens;
 use linattn_kernels::{decode_step, DecodeShape};
 use linattn_kernels::{feature_map, RowsShape};
+use linattn_kernels::{
+    AttentionOptions, AttentionShape, Kind, Qkv, RawForward, ScheduleChoice, StateIo, StateMut,
+    StateRef,
+};
+use linattn_kernels::{BackwardInputs, BackwardStates, Grads, RawBackward};
 use linattn_kernels::{Buffer, BuildStatus, Device, Element, Executor, Gpu};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
 
@@ -105,7 +106,8 @@ fn cuda_and_raw_entry_points_match_device_bits() {
         let mut fs = nan::<f32>(&dev, states * d * m);
         let mut fz = nan::<f32>(&dev, states * d);
         match path {
-            0 => causal_forward(
+            0 => forward(
+                Kind::Causal,
                 &dev,
                 Qkv {
                     q: &q,
@@ -121,7 +123,8 @@ fn cuda_and_raw_entry_points_match_device_bits() {
                     z: &mut fz,
                 }),
             ),
-            1 => causal_forward::<_, bf16, _, _, CudaSlice<f32>, _>(
+            1 => forward::<_, bf16, _, _, CudaSlice<f32>, _>(
+                Kind::Causal,
                 &*g,
                 Qkv {
                     q: slice(&q),
@@ -171,7 +174,15 @@ fn cuda_and_raw_entry_points_match_device_bits() {
                 // SAFETY: device memory of this context covering every
                 // tensor; the temporaries live until the synchronize below.
                 let r = unsafe {
-                    forward::causal_forward_raw(&*g, bf16::DTYPE, &ptrs, &shape, Some(&cu), &opts)
+                    forward::forward_raw(
+                        Kind::Causal,
+                        &*g,
+                        bf16::DTYPE,
+                        &ptrs,
+                        &shape,
+                        Some(&cu),
+                        &opts,
+                    )
                 };
                 g.synchronize().unwrap();
                 r
@@ -212,7 +223,8 @@ fn cuda_and_raw_entry_points_match_device_bits() {
             let mut ds = nan::<f32>(&dev, 2 * h * d * m);
             let mut dz = nan::<f32>(&dev, 2 * h * d);
             match path {
-                0 => causal_backward(
+                0 => backward(
+                    Kind::Causal,
                     &dev,
                     BackwardInputs {
                         q: &q,
@@ -237,7 +249,8 @@ fn cuda_and_raw_entry_points_match_device_bits() {
                         }),
                     },
                 ),
-                1 => causal_backward::<_, bf16, _, _, _, _>(
+                1 => backward::<_, bf16, _, _, _, _>(
+                    Kind::Causal,
                     &*g,
                     BackwardInputs {
                         q: slice(&q),
@@ -299,7 +312,15 @@ fn cuda_and_raw_entry_points_match_device_bits() {
                     };
                     // SAFETY: as for the forward.
                     let r = unsafe {
-                        backward::causal_backward_raw(&*g, bf16::DTYPE, &ptrs, &shape, None, &opts)
+                        backward::backward_raw(
+                            Kind::Causal,
+                            &*g,
+                            bf16::DTYPE,
+                            &ptrs,
+                            &shape,
+                            None,
+                            &opts,
+                        )
                     };
                     g.synchronize().unwrap();
                     r
@@ -395,7 +416,8 @@ fn walk_bf16(dev: &Device, heads: usize, n: usize, d: usize, seed: u64) -> (Vec<
         schedule: ScheduleChoice::Walk,
         ..AttentionOptions::default()
     };
-    causal_forward(
+    forward(
+        Kind::Causal,
         dev,
         Qkv {
             q: &q,

@@ -6,8 +6,8 @@ mod common;
 
 use common::{devices, ref_opts, to_dtype, to_f64, tolerance};
 use half::{bf16, f16};
-use linattn_kernels::{causal_forward, AttentionOptions, AttentionShape, Qkv, StateIo, StateMut};
 use linattn_kernels::{decode_step, DecodeShape, RowStrides};
+use linattn_kernels::{forward, AttentionOptions, AttentionShape, Kind, Qkv, StateIo, StateMut};
 use linattn_kernels::{DType, Device, Element, FeatureMap};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
 use linattn_reference::{Layout, State, View};
@@ -237,7 +237,17 @@ fn chain<T: Element>(dev: &Device, n: usize, opts: AttentionOptions, rng: &mut R
         v: &vb,
     };
     let mut full = dev.upload(&vec![T::nan(); b * total * h * m]).unwrap();
-    causal_forward(dev, qkv(), &mut full, &shape, None, &opts, StateIo::none()).unwrap();
+    forward(
+        Kind::Causal,
+        dev,
+        qkv(),
+        &mut full,
+        &shape,
+        None,
+        &opts,
+        StateIo::none(),
+    )
+    .unwrap();
     let full = to_f64(&dev.download(&full).unwrap());
     let (q64, k64, v64) = (to_f64(&q), to_f64(&k), to_f64(&v));
     let l = |dim| Layout::bnhd(b, h, total, dim);
@@ -259,7 +269,17 @@ fn chain<T: Element>(dev: &Device, n: usize, opts: AttentionOptions, rng: &mut R
         s: &mut s,
         z: &mut z,
     });
-    causal_forward(dev, qkv(), &mut o, &prefill, None, &opts, states).unwrap();
+    forward(
+        Kind::Causal,
+        dev,
+        qkv(),
+        &mut o,
+        &prefill,
+        None,
+        &opts,
+        states,
+    )
+    .unwrap();
     for t in n..total {
         // Token t of every (batch, head): rows of the [B, N, H, dim] buffers.
         fn pick<X: Copy>(x: &[X], b: usize, total: usize, t: usize, hd: usize) -> Vec<X> {

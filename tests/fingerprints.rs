@@ -23,13 +23,13 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use half::{bf16, f16};
-use linattn_kernels::{causal_backward, noncausal_backward, BackwardInputs, BackwardStates, Grads};
-use linattn_kernels::{
-    causal_forward, noncausal_forward, AttentionOptions, AttentionShape, Kind, Qkv, ScheduleChoice,
-    StateIo, StateMut, StateRef, Strides,
-};
 use linattn_kernels::{decode_step, DecodeShape};
 use linattn_kernels::{feature_map, RowsShape};
+use linattn_kernels::{
+    AttentionOptions, AttentionShape, Kind, Qkv, ScheduleChoice, StateIo, StateMut, StateRef,
+    Strides,
+};
+use linattn_kernels::{BackwardInputs, BackwardStates, Grads};
 use linattn_kernels::{DType, Device, Element, Emulator, FeatureMap};
 use linattn_reference::testing::Rng;
 
@@ -230,11 +230,8 @@ fn forward<T: Element>(dev: &Device, c: &Attn) -> u64 {
         v: &v,
     };
     let cu = c.cu.as_deref();
-    match c.kind {
-        Kind::Causal => causal_forward(dev, qkv, &mut o, &sh, cu, &c.opts, states),
-        Kind::NonCausal => noncausal_forward(dev, qkv, &mut o, &sh, cu, &c.opts, states),
-    }
-    .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    linattn_kernels::forward(c.kind, dev, qkv, &mut o, &sh, cu, &c.opts, states)
+        .unwrap_or_else(|e| panic!("{}: {e}", c.name));
     let mut h = Fnv::new();
     h.elems(&dev.download(&o).unwrap(), !c.strided);
     if c.final_state {
@@ -283,11 +280,8 @@ fn backward<T: Element>(dev: &Device, c: &Attn) -> u64 {
         dv: &mut dv,
     };
     let cu = c.cu.as_deref();
-    match c.kind {
-        Kind::Causal => causal_backward(dev, inputs, grads, &sh, cu, &c.opts, states),
-        Kind::NonCausal => noncausal_backward(dev, inputs, grads, &sh, cu, &c.opts, states),
-    }
-    .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    linattn_kernels::backward(c.kind, dev, inputs, grads, &sh, cu, &c.opts, states)
+        .unwrap_or_else(|e| panic!("{}: {e}", c.name));
     let mut h = Fnv::new();
     for t in [&dq, &dk, &dv] {
         h.elems(&dev.download(t).unwrap(), !c.strided);

@@ -11,8 +11,8 @@ use common::{devices, layout, ref_map, span, to_dtype, to_f64, tolerance};
 use half::{bf16, f16};
 use linattn_kernels::ops::tuning::forward::{tiling, uses_mma};
 use linattn_kernels::{
-    causal_forward, noncausal_forward, AttentionOptions, AttentionShape, Kind, Qkv, ScheduleChoice,
-    StateIo, StateMut, StateRef, Strides,
+    forward, AttentionOptions, AttentionShape, Kind, Qkv, ScheduleChoice, StateIo, StateMut,
+    StateRef, Strides,
 };
 use linattn_kernels::{DType, Device, Element, FeatureMap};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
@@ -191,12 +191,17 @@ fn run_kernel<T: Element>(dev: &Device, c: &Case, x: &Inputs<T>) -> Outputs {
         k: &k,
         v: &v,
     };
-    let f = match c.kind {
-        Kind::Causal => causal_forward,
-        Kind::NonCausal => noncausal_forward,
-    };
-    f(dev, qkv, &mut o, &shape, c.cu.as_deref(), &opts, states)
-        .unwrap_or_else(|e| panic!("{}: {c:?}: {e}", dev.describe()));
+    forward(
+        c.kind,
+        dev,
+        qkv,
+        &mut o,
+        &shape,
+        c.cu.as_deref(),
+        &opts,
+        states,
+    )
+    .unwrap_or_else(|e| panic!("{}: {c:?}: {e}", dev.describe()));
     Outputs {
         o: to_f64(&dev.download(&o).unwrap()),
         s: dev.download(&fs).unwrap(),
@@ -532,7 +537,8 @@ fn split_and_resume_equal_one_pass() {
             let (is, iz) = init.map_or((up(&[]), up(&[])), |(s, z)| (up(s), up(z)));
             let mut fs = up(&vec![f32::NAN; h * d * m]);
             let mut fz = up(&vec![f32::NAN; h * d]);
-            causal_forward(
+            forward(
+                Kind::Causal,
                 &dev,
                 Qkv {
                     q: &qb,
@@ -687,7 +693,8 @@ fn errors_are_reported_not_panicked() {
         let shape = AttentionShape::bhnd(1, 1, 4, 300, 2);
         let q = dev.upload(&[0.0f32; 1200]).unwrap();
         let mut o = dev.upload(&[0.0f32; 8]).unwrap();
-        let e = causal_forward(
+        let e = forward(
+            Kind::Causal,
             &dev,
             Qkv {
                 q: &q,
@@ -704,7 +711,8 @@ fn errors_are_reported_not_panicked() {
         assert!(e.to_string().contains("1..=256"), "{e}");
         let shape = AttentionShape::bhnd(1, 1, 4, 2, 2);
         let small = dev.upload(&[0.0f32; 7]).unwrap();
-        let e = noncausal_forward(
+        let e = forward(
+            Kind::NonCausal,
             &dev,
             Qkv {
                 q: &small,
@@ -721,7 +729,8 @@ fn errors_are_reported_not_panicked() {
         assert!(e.to_string().contains("`q`"), "{e}");
         let mut s = dev.upload(&[0.0f32; 3]).unwrap();
         let mut z = dev.upload(&[0.0f32; 2]).unwrap();
-        let e = causal_forward(
+        let e = forward(
+            Kind::Causal,
             &dev,
             Qkv {
                 q: &q,

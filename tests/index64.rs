@@ -353,15 +353,8 @@ fn forward_case<T: Element>(
     let emu = emulator();
     // SAFETY: every address is host memory covering its strided span (or
     // the workspace length asked for, or the offsets); o overlaps no input.
-    unsafe {
-        match kind {
-            Kind::Causal => forward::causal_forward_raw(&emu, T::DTYPE, &ptrs, &shape, cu, &opts),
-            Kind::NonCausal => {
-                forward::noncausal_forward_raw(&emu, T::DTYPE, &ptrs, &shape, cu, &opts)
-            }
-        }
-    }
-    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    unsafe { forward::forward_raw(kind, &emu, T::DTYPE, &ptrs, &shape, cu, &opts) }
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
 
     let (qr, vr) = (big.rows(d), big.rows(m));
     let view = |xs, r: Rows| View::new(xs, r.compact()).unwrap();
@@ -449,17 +442,8 @@ fn backward_case<T: Element>(kind: Kind, big: Big, d: usize, m: usize, schedule:
     };
     let emu = emulator();
     // SAFETY: as in forward_case; the gradients overlap no input.
-    unsafe {
-        match kind {
-            Kind::Causal => {
-                backward::causal_backward_raw(&emu, T::DTYPE, &ptrs, &shape, None, &opts)
-            }
-            Kind::NonCausal => {
-                backward::noncausal_backward_raw(&emu, T::DTYPE, &ptrs, &shape, None, &opts)
-            }
-        }
-    }
-    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    unsafe { backward::backward_raw(kind, &emu, T::DTYPE, &ptrs, &shape, None, &opts) }
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
 
     let view = |xs, r: Rows| View::new(xs, r.compact()).unwrap();
     let (qr, vr) = (big.rows(d), big.rows(m));

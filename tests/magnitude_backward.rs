@@ -26,7 +26,7 @@ mod common;
 use common::{devices, layout, span, to_dtype, to_f64};
 use half::{bf16, f16};
 use linattn_kernels::ops::tuning::backward::tiling_for;
-use linattn_kernels::{causal_backward, noncausal_backward, BackwardInputs, BackwardStates, Grads};
+use linattn_kernels::{backward, BackwardInputs, BackwardStates, Grads};
 use linattn_kernels::{
     AttentionOptions, AttentionShape, DqPrecision, Kind, ScheduleChoice, StateMut, StateRef,
     Strides,
@@ -228,11 +228,8 @@ fn run<T: Element>(dev: &Device, c: &Case, x: &Inputs<T>) -> Got {
     let (is, iz, fs, fz) = (upf(&is), upf(&iz), upf(&fs), upf(&fz));
     let mut ds = upf(&vec![f32::NAN; sh * c.d * c.m]);
     let mut dz = upf(&vec![f32::NAN; sh * c.d]);
-    let f = match c.kind {
-        Kind::Causal => causal_backward,
-        Kind::NonCausal => noncausal_backward,
-    };
-    f(
+    backward(
+        c.kind,
         dev,
         BackwardInputs {
             q: &q,

@@ -13,12 +13,11 @@ mod common;
 
 use common::{devices, ref_opts, to_dtype, to_f64, tolerance};
 use half::{bf16, f16};
-use linattn_kernels::{causal_backward, noncausal_backward, BackwardInputs, BackwardStates, Grads};
-use linattn_kernels::{
-    causal_forward, noncausal_forward, AttentionOptions, AttentionShape, Qkv, ScheduleChoice,
-    StateIo, StateMut,
-};
+use linattn_kernels::{backward, BackwardInputs, BackwardStates, Grads, Kind};
 use linattn_kernels::{decode_step, DecodeShape};
+use linattn_kernels::{
+    forward, AttentionOptions, AttentionShape, Qkv, ScheduleChoice, StateIo, StateMut,
+};
 use linattn_kernels::{DType, Device, Element, Error, FeatureMap};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
 use linattn_reference::{Layout, View};
@@ -26,14 +25,14 @@ use linattn_reference::{Layout, View};
 /// Which forward path a case runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
-    /// `causal_forward`, the one-launch walk.
+    /// `forward` (causal), the one-launch walk.
     Causal,
-    /// `causal_forward` with `Split { parts: 3 }`: partition states, scan,
+    /// `forward` (causal) with `Split { parts: 3 }`: partition states, scan,
     /// read-out from each partition's prefix state.
     Split,
-    /// `noncausal_forward` (its state pass, scan and read-out).
+    /// `forward` (non-causal) (its state pass, scan and read-out).
     NonCausal,
-    /// `causal_forward` over the first `n - DECODE_STEPS` tokens with the
+    /// `forward` (causal) over the first `n - DECODE_STEPS` tokens with the
     /// final state, then one `decode_step` per remaining token.
     Decode,
 }
@@ -112,13 +111,31 @@ fn run_path<T: Element>(
                 },
                 ..*o
             };
-            causal_forward(dev, qkv(), &mut out, &shape, None, &o, StateIo::none())
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            forward(
+                Kind::Causal,
+                dev,
+                qkv(),
+                &mut out,
+                &shape,
+                None,
+                &o,
+                StateIo::none(),
+            )
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
             to_f64(&dev.download(&out).unwrap())
         }
         Path::NonCausal => {
-            noncausal_forward(dev, qkv(), &mut out, &shape, None, o, StateIo::none())
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            forward(
+                Kind::NonCausal,
+                dev,
+                qkv(),
+                &mut out,
+                &shape,
+                None,
+                o,
+                StateIo::none(),
+            )
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
             to_f64(&dev.download(&out).unwrap())
         }
         Path::Decode => {
@@ -135,8 +152,17 @@ fn run_path<T: Element>(
                 s: &mut st_s,
                 z: &mut st_z,
             });
-            causal_forward(dev, qkv(), &mut out, &prefill, None, o, states)
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            forward(
+                Kind::Causal,
+                dev,
+                qkv(),
+                &mut out,
+                &prefill,
+                None,
+                o,
+                states,
+            )
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
             let mut all = to_f64(&dev.download(&out).unwrap());
             let ds = DecodeShape::contiguous(s.b, s.h, s.d, s.m);
             for t in pre..s.n {
@@ -537,19 +563,13 @@ fn eps_zero_with_normalise_is_a_typed_error() {
                     k: &k,
                     v: &v,
                 };
-                let (f, op) = if causal {
-                    (
-                        causal_forward::<_, f16, _, _, _, _> as ForwardFn,
-                        "causal_forward",
-                    )
+                let (kind, op) = if causal {
+                    (Kind::Causal, "causal_forward")
                 } else {
-                    (
-                        noncausal_forward::<_, f16, _, _, _, _> as ForwardFn,
-                        "noncausal_forward",
-                    )
+                    (Kind::NonCausal, "noncausal_forward")
                 };
                 check(
-                    f(&dev, qkv, &mut o, &shape, None, opts, StateIo::none()),
+                    forward(kind, &dev, qkv, &mut o, &shape, None, opts, StateIo::none()),
                     op,
                 );
                 let x = BackwardInputs {
@@ -563,11 +583,16 @@ fn eps_zero_with_normalise_is_a_typed_error() {
                     dk: &mut dk,
                     dv: &mut dv,
                 };
-                let r = if causal {
-                    causal_backward(&dev, x, grads, &shape, None, opts, BackwardStates::none())
-                } else {
-                    noncausal_backward(&dev, x, grads, &shape, None, opts, BackwardStates::none())
-                };
+                let r = backward(
+                    kind,
+                    &dev,
+                    x,
+                    grads,
+                    &shape,
+                    None,
+                    opts,
+                    BackwardStates::none(),
+                );
                 check(
                     r,
                     if causal {
@@ -592,17 +617,6 @@ fn eps_zero_with_normalise_is_a_typed_error() {
         }
     }
 }
-
-/// `causal_forward` and `noncausal_forward` for f16 on a `Device`.
-type ForwardFn = for<'a> fn(
-    &Device,
-    Qkv<'a, linattn_kernels::Buffer<f16>>,
-    &mut linattn_kernels::Buffer<f16>,
-    &AttentionShape,
-    Option<&[usize]>,
-    &AttentionOptions,
-    StateIo<'a, linattn_kernels::Buffer<f32>, linattn_kernels::Buffer<f32>>,
-) -> linattn_kernels::Result<()>;
 
 /// One draw of the magnitude sweep.
 #[derive(Debug, Clone, Copy)]

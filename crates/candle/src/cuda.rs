@@ -10,14 +10,9 @@ use candle_core::cuda::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape, Storage, Tensor};
 use half::{bf16, f16};
-use linattn_kernels::{
-    causal_backward, noncausal_backward, BackwardInputs, BackwardStates, Grads as KGrads,
-};
-use linattn_kernels::{
-    causal_forward, noncausal_forward, AttentionShape, Qkv, StateIo, StateMut, StateRef,
-    Strides as KStrides,
-};
 use linattn_kernels::{decode_step, DecodeShape};
+use linattn_kernels::{AttentionShape, Qkv, StateIo, StateMut, StateRef, Strides as KStrides};
+use linattn_kernels::{BackwardInputs, BackwardStates, Grads as KGrads, Kind as KKind};
 use linattn_kernels::{Buffer, Element, Gpu};
 
 use crate::cpu::Strides;
@@ -198,11 +193,21 @@ fn forward_t<T: CudaDType + Element + DeviceRepr>(
         k: &k,
         v: &v,
     };
-    let r = if spec.causal {
-        causal_forward(&*gpu, x, &mut o, &sh, cu.as_deref(), &spec.opts, states)
+    let kind = if spec.causal {
+        KKind::Causal
     } else {
-        noncausal_forward(&*gpu, x, &mut o, &sh, cu.as_deref(), &spec.opts, states)
+        KKind::NonCausal
     };
+    let r = linattn_kernels::forward(
+        kind,
+        &*gpu,
+        x,
+        &mut o,
+        &sh,
+        cu.as_deref(),
+        &spec.opts,
+        states,
+    );
     r.map_err(wrap)?;
     if let Some(slot) = &op.final_slot {
         let mut g = slot
@@ -338,11 +343,12 @@ fn backward_t<T: CudaDType + Element + DeviceRepr>(
         dk: &mut dk,
         dv: &mut dv,
     };
-    if spec.causal {
-        causal_backward(&*gpu, x, g, &sh, cu.as_deref(), &spec.opts, states)?;
+    let kind = if spec.causal {
+        KKind::Causal
     } else {
-        noncausal_backward(&*gpu, x, g, &sh, cu.as_deref(), &spec.opts, states)?;
-    }
+        KKind::NonCausal
+    };
+    linattn_kernels::backward(kind, &*gpu, x, g, &sh, cu.as_deref(), &spec.opts, states)?;
     let t = |s: Storage, dims: Vec<usize>| Tensor::from_storage(s, dims, BackpropOp::none(), false);
     let c = |x: CudaSlice<T>| Storage::Cuda(CudaStorage::wrap_cuda_slice(x, dev.clone()));
     let f = |x: CudaSlice<f32>| Storage::Cuda(CudaStorage::wrap_cuda_slice(x, dev.clone()));

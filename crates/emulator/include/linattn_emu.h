@@ -41,7 +41,7 @@
 /// kernel bodies) may branch on it.
 #define LINATTN_EMULATOR 1
 /// Version of the C ABI between this header and the Rust runtime.
-#define LINATTN_EMU_ABI_VERSION 2
+#define LINATTN_EMU_ABI_VERSION 3
 
 // The emulated architecture: sources that branch on __CUDA_ARCH__ take the sm_80 path
 // (no TMA, wgmma or clusters). The build helper may override it.
@@ -163,7 +163,7 @@ struct LinattnEmuThreadCtx {
   uint32_t linear_tid;
   uint32_t lane;
   uint32_t warp;
-  uint32_t reserved;
+  uint32_t dyn_shared_bytes;  // the launch's dynamic shared memory bytes
   unsigned char* dyn_shared;  // the launch's dynamic shared memory (extern __shared__)
   float* warp_scratch;        // 3 * 256 floats per warp, used by wmma::mma_sync
   const LinattnEmuCallbacks* cb;
@@ -286,6 +286,15 @@ inline void* dynamic_shared(uint64_t explicit_align, uint64_t type_align, const 
     fail(msg);
   }
   return c->dyn_shared;
+}
+
+// The launch's dynamic shared memory bytes (the third launch parameter), what
+// PTX's %dynamic_smem_size reads on a GPU: project helper headers check their
+// shared-memory carving against it.
+inline uint64_t dynamic_shared_bytes() {
+  LinattnEmuThreadCtx* c = ctx();
+  if (c == nullptr) fail("dynamic_shared_bytes() called outside a kernel launch");
+  return c->dyn_shared_bytes;
 }
 
 // Registry helpers (the build helper's generated kernel info functions call them).

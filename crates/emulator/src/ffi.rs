@@ -5,7 +5,7 @@ use std::ffi::{c_char, c_void};
 /// `LINATTN_EMU_MAGIC` ("LEMU").
 pub const MAGIC: u32 = 0x4C45_4D55;
 /// `LINATTN_EMU_ABI_VERSION`.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Barrier kinds passed to `syncthreads`.
 pub const BAR_PLAIN: u32 = 0;
@@ -73,7 +73,8 @@ pub struct ThreadCtx {
     pub linear_tid: u32,
     pub lane: u32,
     pub warp: u32,
-    pub reserved: u32,
+    /// The launch's dynamic shared memory bytes (`<<<.., .., shared>>>`).
+    pub dyn_shared_bytes: u32,
     pub dyn_shared: *mut u8,
     pub warp_scratch: *mut f32,
     pub cb: *const Callbacks,

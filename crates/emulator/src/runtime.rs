@@ -318,6 +318,8 @@ impl Worker {
         let scratch_ptr = scratch.as_mut_ptr();
         // SAFETY: dyn_offset < arena_size.
         let dyn_base = unsafe { arena_ptr.add(launch.dyn_offset) };
+        // Validated against the shared limit (227 KiB at most by default).
+        let dyn_shared_bytes = u32::try_from(launch.dyn_bytes).unwrap_or(u32::MAX);
         let [bx, by, bz] = launch.block;
         let mut fibers = Vec::with_capacity(n);
         for t in 0..n {
@@ -334,7 +336,7 @@ impl Worker {
                     linear_tid: t as u32,
                     lane: (t % 32) as u32,
                     warp: warp as u32,
-                    reserved: 0,
+                    dyn_shared_bytes,
                     dyn_shared: dyn_base,
                     // SAFETY: in bounds of `scratch`.
                     warp_scratch: unsafe { scratch_ptr.add(warp * ffi::WARP_SCRATCH_FLOATS) },

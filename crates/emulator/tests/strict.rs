@@ -253,6 +253,24 @@ struct BaseParams {
     out: *mut u64,
 }
 
+/// Every thread of every block reads the launch's dynamic shared bytes (what
+/// PTX's `%dynamic_smem_size` gives on a GPU), zero included.
+#[test]
+fn device_code_sees_the_launch_dynamic_shared_bytes() {
+    let m = module();
+    for bytes in [0usize, 16, 1000, 48 * 1024, 99 * 1024] {
+        let mut out = vec![u32::MAX; 2 * 64];
+        let p = DynParams {
+            out: out.as_mut_ptr(),
+            words: 0,
+        };
+        let cfg = LaunchConfig::new([2, 1, 1], [64, 1, 1], bytes);
+        // SAFETY: the params match the kernel's struct; out has a slot per thread.
+        unsafe { m.launch_params("emu_test_dyn_bytes", &cfg, &p) }.unwrap();
+        assert!(out.iter().all(|&n| n as usize == bytes), "{bytes}: {out:?}");
+    }
+}
+
 fn base_of(m: &Module, kernel: &str) -> Result<[u64; 2], EmuError> {
     let mut out = [u64::MAX; 2];
     let p = BaseParams {

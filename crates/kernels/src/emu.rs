@@ -165,6 +165,34 @@ mod tests {
     use crate::params::LinattnFeatureMapParams;
     use crate::DType;
 
+    /// The walk launch (the first) of a causal forward over one sequence of
+    /// n tokens, d and m wide, from host buffers q, k, v (`bufs`) and o.
+    fn walk_plan(
+        emu: &Emulator,
+        dtype: DType,
+        (n, d, m): (usize, usize, usize),
+        [q, k, v]: [u64; 3],
+        o: u64,
+    ) -> LaunchPlan<crate::params::LinattnForwardParams> {
+        let shape = AttentionShape::bnhd(1, 1, n, d, m);
+        let opts = AttentionOptions::default();
+        let lens = Lens::unknown(false, false);
+        let problem =
+            forward::validate("t", dtype, &shape, None, &opts, &lens, &emu.target()).unwrap();
+        let ptrs = RawForward {
+            q,
+            k,
+            v,
+            o,
+            ..RawForward::default()
+        };
+        let plan = tuning::forward::plan(Kind::Causal, dtype, &problem, &opts, &ptrs);
+        match plan.launches[0] {
+            tuning::forward::Launch::Walk(walk) => walk,
+            other => panic!("expected the walk first: {other:?}"),
+        }
+    }
+
     /// A plan naming a kernel the library lacks is an error naming it, not
     /// a crash, on both launch paths.
     #[test]
@@ -199,25 +227,11 @@ mod tests {
         assert_eq!(emu.target(), Target::A40);
         assert_eq!(emu.module.shared_limit(), 99 * 1024);
         // A walk whose plan sits near the budget (f32, d = m = 64).
-        let (h, n, d, m) = (1, 64, 64, 64);
-        let shape = AttentionShape::bnhd(1, h, n, d, m);
-        let opts = AttentionOptions::default();
-        let lens = Lens::unknown(false, false);
-        let problem =
-            forward::validate("t", DType::F32, &shape, None, &opts, &lens, &emu.target()).unwrap();
+        let (n, d, m) = (64, 64, 64);
         let (q, k, v) = (vec![0.5f32; n * d], vec![0.25f32; n * d], vec![1f32; n * m]);
         let mut o = vec![f32::NAN; n * m];
-        let ptrs = RawForward {
-            q: q.as_ptr() as u64,
-            k: k.as_ptr() as u64,
-            v: v.as_ptr() as u64,
-            o: o.as_mut_ptr() as u64,
-            ..RawForward::default()
-        };
-        let plan = tuning::forward::plan(Kind::Causal, DType::F32, &problem, &opts, &ptrs);
-        let tuning::forward::Launch::Walk(mut walk) = plan.launches[0] else {
-            panic!("expected the walk first: {:?}", plan.launches[0]);
-        };
+        let bufs = [q.as_ptr(), k.as_ptr(), v.as_ptr()].map(|p| p as u64);
+        let mut walk = walk_plan(&emu, DType::F32, (n, d, m), bufs, o.as_mut_ptr() as u64);
         assert!(walk.shared_bytes > 48 * 1024, "{}", walk.shared_bytes);
         let writes = [(o.as_mut_ptr() as u64, o.len() * 4)];
         // SAFETY: the buffers cover the shape.
@@ -249,5 +263,125 @@ mod tests {
         // SAFETY: refused before it runs.
         let r = unsafe { emu.module.launch_params(walk.kernel, &cfg, &walk.params) };
         assert!(r.is_err(), "the emulator crate ran past its shared limit");
+    }
+
+    /// A walk launched with less dynamic shared memory than its carving
+    /// takes (a Rust/CUDA layout mismatch) is an error naming the carve, not
+    /// a read past the buffer: every dtype's walk (fp32 and tensor-core
+    /// carvings), 4 bytes short and one buffer short, on both launch paths.
+    /// The exact size runs (the checks in the carve do not misfire).
+    #[test]
+    fn an_undersized_shared_memory_launch_fails() {
+        let emu = Emulator::checked().unwrap();
+        let (n, d, m) = (40, 24, 40);
+        for dtype in [DType::F32, DType::F16, DType::Bf16] {
+            let bytes = dtype.size();
+            let (q, k) = (vec![0u8; n * d * bytes], vec![0u8; n * d * bytes]);
+            let v = vec![0u8; n * m * bytes];
+            let mut o = vec![0xffu8; n * m * bytes];
+            let bufs = [q.as_ptr(), k.as_ptr(), v.as_ptr()].map(|p| p as u64);
+            let mut walk = walk_plan(&emu, dtype, (n, d, m), bufs, o.as_mut_ptr() as u64);
+            let writes = [(o.as_mut_ptr() as u64, o.len())];
+            let exact = walk.shared_bytes;
+            // SAFETY: the buffers cover the shape.
+            unsafe { emu.launch_writing(&walk, &writes) }.unwrap();
+            // 4 short: the last carve fails; 64 short: an earlier one may.
+            for short in [4, 64] {
+                walk.shared_bytes = exact - short;
+                // SAFETY: as above; the carve check stops the kernel before
+                // it touches shared memory past the launch's bytes.
+                for r in unsafe { [emu.launch(&walk), emu.launch_writing(&walk, &writes)] } {
+                    match r {
+                        Err(Error::Emulator(msg)) => assert!(
+                            msg.contains(walk.kernel)
+                                && msg.contains("shared-memory carve ends at byte ")
+                                && msg.contains(&format!(
+                                    "but the launch has {} dynamic shared bytes",
+                                    exact - short
+                                ))
+                                && (short > 4 || msg.contains(&format!("at byte {exact} "))),
+                            "{dtype:?} short {short}: {msg}"
+                        ),
+                        other => {
+                            panic!("{dtype:?} short {short}: expected a carve error, got {other:?}")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The backward's launches (fp32 bodies: back-to-back layouts; f16 small
+    /// head: the fused and merged walks; bf16 256 wide: the tiled tensor-core
+    /// passes, both on 128-byte carves) run at their plan's size and fail
+    /// with the carve error 128 bytes short (more than a 128-byte carve
+    /// can pad its end by), on both launch paths.
+    #[test]
+    fn an_undersized_backward_launch_fails() {
+        use crate::ops::backward::{self, GradLens, RawBackward};
+        let emu = Emulator::checked().unwrap();
+        let n = 40;
+        for (dtype, dim) in [(DType::F32, 24), (DType::F16, 24), (DType::Bf16, 256)] {
+            let shape = AttentionShape::bnhd(1, 1, n, dim, dim);
+            let opts = AttentionOptions::default();
+            let bp = backward::validate(
+                "t",
+                dtype,
+                &shape,
+                None,
+                &opts,
+                &Lens::unknown(false, false),
+                &GradLens::unknown(false, false),
+                &emu.target(),
+            )
+            .unwrap();
+            let bytes = n * dim * dtype.size();
+            let inputs: Vec<Vec<u8>> = (0..4).map(|_| vec![0u8; bytes]).collect();
+            let mut grads: Vec<Vec<u8>> = (0..3).map(|_| vec![0xffu8; bytes]).collect();
+            let mut ws = vec![0f32; backward::workspace_len(&bp)];
+            let [q, k, v, d_o] = [0, 1, 2, 3].map(|i| inputs[i].as_ptr() as u64);
+            let [dq, dk, dv] = [0, 1, 2].map(|i| grads[i].as_mut_ptr() as u64);
+            let ptrs = RawBackward {
+                q,
+                k,
+                v,
+                d_o,
+                dq,
+                dk,
+                dv,
+                workspace: ws.as_mut_ptr() as u64,
+                workspace_len: ws.len(),
+                ..RawBackward::default()
+            };
+            let launches = tuning::backward::plan(Kind::Causal, dtype, &bp, &opts, &ptrs);
+            for l in &launches {
+                // SAFETY: the buffers and workspace cover the plan.
+                unsafe { emu.launch_writing(&l.plan, &l.writes) }.unwrap();
+            }
+            let walks: Vec<_> = launches
+                .iter()
+                .filter(|l| l.plan.shared_bytes >= 1024)
+                .collect();
+            assert!(walks.len() >= 2, "{dtype:?}: {launches:?}");
+            for l in walks {
+                let mut short = l.plan;
+                short.shared_bytes -= 128;
+                let want = format!(
+                    "but the launch has {} dynamic shared bytes",
+                    short.shared_bytes
+                );
+                // SAFETY: as above; the carve check stops the kernel first.
+                for r in unsafe { [emu.launch(&short), emu.launch_writing(&short, &l.writes)] } {
+                    match r {
+                        Err(Error::Emulator(msg)) => assert!(
+                            msg.contains(short.kernel) && msg.contains(&want),
+                            "{dtype:?} {}: {msg}",
+                            short.kernel
+                        ),
+                        other => panic!("{}: expected a carve error, got {other:?}", short.kernel),
+                    }
+                }
+            }
+        }
     }
 }

@@ -16,7 +16,7 @@
 //!
 //! ```
 //! use linattn_kernels::{
-//!     causal_forward, decode_step, AttentionOptions, AttentionShape, DecodeShape, Device, Error,
+//!     decode_step, forward, AttentionOptions, AttentionShape, DecodeShape, Device, Error, Kind,
 //!     Qkv, StateIo, StateMut,
 //! };
 //!
@@ -38,7 +38,7 @@
 //! let mut z = dev.upload(&vec![0f32; b * h * d])?;     // fp32 normaliser z: D per head
 //! let opts = AttentionOptions::default(); // elu+1, normalised, eps 1e-6, scale 1
 //! let states = StateIo::final_only(StateMut { s: &mut s, z: &mut z });
-//! match causal_forward(&dev, Qkv { q: &q, k: &k, v: &v }, &mut o, &shape, None, &opts, states) {
+//! match forward(Kind::Causal, &dev, Qkv { q: &q, k: &k, v: &v }, &mut o, &shape, None, &opts, states) {
 //!     Err(e @ Error::KernelsNotBuilt { .. }) => { eprintln!("{e}"); return Ok(()); }
 //!     r => r?,
 //! }
@@ -82,12 +82,10 @@ pub use gpu::{device_count, driver_present, DeviceInfo, Gpu, SYNC_LAUNCHES_ENV};
 #[cfg(feature = "nccl")]
 pub use ops::NcclCollective;
 pub use ops::{
-    causal_backward, causal_backward_raw, causal_forward, causal_forward_raw, decode_step,
-    decode_step_raw, feature_map, feature_map_raw, noncausal_backward, noncausal_backward_raw,
-    noncausal_forward, noncausal_forward_raw, AttentionOptions, AttentionShape, BackwardInputs,
-    BackwardStates, DecodeShape, DeviceRead, DeviceWrite, DqPrecision, Grads, Kind, Memory, Qkv,
-    RawBackward, RawDecode, RawForward, RowStrides, RowsShape, ScheduleChoice, StateIo, StateMut,
-    StateRef, Strides,
+    backward, backward_raw, decode_step, decode_step_raw, feature_map, feature_map_raw, forward,
+    forward_raw, AttentionOptions, AttentionShape, BackwardInputs, BackwardStates, DecodeShape,
+    DeviceRead, DeviceWrite, DqPrecision, Grads, Kind, Memory, Qkv, RawBackward, RawDecode,
+    RawForward, RowStrides, RowsShape, ScheduleChoice, StateIo, StateMut, StateRef, Strides,
 };
 pub use ops::{
     combine_states, local_state, noncausal_readout, piece_offsets, Collective, ContextParallel,

@@ -10,10 +10,9 @@
 use std::sync::Arc;
 
 use linattn_kernels::{
-    causal_backward, causal_forward, noncausal_backward, noncausal_forward, piece_offsets,
-    AttentionOptions, AttentionShape, BackwardInputs, BackwardStates, Buffer, BuildStatus,
-    Collective, ContextParallel, Device, Error, Gpu, Grads, Kind, NcclCollective, PieceInputs, Qkv,
-    StateIo, StateMut,
+    backward, forward, piece_offsets, AttentionOptions, AttentionShape, BackwardInputs,
+    BackwardStates, Buffer, BuildStatus, Collective, ContextParallel, Device, Error, Gpu, Grads,
+    Kind, NcclCollective, PieceInputs, Qkv, StateIo, StateMut,
 };
 use linattn_reference::testing::{rel_l2_error, Rng};
 
@@ -81,11 +80,7 @@ fn single(dev: &Device, kind: Kind, x: &[Vec<f32>; 4]) -> Out {
         v: &v,
     };
     let o_ = &opts();
-    match kind {
-        Kind::Causal => causal_forward(dev, qkv, &mut o, &shape, Some(&CU), o_, st),
-        Kind::NonCausal => noncausal_forward(dev, qkv, &mut o, &shape, Some(&CU), o_, st),
-    }
-    .unwrap();
+    forward(kind, dev, qkv, &mut o, &shape, Some(&CU), o_, st).unwrap();
     let mut g: [Buffer<f32>; 3] = [D, D, M].map(|w| dev.alloc_zeros(t * H * w).unwrap());
     let [dq, dk, dv] = &mut g;
     let bi = BackwardInputs {
@@ -96,11 +91,7 @@ fn single(dev: &Device, kind: Kind, x: &[Vec<f32>; 4]) -> Out {
     };
     let gr = Grads { dq, dk, dv };
     let bs = BackwardStates::none();
-    match kind {
-        Kind::Causal => causal_backward(dev, bi, gr, &shape, Some(&CU), o_, bs),
-        Kind::NonCausal => noncausal_backward(dev, bi, gr, &shape, Some(&CU), o_, bs),
-    }
-    .unwrap();
+    backward(kind, dev, bi, gr, &shape, Some(&CU), o_, bs).unwrap();
     let mut fin = dev.download(&fs).unwrap();
     fin.extend(dev.download(&fz).unwrap());
     let mut out = vec![dev.download(&o).unwrap()];

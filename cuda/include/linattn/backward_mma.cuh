@@ -38,39 +38,13 @@
 #include <mma.h>
 #include <type_traits>
 #include "linattn/backward_walk.cuh"
+#include "linattn/mma_tile.cuh"
 
 namespace linattn {
 namespace bwd {
 
-template <typename T> struct Mma {
-    static constexpr bool available = false;
-    static constexpr bool scaled = false;
-};
-template <> struct Mma<__half> {
-    static constexpr bool available = true;
-    static constexpr bool scaled = true;
-};
-template <> struct Mma<__nv_bfloat16> {
-    static constexpr bool available = true;
-    static constexpr bool scaled = false;
-};
-
-__device__ __forceinline__ int pad16(int n) { return (n + 15) & ~15; }
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
-
-// Carves the dynamic shared memory into buffers, each on a 128-byte boundary.
-struct Carve {
-    char* base;
-    unsigned off;
-    template <typename U>
-    __device__ __forceinline__ U* take(int n) {
-        off = (off + 127u) & ~127u;
-        U* q = reinterpret_cast<U*>(base + off);
-        off += (unsigned)n * (unsigned)sizeof(U);
-        return q;
-    }
-};
 
 // dst[r][c] (row stride ld) = value(r, c) rounded to T for r < rows and
 // c < cols, zero elsewhere in R16 x C16.
@@ -80,6 +54,18 @@ __device__ __forceinline__ void stage(T* dst, int ld, int R16, int C16, int rows
         const int r = i / C16, c = i - r * C16;
         dst[r * ld + c] = from_float<T>(r < rows && c < cols ? value(r, c) : 0.0f);
     }
+}
+
+// The power of two that brings a warp's largest magnitude mx (its lanes'
+// maxima) into [2^14, 2^15) (pow2_shift, linattn/scaled_round.cuh); inv =
+// its inverse. Every mx > 0 is scaled, an overflowed one (inf, > 3e38) by
+// the clamp's 2^-100 (the forward's publish_tile leaves those unscaled:
+// see there).
+__device__ __forceinline__ float tile_pow2(float mx, float& inv) {
+    mx = warp_max(mx);
+    const int e = mx > 0.0f ? pow2_shift(mx, kTileTop) : 0;
+    inv = pow2(e);
+    return pow2(-e);
 }
 
 // One warp rounds the 16 x 16 fp32 tile value(r, c) (r, c < 16) to T at dst
@@ -99,14 +85,9 @@ __device__ __forceinline__ void round_tile(T* dst, int ld, float* inv, F value) 
     }
     float s = 1.0f;
     if constexpr (Mma<T>::scaled) {
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        int k = 0;
-        if (mx > 0.0f) {
-            k = 14 - (((__float_as_int(mx) >> 23) & 0xff) - 127);
-            k = k < -100 ? -100 : (k > 100 ? 100 : k);
-        }
-        s = __int_as_float((127 + k) << 23);
-        if (lane == 0) *inv = __int_as_float((127 - k) << 23);
+        float si;
+        s = tile_pow2(mx, si);
+        if (lane == 0) *inv = si;
     } else {
         (void)inv;
     }
@@ -128,19 +109,6 @@ __device__ __forceinline__ void round_tiles(T* dst, int ld, int R16, int C16, fl
         const int r0 = (t / tc) * 16, c0 = (t - (t / tc) * tc) * 16;
         round_tile<T>(dst + r0 * ld + c0, ld, inv + t, [&](int r, int c) { return value(r0 + r, c0 + c); });
     }
-}
-
-// The power of two that brings a warp's largest magnitude mx (its lanes'
-// maxima) into [2^14, 2^15), as round_tile picks it; *inv = its inverse.
-__device__ __forceinline__ float tile_pow2(float mx, float& inv) {
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    int k = 0;
-    if (mx > 0.0f) {
-        k = 14 - (((__float_as_int(mx) >> 23) & 0xff) - 127);
-        k = k < -100 ? -100 : (k > 100 ? 100 : k);
-    }
-    inv = __int_as_float((127 - k) << 23);
-    return __int_as_float((127 + k) << 23);
 }
 
 // round_tile's low half: x - hi(x) (exact in fp32), hi(x) being what
@@ -189,25 +157,6 @@ __device__ __forceinline__ void round_tiles_lo(T* dst, int ld, int R16, int C16,
     for (int t = warp; t < tiles; t += nwarps) {
         const int r0 = (t / tc) * 16, c0 = (t - (t / tc) * tc) * 16;
         round_tile_lo<T>(dst + r0 * ld + c0, ld, inv + t, [&](int r, int c) { return value(r0 + r, c0 + c); });
-    }
-}
-
-// acc += a b. For __half the product goes through a separate fp32 partial
-// multiplied by f (the operands' inverse tile scales) before it is added;
-// fragments of one type share their element mapping, so element i of the
-// partial and of acc is the same (row, column). bf16 accumulates directly.
-template <typename T, typename FA, typename FB>
-__device__ __forceinline__ void mma_scaled(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>& acc,
-                                           const FA& a, const FB& b, float f) {
-    using namespace nvcuda;
-    if constexpr (Mma<T>::scaled) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> part;
-        wmma::fill_fragment(part, 0.0f);
-        wmma::mma_sync(part, a, b, part);
-        for (int i = 0; i < part.num_elements; ++i) acc.x[i] = fmaf(part.x[i], f, acc.x[i]);
-    } else {
-        (void)f;
-        wmma::mma_sync(acc, a, b, acc);
     }
 }
 
@@ -324,15 +273,48 @@ __device__ __forceinline__ void dead_features(float* dead, const T* kb, int64_t 
 // No scale table (an operand staged straight from the inputs).
 __device__ __forceinline__ Scales no_scales() { return Scales{nullptr, 0, 0, 1.0f}; }
 
-// One chunk's dv, shared by dv_mma and dkv_mma: F = kh dS (+ A^T dnum over
-// i >= j when causal, with A = qh kh^T (Q16's scales sq), lower block
-// triangle, rounded into A16 with tile scales sA), then rows x cols of it written from `out` (the
-// chunk's first row) with row stride `stride`. Ends with F read out.
+// What dv_chunk works on: one chunk's staged operands in shared memory,
+// their tile scales, and where its dv rows go (the style of the params
+// structs: named fields, set at the call).
 template <typename T>
-__device__ __forceinline__ void dv_chunk(float* F, int LF, int CT, int MTT, int DTT, bool causal, int rows, int cols,
-                                         const T* Q16, Scales sq, const T* K16, int LD, T* A16, int LC, float* sA,
-                                         const T* S16, int L16, const float* sS, const T* G16, const float* sG, T* out,
-                                         int64_t stride) {
+struct DvChunk {
+    float* F;         // fp32 work tile, C x (>= max(C, MT)) with row stride LF
+    int LF;
+    int CT, MTT, DTT;  // 16-tiles of the chunk C, the value tile MT and D16
+    bool causal;
+    int rows, cols;   // valid rows (tokens) and columns written
+    const T* Q16;     // qh (C x D16, row stride LD) and its scales
+    Scales sq;
+    const T* K16;     // kh (C x D16, row stride LD)
+    int LD;
+    T* A16;           // A = qh kh^T rounded here (C x C, row stride LC)
+    int LC;
+    float* sA;        // A16's tile scales (written here, f16)
+    const T* S16;     // dS rounded (D16 x MT, row stride L16) and its scales
+    int L16;
+    const float* sS;
+    const T* G16;     // dnum rounded (C x MT, row stride L16) and its scales
+    const float* sG;
+    T* out;           // the chunk's first dv row, row stride `stride`
+    int64_t stride;
+};
+
+// One chunk's dv, shared by dv_mma and dkv_mma: F = kh dS (+ A^T dnum over
+// i >= j when causal, with A = qh kh^T, lower block triangle, rounded into
+// A16), then rows x cols of it written to `out`. Ends with F read out.
+template <typename T>
+__device__ __forceinline__ void dv_chunk(const DvChunk<T>& a) {
+    float* F = a.F;
+    const int LF = a.LF, CT = a.CT, MTT = a.MTT, DTT = a.DTT, rows = a.rows, cols = a.cols;
+    const bool causal = a.causal;
+    const T *Q16 = a.Q16, *K16 = a.K16, *S16 = a.S16, *G16 = a.G16;
+    const int LD = a.LD, LC = a.LC, L16 = a.L16;
+    const Scales sq = a.sq;
+    T* A16 = a.A16;
+    float* sA = a.sA;
+    const float *sS = a.sS, *sG = a.sG;
+    T* out = a.out;
+    const int64_t stride = a.stride;
     const int C = CT * 16;
     if (causal) {
         gemm<T, true, false>(F, LF, CT, CT, DTT, false, true, KRange::All, Q16, LD, sq, K16, LD, no_scales());
@@ -805,8 +787,14 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
                 __syncthreads();
             }
             if (emit) {
-                dv_chunk<T>(F, LF, CT, MTT, DTT, causal, rows, mt, Q16, Scales{sQ, DTT, 1, 1.0f}, K16, LD, A16, LC, sA, S16,
-                            L16, sS, G16, sG, dvb + t0 * p.v_token_stride, p.v_token_stride);
+                DvChunk<T> a;
+                a.F = F; a.LF = LF; a.CT = CT; a.MTT = MTT; a.DTT = DTT; a.causal = causal;
+                a.rows = rows; a.cols = mt;
+                a.Q16 = Q16; a.sq = Scales{sQ, DTT, 1, 1.0f}; a.K16 = K16; a.LD = LD;
+                a.A16 = A16; a.LC = LC; a.sA = sA;
+                a.S16 = S16; a.L16 = L16; a.sS = sS; a.G16 = G16; a.sG = sG;
+                a.out = dvb + t0 * p.v_token_stride; a.stride = p.v_token_stride;
+                dv_chunk<T>(a);
             }
             if (absorb) {
                 // dS += qn^T G (F is not touched; S16 is a copy of dS), then
@@ -977,16 +965,7 @@ __device__ __forceinline__ void frags_publish_lo(const Acc (&st)[kDkvFrags], con
         for (int i = 0; i < Acc::num_elements; ++i) mx = fmaxf(mx, fabsf(st[k].x[i]));
         // hi exactly as round_tile rounded it (same tile, same maximum).
         float s = 1.0f, inv = 1.0f;
-        if constexpr (Mma<T>::scaled) {
-            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            int e = 0;
-            if (mx > 0.0f) {
-                e = 14 - (((__float_as_int(mx) >> 23) & 0xff) - 127);
-                e = e < -100 ? -100 : (e > 100 ? 100 : e);
-            }
-            s = __int_as_float((127 + e) << 23);
-            inv = __int_as_float((127 - e) << 23);
-        }
+        if constexpr (Mma<T>::scaled) s = tile_pow2(mx, inv);
         const float shi = s;
         const auto lo = [&](float x) { return x - to_float(from_float<T>(x * shi)) * inv; };
         mx = 0.0f;
@@ -994,14 +973,9 @@ __device__ __forceinline__ void frags_publish_lo(const Acc (&st)[kDkvFrags], con
         for (int i = 0; i < Acc::num_elements; ++i) mx = fmaxf(mx, fabsf(lo(st[k].x[i])));
         s = 1.0f;
         if constexpr (Mma<T>::scaled) {
-            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            int e = 0;
-            if (mx > 0.0f) {
-                e = 14 - (((__float_as_int(mx) >> 23) & 0xff) - 127);
-                e = e < -100 ? -100 : (e > 100 ? 100 : e);
-            }
-            s = __int_as_float((127 + e) << 23);
-            if (lane == 0) sS[t] = __int_as_float((127 - e) << 23);
+            float si;
+            s = tile_pow2(mx, si);
+            if (lane == 0) sS[t] = si;
         } else {
             (void)sS;
             (void)lane;
@@ -1407,8 +1381,14 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                 }
                 __syncthreads();  // F, P16 and dz are reused below
                 // A' = qn kh^T (causal), then dv = kh dS + A'^T G.
-                dv_chunk<T>(F, LF, CT, MTT, DTT, causal, rows, M, Q16, Scales{sQ, DTT, 1, 1.0f}, K16, LD, P16, LC, sP,
-                            S16, L16, sS, G16, nullptr, dvb + t0 * p.v_token_stride, p.v_token_stride);
+                DvChunk<T> a;
+                a.F = F; a.LF = LF; a.CT = CT; a.MTT = MTT; a.DTT = DTT; a.causal = causal;
+                a.rows = rows; a.cols = M;
+                a.Q16 = Q16; a.sq = Scales{sQ, DTT, 1, 1.0f}; a.K16 = K16; a.LD = LD;
+                a.A16 = P16; a.LC = LC; a.sA = sP;
+                a.S16 = S16; a.L16 = L16; a.sS = sS; a.G16 = G16; a.sG = nullptr;
+                a.out = dvb + t0 * p.v_token_stride; a.stride = p.v_token_stride;
+                dv_chunk<T>(a);
             }
             if (absorb) {
                 // dS += qn^T G; then, for f16 chunks with eps rows, once

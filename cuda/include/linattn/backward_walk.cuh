@@ -37,6 +37,8 @@
 #pragma once
 #include <cstdint>
 #include "linattn/params.h"
+#include "linattn/carve.cuh"
+#include "linattn/coords.cuh"
 #include "linattn/dtype.cuh"
 #include "linattn/feature_map.cuh"
 
@@ -45,40 +47,21 @@ namespace bwd {
 
 constexpr int kThreads = 256;
 
-// Where one sequence's tokens are: batch index, first token, length.
-struct Range {
-    int64_t batch;
-    int64_t start;
-    int64_t len;
-};
-
 // One block's coordinates: sequence-head, tile along D or M, the sequence.
 struct Coords {
     int64_t sh;
     int64_t head;
     int tile;
-    Range r;
+    SeqRange r;
 };
 
 __device__ __forceinline__ Coords coords(const LinattnBackwardParams& p) {
-    // 32-bit index math: the plan keeps seq-heads x tiles within 2^31 - 1.
-    const unsigned bx = blockIdx.x;
-    const unsigned sh32 = bx / (unsigned)p.tiles;
-    const unsigned seq = sh32 / (unsigned)p.heads;
+    const SeqHeadTile g = seq_head_tile(p.tiles, p.heads);
     Coords c;
-    c.tile = (int)(bx - sh32 * (unsigned)p.tiles);
-    c.sh = sh32;
-    c.head = sh32 - seq * (unsigned)p.heads;
-    if (p.cu_seqlens != 0) {
-        const int64_t* cu = ptr<const int64_t>(p.cu_seqlens);
-        c.r.batch = 0;
-        c.r.start = cu[seq];
-        c.r.len = cu[seq + 1] - cu[seq];
-    } else {
-        c.r.batch = seq;
-        c.r.start = 0;
-        c.r.len = p.tokens;
-    }
+    c.tile = g.tile;
+    c.sh = g.sh;
+    c.head = g.head;
+    c.r = seq_range(p.cu_seqlens, g.seq, p.tokens);
     if (p.num_parts > 1) {
         // A split whole-head walk: partition blockIdx.y of the sequence.
         const int64_t off = (int64_t)blockIdx.y * p.part_len;
@@ -246,6 +229,7 @@ __device__ __forceinline__ void prep_fma(const LinattnBackwardParams& p, float* 
     float* Vs = Ks + C * DP;
     float* As = Vs + C * MTP;
     float* qz = As + C * C;
+    smem_end(smem, qz + C);
     for (int i = tid; i < D * mt; i += nthreads) {
         const int x = i / mt, e = i - x * mt;
         Ss[x * MTP + e] = p.state_in_s != 0 ? ptr<const float>(p.state_in_s)[(c.sh * D + x) * M + m0 + e] : 0.0f;
@@ -392,6 +376,7 @@ __device__ __forceinline__ void dqk_fma(const LinattnBackwardParams& p, float* s
     float* Gs = Vs + C * MP;
     float* Bs = Gs + C * MP;
     float* dd = Bs + C * C;
+    smem_end(smem, dd + C);
     const float* s_in = ptr<const float>(kDk ? p.d_final_s : p.state_in_s);
     const float* z_in = ptr<const float>(kDk ? p.d_final_z : p.state_in_z);
     for (int i = tid; i < dt * M; i += nthreads) {
@@ -518,6 +503,7 @@ __device__ __forceinline__ void dv_fma(const LinattnBackwardParams& p, float* sm
     float* Ks = Qs + C * DP;
     float* Gs = Ks + C * DP;
     float* As = Gs + C * MTP;
+    smem_end(smem, As + C * C);
     for (int i = tid; i < D * mt; i += nthreads) {
         const int x = i / mt, e = i - x * mt;
         Ss[x * MTP + e] = p.d_final_s != 0 ? ptr<const float>(p.d_final_s)[(c.sh * D + x) * M + m0 + e] : 0.0f;

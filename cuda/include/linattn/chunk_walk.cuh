@@ -21,6 +21,7 @@
 #pragma once
 #include <cstdint>
 #include "linattn/params.h"
+#include "linattn/carve.cuh"
 #include "linattn/dtype.cuh"
 #include "linattn/feature_map.cuh"
 #include "linattn/walk_common.cuh"
@@ -61,6 +62,7 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
     const int m0 = b.tile * MT;
     const int mt = M - m0 < MT ? M - m0 : MT;  // valid columns of this tile
 
+    // Shared memory (the plan's `walk_shared_bytes` mirrors it):
     float* Ss = smem;            // D x MT
     float* zs = Ss + D * MT;     // D
     float* Qs = zs + D;          // C x DP: s * phi(q)
@@ -68,6 +70,7 @@ __device__ __forceinline__ void chunk_walk(const LinattnForwardParams& p, float*
     float* Vs = Ks + C * DP;     // C x MT: v
     float* As = Vs + C * MT;     // C x C scores
     float* qz = As + C * C;      // C: s phi(q) . z
+    smem_end(smem, qz + C);
 
     // ---- starting state -------------------------------------------------
     const float* ls;
@@ -186,7 +189,7 @@ __device__ __forceinline__ void state_scan(const LinattnStateScanParams& p) {
     const int64_t e = (int64_t)(blockIdx.x - sh32 * (unsigned)p.blocks_per_state) * blockDim.x + threadIdx.x;
     const int64_t DM = p.d * p.m;
     if (e >= DM + p.d) return;
-    const SeqRange r = seq_range(p.cu_seqlens, sh32 / (unsigned)p.heads, p.tokens);
+    const SeqRange r = seq_range(p.cu_seqlens, (int64_t)(sh32 / (unsigned)p.heads), p.tokens);
     const int64_t nparts = (r.len + p.part_len - 1) / p.part_len;
     const bool is_z = e >= DM;
     const int64_t ez = e - DM;

@@ -1,34 +1,14 @@
 // What the fp32 walk (linattn/chunk_walk.cuh) and the tensor-core walk
-// (linattn/walk_mma.cuh) share: a block's coordinates and token range, and
-// where its starting state comes from and its final state goes.
+// (linattn/walk_mma.cuh) share: a walk block's coordinates and token range
+// (on linattn/coords.cuh), and where its starting state comes from and its
+// final state goes.
 #pragma once
 #include <cstdint>
 #include "linattn/params.h"
 #include "linattn/dtype.cuh"
+#include "linattn/coords.cuh"
 
 namespace linattn {
-
-// Where one sequence's tokens are: batch index, first token, length.
-struct SeqRange {
-    int64_t batch;
-    int64_t start;
-    int64_t len;
-};
-
-__device__ __forceinline__ SeqRange seq_range(linattn_ptr cu_seqlens, int64_t s, int64_t tokens) {
-    SeqRange r;
-    if (cu_seqlens != 0) {
-        const int64_t* cu = ptr<const int64_t>(cu_seqlens);
-        r.batch = 0;
-        r.start = cu[s];
-        r.len = cu[s + 1] - cu[s];
-    } else {
-        r.batch = s;
-        r.start = 0;
-        r.len = tokens;
-    }
-    return r;
-}
 
 // One walk block: (sequence-head, value tile) from grid x, partition from
 // grid y, and the partition's tokens [t_begin, t_end) within the sequence.
@@ -45,16 +25,12 @@ struct WalkBlock {
 
 __device__ __forceinline__ WalkBlock walk_block(const LinattnForwardParams& p) {
     WalkBlock b;
-    // 32-bit index math: the plan keeps seq-heads x tiles within the grid's
-    // 2^31 - 1 (64-bit division is a called subroutine on the GPU).
-    const unsigned bx = blockIdx.x;
-    const unsigned sh32 = bx / (unsigned)p.m_tiles;
-    b.tile = (int)(bx - sh32 * (unsigned)p.m_tiles);
-    b.sh = sh32;
-    const int64_t seq = sh32 / (unsigned)p.heads;
-    b.head = sh32 - (unsigned)seq * (unsigned)p.heads;
+    const SeqHeadTile g = seq_head_tile(p.m_tiles, p.heads);
+    b.tile = g.tile;
+    b.sh = g.sh;
+    b.head = g.head;
     b.part = (int)blockIdx.y;
-    b.r = seq_range(p.cu_seqlens, seq, p.tokens);
+    b.r = seq_range(p.cu_seqlens, (int64_t)g.seq, p.tokens);
     b.t_begin = (int64_t)b.part * p.part_len;
     b.t_end = b.r.len < b.t_begin + p.part_len ? b.r.len : b.t_begin + p.part_len;
     // Partitions past the end of a (shorter) sequence have nothing to do; the

@@ -56,10 +56,12 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include "linattn/params.h"
+#include "linattn/carve.cuh"
 #include "linattn/dtype.cuh"
 #include "linattn/feature_map.cuh"
 #include "linattn/walk_common.cuh"
 #include "linattn/scaled_round.cuh"
+#include "linattn/mma_tile.cuh"
 
 namespace linattn {
 
@@ -70,26 +72,22 @@ constexpr int kStateFrags = 4;
 constexpr int kOutFrags = 2;
 constexpr int kScratch = 16 * 16;
 
-__device__ __forceinline__ int round16(int x) { return (x + 15) & ~15; }
-
-template <typename T> struct MmaScaled { static constexpr bool value = false; };
-template <> struct MmaScaled<__half> { static constexpr bool value = true; };
-
 // Rounds one 16 x 16 fp32 state tile (in the warp's scratch) to T at `dst`
 // (ldm `ld`), scaled for f16; returns the factor that undoes the scaling.
 template <typename T>
 __device__ __forceinline__ float publish_tile(const float* scratch, T* dst, int ld) {
     const int lane = threadIdx.x & 31;
     float inv = 1.0f, back = 1.0f;
-    if constexpr (MmaScaled<T>::value) {
+    if constexpr (Mma<T>::scaled) {
         float mx = 0.0f;
         for (int i = lane; i < kScratch; i += 32) mx = fmaxf(mx, fabsf(scratch[i]));
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        mx = warp_max(mx);
+        // Unlike the backward's tile_pow2, an overflowed state tile (mx
+        // past 3e38 or inf) stays unscaled: 2^-100 could not bring it into
+        // f16's range either, and either choice changes the bits of results
+        // that are already meaningless; kept as each walk has always done.
         if (mx > 0.0f && mx <= 3.0e38f) {
-            int e;
-            frexpf(mx, &e);  // mx < 2^e
-            e -= 15;
-            e = e < -100 ? -100 : (e > 100 ? 100 : e);
+            const int e = pow2_shift(mx, kTileTop);
             inv = ldexpf(1.0f, -e);
             back = ldexpf(1.0f, e);
         }
@@ -165,7 +163,7 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
     const int M = (int)p.m;
     const int C = p.chunk;
     const int MT = p.m_tile;
-    const int DP = round16(D);
+    const int DP = pad16(D);
     const int m0 = b.tile * MT;
     const int mt = M - m0 < MT ? M - m0 : MT;  // valid columns of this tile
     const int LQ = DP + 8, LV = MT + 8, LA = C + 8;
@@ -181,7 +179,7 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
     const int e_own = (warp % tiles_e) * 16;
     // f16 loads both operands per product: its per-tile scale fix-up needs
     // the registers that sharing takes (ptxas spills on sm_90 otherwise).
-    const bool share = shared_e && !MmaScaled<T>::value;
+    const bool share = shared_e && !Mma<T>::scaled;
 
     T* Q16 = reinterpret_cast<T*>(smem);
     T* K16 = Q16 + C * LQ;
@@ -193,10 +191,11 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
     float* zs = F + C * LF + nwarps * kScratch;
     float* den = zs + DP;
     float* scales = den + C;
+    smem_end(smem, scales + state_tiles);
     // f16: each staged s phi(q) row's scale exponent, from its staging (1) to
     // its score rounding (3), in warp 0's scratch (free until (4)).
     float* rowq = F + C * LF;
-    constexpr bool kScaled = MmaScaled<T>::value;
+    constexpr bool kScaled = Mma<T>::scaled;
 
     const bool causal = p.causal != 0;
     const bool out = p.write_output != 0;

@@ -47,6 +47,18 @@ extern "C" __global__ void emu_test_dyn_only(DynParams p) {
   }
 }
 
+// The launch's dynamic shared memory size as device code sees it: PTX's
+// %dynamic_smem_size on a GPU, the emulator's record of the launch here.
+extern "C" __global__ void emu_test_dyn_bytes(DynParams p) {
+  unsigned n;
+#ifdef LINATTN_EMULATOR
+  n = (unsigned)linattn_emu::dynamic_shared_bytes();
+#else
+  asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
+#endif
+  p.out[blockIdx.x * blockDim.x + threadIdx.x] = n;
+}
+
 // Where the dynamic shared memory base lies: out[0] = base % 4096 for each kernel.
 struct BaseParams {
   unsigned long long* out;

@@ -8,13 +8,14 @@
 //!
 //! | op | typed memory | raw addresses |
 //! | --- | --- | --- |
-//! | forward | [`causal_forward`], [`noncausal_forward`] | [`causal_forward_raw`], [`noncausal_forward_raw`] ([`RawForward`]) |
-//! | backward | [`causal_backward`], [`noncausal_backward`] | [`causal_backward_raw`], [`noncausal_backward_raw`] ([`RawBackward`]) |
+//! | forward | [`forward()`] | [`forward_raw`] ([`RawForward`]) |
+//! | backward | [`backward()`] | [`backward_raw`] ([`RawBackward`]) |
 //! | decode | [`decode_step`] | [`decode_step_raw`] ([`RawDecode`]) |
 //! | feature map | [`feature_map()`] | [`feature_map_raw`] |
 //! | context parallel | [`local_state`], [`combine_states`], [`noncausal_readout`], [`ContextParallel`] over a [`Collective`] | the forward/backward `*_raw` entry points |
 //!
-//! Shapes and options: [`AttentionShape`] ([`Strides`]), [`AttentionOptions`]
+//! Causality is an argument ([`Kind`]) of the forward and backward entry
+//! points. Shapes and options: [`AttentionShape`] ([`Strides`]), [`AttentionOptions`]
 //! ([`ScheduleChoice`]), [`DecodeShape`] ([`RowStrides`]), [`RowsShape`];
 //! arguments: [`Qkv`], [`StateIo`] ([`StateRef`], [`StateMut`]),
 //! [`BackwardInputs`], [`Grads`], [`BackwardStates`]. The tiling and
@@ -36,10 +37,7 @@ pub use attention::{
     AttentionOptions, AttentionShape, DqPrecision, Kind, Qkv, ScheduleChoice, StateIo, StateMut,
     StateRef, Strides, MAX_DIM,
 };
-pub use backward::{
-    causal_backward, causal_backward_raw, noncausal_backward, noncausal_backward_raw,
-    BackwardInputs, BackwardStates, Grads, RawBackward,
-};
+pub use backward::{backward, backward_raw, BackwardInputs, BackwardStates, Grads, RawBackward};
 #[cfg(feature = "nccl")]
 pub use context_parallel::NcclCollective;
 pub use context_parallel::{
@@ -48,7 +46,5 @@ pub use context_parallel::{
 };
 pub use decode::{decode_step, decode_step_raw, DecodeShape, RawDecode, RowStrides};
 pub use feature_map::{feature_map, feature_map_raw, RowsShape};
-pub use forward::{
-    causal_forward, causal_forward_raw, noncausal_forward, noncausal_forward_raw, RawForward,
-};
+pub use forward::{forward, forward_raw, RawForward};
 pub use memory::{DeviceRead, DeviceWrite, Memory};

@@ -3,7 +3,7 @@
 //! respect to q, k, v and the initial state, feature map and normaliser
 //! differentiated inside the kernels.
 //!
-//! Same conventions as [`crate::ops::forward`]: the shape is an
+//! Same conventions as [`crate::ops::forward`](mod@crate::ops::forward): the shape is an
 //! [`AttentionShape`] (+ optional host `cu_seqlens` for packed varlen
 //! batches), the options are the forward's [`AttentionOptions`] (its
 //! `schedule` also picks walk or split for the whole-head walks), states
@@ -16,9 +16,8 @@
 //! or per-chunk state: the kernels recompute the prefix (dq) and suffix
 //! (dk, dv) states chunk by chunk, and the normaliser's pieces.
 //!
-//! Entry points: [`causal_backward`] and [`noncausal_backward`] on typed
-//! memory ([`Memory`]), [`causal_backward_raw`] and
-//! [`noncausal_backward_raw`] on device addresses ([`RawBackward`]). Both
+//! Entry points, causal or not by [`Kind`]: [`backward()`] on typed memory
+//! ([`Memory`]), [`backward_raw`] on device addresses ([`RawBackward`]). Both
 //! validate ([`validate`]) and run one plan (`plan.rs`, in named steps; the
 //! launch sequences are described in `docs/kernels.md`); tiling and
 //! policies live in `tiling.rs` (see [`crate::ops::tuning`]).
@@ -86,124 +85,23 @@ impl BackwardStates<'_, crate::Buffer<f32>, crate::Buffer<f32>> {
     }
 }
 
-/// Gradients of [`causal_forward`](crate::causal_forward): writes dq, dk,
-/// dv (strides of q, k, v) and, when `states.d_initial` is given, dL/dS0
-/// and dL/dz0. `x.d_o` is dL/do (strides of o); `states.initial` must be
-/// the initial state the forward started from, and `states.d_final` an
-/// optional gradient flowing into its final state. `cu_seqlens` (host
-/// offsets) makes it a packed varlen call (`shape.batch == 1`).
+/// Gradients of [`forward()`](crate::forward()) of the same `kind`: writes
+/// dq, dk, dv (strides of q, k, v) and, when `states.d_initial` is given,
+/// dL/dS0 and dL/dz0. `x.d_o` is dL/do (strides of o); `states.initial`
+/// must be the initial state the forward started from, and
+/// `states.d_final` an optional gradient flowing into its final state.
+/// `cu_seqlens` (host offsets) makes it a packed varlen call
+/// (`shape.batch == 1`).
 ///
-/// `exec` and memory as for [`causal_forward`](crate::causal_forward).
+/// `exec` and memory as for [`forward()`](crate::forward()). The typed
+/// path: lengths from the memory, temporaries from the executor, addresses
+/// gathered once, then the raw path's launch.
+///
 /// Errors: [`crate::Error::InvalidArgument`] naming the argument for a bad
 /// shape, option, length, overlapping gradient rows or memory of another
 /// device; driver errors from the launches.
-pub fn causal_backward<E, T, B, G, I, F>(
-    exec: &E,
-    x: BackwardInputs<'_, B>,
-    grads: Grads<'_, G>,
-    shape: &AttentionShape,
-    cu_seqlens: Option<&[usize]>,
-    opts: &AttentionOptions,
-    states: BackwardStates<'_, I, F>,
-) -> Result<()>
-where
-    E: Memory,
-    T: Element,
-    B: DeviceRead<T, E>,
-    G: DeviceWrite<T, E>,
-    I: DeviceRead<f32, E>,
-    F: DeviceWrite<f32, E>,
-{
-    backward(
-        Kind::Causal,
-        exec,
-        x,
-        grads,
-        shape,
-        cu_seqlens,
-        opts,
-        states,
-    )
-}
-
-/// Gradients of [`noncausal_forward`](crate::noncausal_forward);
-/// conventions as [`causal_backward`].
-pub fn noncausal_backward<E, T, B, G, I, F>(
-    exec: &E,
-    x: BackwardInputs<'_, B>,
-    grads: Grads<'_, G>,
-    shape: &AttentionShape,
-    cu_seqlens: Option<&[usize]>,
-    opts: &AttentionOptions,
-    states: BackwardStates<'_, I, F>,
-) -> Result<()>
-where
-    E: Memory,
-    T: Element,
-    B: DeviceRead<T, E>,
-    G: DeviceWrite<T, E>,
-    I: DeviceRead<f32, E>,
-    F: DeviceWrite<f32, E>,
-{
-    backward(
-        Kind::NonCausal,
-        exec,
-        x,
-        grads,
-        shape,
-        cu_seqlens,
-        opts,
-        states,
-    )
-}
-
-/// [`causal_backward`] on raw device addresses, for engines that manage
-/// their own memory. Get the workspace size from [`workspace_len`] (with the
-/// problem from [`validate`]).
-///
-/// # Safety
-/// Every non-zero address must point to memory the executor can reach,
-/// valid until the launches complete: q, k, v and d_o (`dtype`, read) and
-/// dq, dk, dv (written) covering `shape` with the strides of their primals
-/// (d_o: those of o); the initial state and d_final (read) and d_initial
-/// (written) as `num_seqs * heads` fp32 states; the workspace of
-/// `ptrs.workspace_len` fp32 elements (checked against [`workspace_len`] of
-/// this call, which depends on the whole shape: recompute it per call, a
-/// smaller batch can need more); for varlen, `cu_seqlens.len()` `int64`
-/// offsets on the device equal to the host `cu_seqlens`. Outputs must not
-/// overlap any input (checked by address range).
-pub unsafe fn causal_backward_raw<E: Executor>(
-    exec: &E,
-    dtype: DType,
-    ptrs: &RawBackward,
-    shape: &AttentionShape,
-    cu_seqlens: Option<&[usize]>,
-    opts: &AttentionOptions,
-) -> Result<()> {
-    // SAFETY: forwarded.
-    unsafe { backward_raw(Kind::Causal, exec, dtype, ptrs, shape, cu_seqlens, opts) }
-}
-
-/// [`noncausal_backward`] on raw device addresses.
-///
-/// # Safety
-/// As for [`causal_backward_raw`].
-pub unsafe fn noncausal_backward_raw<E: Executor>(
-    exec: &E,
-    dtype: DType,
-    ptrs: &RawBackward,
-    shape: &AttentionShape,
-    cu_seqlens: Option<&[usize]>,
-    opts: &AttentionOptions,
-) -> Result<()> {
-    // SAFETY: forwarded.
-    unsafe { backward_raw(Kind::NonCausal, exec, dtype, ptrs, shape, cu_seqlens, opts) }
-}
-
-// The typed path: lengths from the memory, temporaries from the executor,
-// addresses gathered once, then the raw path's launch.
 #[allow(clippy::too_many_arguments)]
-fn backward<E, T, B, G, I, F>(
+pub fn backward<E, T, B, G, I, F>(
     kind: Kind,
     exec: &E,
     x: BackwardInputs<'_, B>,
@@ -286,7 +184,22 @@ where
     unsafe { launch(kind, exec, T::DTYPE, &bp, opts, &ptrs) }
 }
 
-unsafe fn backward_raw<E: Executor>(
+/// [`backward()`] on raw device addresses, for engines that manage their
+/// own memory. Get the workspace size from [`workspace_len`] (with the
+/// problem from [`validate`]).
+///
+/// # Safety
+/// Every non-zero address must point to memory the executor can reach,
+/// valid until the launches complete: q, k, v and d_o (`dtype`, read) and
+/// dq, dk, dv (written) covering `shape` with the strides of their primals
+/// (d_o: those of o); the initial state and d_final (read) and d_initial
+/// (written) as `num_seqs * heads` fp32 states; the workspace of
+/// `ptrs.workspace_len` fp32 elements (checked against [`workspace_len`] of
+/// this call, which depends on the whole shape: recompute it per call, a
+/// smaller batch can need more); for varlen, `cu_seqlens.len()` `int64`
+/// offsets on the device equal to the host `cu_seqlens`. Outputs must not
+/// overlap any input (checked by address range).
+pub unsafe fn backward_raw<E: Executor>(
     kind: Kind,
     exec: &E,
     dtype: DType,

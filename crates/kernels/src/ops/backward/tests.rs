@@ -11,6 +11,34 @@ use crate::ops::forward::tiling::{SHARED_BUDGET_BYTES, THREADS};
 use crate::params::LinattnBackwardState;
 use crate::target::Target;
 
+/// The problem of a call with full-length buffers, planned for an H200.
+fn problem(dtype: DType, shape: &AttentionShape, opts: &AttentionOptions) -> BackwardProblem {
+    let (lens, glens) = full_lens(shape);
+    validate("t", dtype, shape, None, opts, &lens, &glens, &Target::H200).unwrap()
+}
+
+/// Where [`spread_ptrs`] puts the workspace.
+const WS: u64 = 11 << 20;
+
+/// Distinct, non-overlapping fake addresses for plan tests: tensor i at
+/// i << 20 (q 1, k 2, v 3, d_o 5, dq 6, dk 7, dv 8, dS0 9, dz0 10) and the
+/// workspace at [`WS`].
+fn spread_ptrs() -> RawBackward {
+    RawBackward {
+        q: 1 << 20,
+        k: 2 << 20,
+        v: 3 << 20,
+        d_o: 5 << 20,
+        dq: 6 << 20,
+        dk: 7 << 20,
+        dv: 8 << 20,
+        d_initial_s: 9 << 20,
+        d_initial_z: 10 << 20,
+        workspace: WS,
+        ..Default::default()
+    }
+}
+
 fn full_lens(shape: &AttentionShape) -> (Lens, GradLens) {
     let qn = shape.span(&shape.q, shape.d).unwrap();
     let kn = shape.span(&shape.k, shape.d).unwrap();
@@ -324,17 +352,10 @@ fn dq_precision_reaches_every_launch() {
     use crate::params::LinattnDqPrecision::*;
     for (d, m) in [(64, 64), (256, 256)] {
         let shape = AttentionShape::bhnd(1, 2, 100, d, m);
-        let (lens, glens) = full_lens(&shape);
         let ptrs = RawBackward {
-            q: 1 << 20,
-            k: 2 << 20,
-            v: 3 << 20,
-            d_o: 5 << 20,
-            dq: 6 << 20,
-            dk: 7 << 20,
-            dv: 8 << 20,
-            workspace: 11 << 20,
-            ..Default::default()
+            d_initial_s: 0,
+            d_initial_z: 0,
+            ..spread_ptrs()
         };
         for (choice, want) in [
             (None, LINATTN_DQ_SPLIT),
@@ -345,17 +366,7 @@ fn dq_precision_reaches_every_launch() {
             if let Some(c) = choice {
                 opts.dq_precision = c;
             }
-            let bp = validate(
-                "t",
-                DType::Bf16,
-                &shape,
-                None,
-                &opts,
-                &lens,
-                &glens,
-                &Target::H200,
-            )
-            .unwrap();
+            let bp = problem(DType::Bf16, &shape, &opts);
             let l = plan(Kind::Causal, DType::Bf16, &bp, &opts, &ptrs);
             assert!(!l.is_empty());
             for x in &l {
@@ -369,37 +380,20 @@ fn dq_precision_reaches_every_launch() {
 fn split_plans_sum_scan_and_walk() {
     let (h, n, d, m) = (2, 1000, 40, 24);
     let shape = AttentionShape::bhnd(1, h, n, d, m);
-    let (lens, glens) = full_lens(&shape);
     let opts = AttentionOptions {
         schedule: ScheduleChoice::Split { parts: 3 },
         ..Default::default()
     };
-    let bp = validate(
-        "t",
-        DType::F16,
-        &shape,
-        None,
-        &opts,
-        &lens,
-        &glens,
-        &Target::H200,
-    )
-    .unwrap();
+    let bp = problem(DType::F16, &shape, &opts);
     assert_eq!(bp.schedule.parts, 3);
     let rows = n * h;
     let norm = (1 + bp.tiling.prep.tiles) * rows;
     assert_eq!(workspace_len(&bp), norm + h * 3 * (d * m + d));
-    let ws = 11u64 << 20;
+    let ws = WS;
     let ptrs = RawBackward {
-        q: 1 << 20,
-        k: 2 << 20,
-        v: 3 << 20,
-        d_o: 5 << 20,
-        dq: 6 << 20,
-        dk: 7 << 20,
-        dv: 8 << 20,
-        workspace: ws,
-        ..Default::default()
+        d_initial_s: 0,
+        d_initial_z: 0,
+        ..spread_ptrs()
     };
     use LinattnBackwardState::*;
     // (pass, state mode) of each launch, and the six a split plans with
@@ -457,35 +451,12 @@ fn split_plans_sum_scan_and_walk() {
 #[test]
 fn plans_have_the_expected_launches() {
     let shape = AttentionShape::bhnd(2, 3, 100, 40, 24);
-    let (lens, glens) = full_lens(&shape);
     let opts = AttentionOptions::default();
-    let bp = validate(
-        "t",
-        DType::Bf16,
-        &shape,
-        None,
-        &opts,
-        &lens,
-        &glens,
-        &Target::H200,
-    )
-    .unwrap();
+    let bp = problem(DType::Bf16, &shape, &opts);
     assert_eq!(bp.tiling, tiling_for(DType::Bf16, 40, 24));
     let pt = bp.tiling.prep.tiles;
     assert_eq!(workspace_len(&bp), (1 + pt) * 2 * 100 * 3);
-    let ptrs = RawBackward {
-        q: 1 << 20,
-        k: 2 << 20,
-        v: 3 << 20,
-        d_o: 5 << 20,
-        dq: 6 << 20,
-        dk: 7 << 20,
-        dv: 8 << 20,
-        d_initial_s: 9 << 20,
-        d_initial_z: 10 << 20,
-        workspace: 11 << 20,
-        ..Default::default()
-    };
+    let ptrs = spread_ptrs();
     // A small head: prep + dq fused, dk + dv merged, one workspace slot.
     let t = bp.tiling;
     let dkv = t.dkv.expect("40 x 24 takes the merged walk");
@@ -530,17 +501,7 @@ fn plans_have_the_expected_launches() {
         assert!(x.plan.shared_bytes as usize <= SHARED_BUDGET_BYTES);
     }
     // The same shape in fp32: separate dk and dv walks.
-    let bp32 = validate(
-        "t",
-        DType::F32,
-        &shape,
-        None,
-        &opts,
-        &lens,
-        &glens,
-        &Target::H200,
-    )
-    .unwrap();
+    let bp32 = problem(DType::F32, &shape, &opts);
     assert!(bp32.tiling.dkv.is_none());
     let l = plan(Kind::Causal, DType::F32, &bp32, &opts, &ptrs);
     let passes: Vec<Pass> = l.iter().map(|l| l.pass).collect();
@@ -585,18 +546,7 @@ fn plans_have_the_expected_launches() {
     // not fit the fragments) plans the separate walks.
     for (dim, merged) in [(128, true), (256, false)] {
         let shape = AttentionShape::bhnd(1, 2, 50, dim, dim);
-        let (lens, glens) = full_lens(&shape);
-        let mut bp = validate(
-            "t",
-            DType::F16,
-            &shape,
-            None,
-            &opts,
-            &lens,
-            &glens,
-            &Target::H200,
-        )
-        .unwrap();
+        let mut bp = problem(DType::F16, &shape, &opts);
         let whole = Some(PassTiling {
             chunk: 32,
             tile: dim,
@@ -618,17 +568,7 @@ fn plans_have_the_expected_launches() {
         normalize: false,
         ..opts
     };
-    let bp2 = validate(
-        "t",
-        DType::F32,
-        &shape,
-        None,
-        &plain,
-        &lens,
-        &glens,
-        &Target::H200,
-    )
-    .unwrap();
+    let bp2 = problem(DType::F32, &shape, &plain);
     assert_eq!(workspace_len(&bp2), 0);
     let l = plan(Kind::NonCausal, DType::F32, &bp2, &plain, &ptrs);
     assert_eq!(l.len(), 3);
@@ -636,17 +576,7 @@ fn plans_have_the_expected_launches() {
     assert_eq!(l[0].plan.params.causal, 0);
     assert_eq!(l[0].plan.params.work_den, 0);
     // ... and in bf16 the fused walk writes dq alone.
-    let bp3 = validate(
-        "t",
-        DType::Bf16,
-        &shape,
-        None,
-        &plain,
-        &lens,
-        &glens,
-        &Target::H200,
-    )
-    .unwrap();
+    let bp3 = problem(DType::Bf16, &shape, &plain);
     let l = plan(Kind::NonCausal, DType::Bf16, &bp3, &plain, &ptrs);
     assert_eq!(l[0].plan.kernel, "backward_prepdq_bf16");
     assert_eq!(l[0].writes, [(6 << 20, 2 * 3 * 100 * 40 * 2)]);
@@ -723,18 +653,7 @@ fn validation_rejects_bad_calls() {
 fn raw_checks_catch_overlaps_and_nulls() {
     let shape = AttentionShape::bhnd(1, 1, 4, 2, 2);
     let opts = AttentionOptions::default();
-    let (lens, glens) = full_lens(&shape);
-    let bp = validate(
-        "t",
-        DType::F32,
-        &shape,
-        None,
-        &opts,
-        &lens,
-        &glens,
-        &Target::H200,
-    )
-    .unwrap();
+    let bp = problem(DType::F32, &shape, &opts);
     let ok = RawBackward {
         q: 1000,
         k: 2000,
@@ -793,38 +712,15 @@ fn plan_steps_one_by_one() {
     use LinattnBackwardState::*;
     let (h, n, d, m) = (2, 1000, 40, 24);
     let shape = AttentionShape::bhnd(1, h, n, d, m);
-    let (lens, glens) = full_lens(&shape);
-    let ws = 11u64 << 20;
-    let ptrs = RawBackward {
-        q: 1 << 20,
-        k: 2 << 20,
-        v: 3 << 20,
-        d_o: 5 << 20,
-        dq: 6 << 20,
-        dk: 7 << 20,
-        dv: 8 << 20,
-        d_initial_s: 9 << 20,
-        d_initial_z: 10 << 20,
-        workspace: ws,
-        ..Default::default()
-    };
+    let ws = WS;
+    let ptrs = spread_ptrs();
     let bp_of = |dtype: DType, schedule: ScheduleChoice, normalize: bool| {
         let opts = AttentionOptions {
             schedule,
             normalize,
             ..Default::default()
         };
-        let bp = validate(
-            "t",
-            dtype,
-            &shape,
-            None,
-            &opts,
-            &lens,
-            &glens,
-            &Target::H200,
-        )
-        .unwrap();
+        let bp = problem(dtype, &shape, &opts);
         (bp, opts)
     };
     let rows = n * h;

@@ -7,10 +7,9 @@ use std::sync::{Arc, Barrier, Mutex};
 use super::{combine_states, local_state, noncausal_readout, StateLayout};
 use crate::ops::attention::{AttentionOptions, AttentionShape, Kind};
 use crate::ops::backward::{
-    self as bwd, causal_backward_raw, noncausal_backward_raw, BackwardInputs, GradLens, Grads,
-    RawBackward,
+    self as bwd, backward_raw, BackwardInputs, GradLens, Grads, RawBackward,
 };
-use crate::ops::forward::{self as fwd, causal_forward_raw, Lens, RawForward};
+use crate::ops::forward::{self as fwd, forward_raw, Lens, RawForward};
 use crate::ops::memory::{Addrs, Memory};
 use crate::plan::Executor;
 use crate::{Buffer, DType, Device, Element, Error, Result};
@@ -638,7 +637,7 @@ fn piece_forward<T: Element>(
         workspace_len: ws_floats,
     };
     // SAFETY: typed memory of `dev`; lengths validated by the driver.
-    unsafe { causal_forward_raw(dev, T::DTYPE, &ptrs, shape, cu, opts) }
+    unsafe { forward_raw(Kind::Causal, dev, T::DTYPE, &ptrs, shape, cu, opts) }
 }
 
 /// The backward of a piece from the packed state `start`, with an optional
@@ -657,10 +656,7 @@ fn piece_backward<T: Element>(
     d_initial: Option<&mut Buffer<f32>>,
     layout: &StateLayout,
 ) -> Result<()> {
-    let kernel = match kind {
-        Kind::Causal => "causal_backward",
-        Kind::NonCausal => "noncausal_backward",
-    };
+    let kernel = bwd::plan::op_name(kind);
     let bp = bwd::validate(
         kernel,
         T::DTYPE,
@@ -708,10 +704,5 @@ fn piece_backward<T: Element>(
         workspace_len: ws_floats,
     };
     // SAFETY: typed memory of `dev`; lengths validated by the driver.
-    unsafe {
-        match kind {
-            Kind::Causal => causal_backward_raw(dev, T::DTYPE, &ptrs, shape, cu, opts),
-            Kind::NonCausal => noncausal_backward_raw(dev, T::DTYPE, &ptrs, shape, cu, opts),
-        }
-    }
+    unsafe { backward_raw(kind, dev, T::DTYPE, &ptrs, shape, cu, opts) }
 }

@@ -15,7 +15,7 @@
 //! - [`noncausal_readout`]: every query of a piece against a given total
 //!   state (the non-causal forward's last launch);
 //! - the forward and backward of a piece from a starting state are the
-//!   ordinary entry points ([`crate::causal_forward_raw`] and friends).
+//!   ordinary entry points ([`crate::forward_raw`] and [`crate::backward_raw`]).
 //!
 //! [`ContextParallel`] chains them over a [`Collective`] (all-gather of fp32
 //! buffers): [`InProcess`] (threads, one [`crate::Device`] each) here, NCCL
@@ -117,7 +117,7 @@ fn check_len(kernel: &'static str, arg: &'static str, found: usize, need: usize)
 /// ([`StateLayout::len`] fp32). No output is written and q is not read.
 ///
 /// `shape` and `cu_seqlens` describe the piece as for
-/// [`crate::causal_forward`] (q's strides are validated but never used);
+/// [`crate::forward()`] (q's strides are validated but never used);
 /// `opts.schedule` picks one walk per sequence-head or split partitions
 /// (combined in order). Empty sequences give `initial` (or zeros).
 /// Errors: [`Error::InvalidArgument`] for a bad shape, option or length.
@@ -188,7 +188,7 @@ where
 /// `o_i = s phi(q_i)^T S / (s phi(q_i)^T z + eps)`, the non-causal
 /// forward's readout. Used by [`ContextParallel`] so that each rank reads
 /// the very total the single-device split forward would compute.
-/// Errors: as [`crate::noncausal_forward`].
+/// Errors: as [`crate::forward()`] with [`Kind::NonCausal`].
 #[allow(clippy::too_many_arguments)]
 pub fn noncausal_readout<E, T, B, O, I>(
     exec: &E,

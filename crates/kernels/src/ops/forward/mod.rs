@@ -3,12 +3,11 @@
 //! feature map and normaliser fused, optional initial state in and final
 //! state out (fp32).
 //!
-//! Entry points: [`causal_forward`] and [`noncausal_forward`] take typed
+//! Entry points, causal or not by [`Kind`]: [`forward()`] takes typed
 //! memory on an executor that owns it (a [`crate::Device`] with
 //! [`crate::Buffer`]s, or a [`crate::Gpu`] with cudarc slices and views: see
-//! [`Memory`]); [`causal_forward_raw`] and [`noncausal_forward_raw`] take
-//! device addresses ([`RawForward`]) for engines that manage their own
-//! memory. Both validate the call ([`validate`]), then run the same plan
+//! [`Memory`]); [`forward_raw`] takes device addresses ([`RawForward`]) for
+//! engines that manage their own memory. Both validate the call ([`validate`]), then run the same plan
 //! (`plan.rs`: the launch sequences of `docs/kernels.md`); the tiling and
 //! the walk/split policy live in `tiling.rs` (see [`crate::ops::tuning`]).
 
@@ -26,108 +25,30 @@ use crate::dtype::{DType, Element};
 use crate::plan::Executor;
 use crate::Result;
 
-/// Causal linear attention:
-/// `o_i = s phi(q_i)^T S_i / (s phi(q_i)^T z_i + eps)`, prefix sums over
-/// `j <= i` starting from `states.initial`; the state after the last token
-/// goes to `states.final_state`. `cu_seqlens` (host offsets) makes it a
-/// packed varlen call (`shape.batch == 1`).
+/// Linear attention, causal or not by `kind`:
 ///
-/// `exec` is a [`crate::Device`] (memory: [`crate::Buffer`]s) or a
-/// [`crate::Gpu`] (memory: cudarc slices or views, on its stream). q, k, v
-/// and o have `T` elements with the strides of `shape`; states are fp32.
+/// - [`Kind::Causal`]: `o_i = s phi(q_i)^T S_i / (s phi(q_i)^T z_i + eps)`
+///   with `S_i, z_i` the prefix sums over `j <= i` starting from
+///   `states.initial`; the state after the last token goes to
+///   `states.final_state`.
+/// - [`Kind::NonCausal`]: every query reads the state of its whole
+///   sequence (plus `states.initial`); `states.final_state` receives that
+///   state.
+///
+/// `cu_seqlens` (host offsets) makes it a packed varlen call
+/// (`shape.batch == 1`). `exec` is a [`crate::Device`] (memory:
+/// [`crate::Buffer`]s) or a [`crate::Gpu`] (memory: cudarc slices or views,
+/// on its stream). q, k, v and o have `T` elements with the strides of
+/// `shape`; states are fp32.
+///
+/// The typed path: lengths from the memory, temporaries from the executor,
+/// addresses gathered once, then the raw path's launch.
+///
 /// Errors: [`crate::Error::InvalidArgument`] naming the argument for a bad
 /// shape, option, length, overlapping output rows or memory of another
 /// device; driver errors from the launches.
-pub fn causal_forward<E, T, B, O, I, F>(
-    exec: &E,
-    x: Qkv<'_, B>,
-    o: &mut O,
-    shape: &AttentionShape,
-    cu_seqlens: Option<&[usize]>,
-    opts: &AttentionOptions,
-    states: StateIo<'_, I, F>,
-) -> Result<()>
-where
-    E: Memory,
-    T: Element,
-    B: DeviceRead<T, E>,
-    O: DeviceWrite<T, E>,
-    I: DeviceRead<f32, E>,
-    F: DeviceWrite<f32, E>,
-{
-    forward(Kind::Causal, exec, x, o, shape, cu_seqlens, opts, states)
-}
-
-/// Non-causal linear attention: every query reads the state of its whole
-/// sequence (plus `states.initial`); `states.final_state` receives that
-/// state. Arguments and errors as [`causal_forward`].
-pub fn noncausal_forward<E, T, B, O, I, F>(
-    exec: &E,
-    x: Qkv<'_, B>,
-    o: &mut O,
-    shape: &AttentionShape,
-    cu_seqlens: Option<&[usize]>,
-    opts: &AttentionOptions,
-    states: StateIo<'_, I, F>,
-) -> Result<()>
-where
-    E: Memory,
-    T: Element,
-    B: DeviceRead<T, E>,
-    O: DeviceWrite<T, E>,
-    I: DeviceRead<f32, E>,
-    F: DeviceWrite<f32, E>,
-{
-    forward(Kind::NonCausal, exec, x, o, shape, cu_seqlens, opts, states)
-}
-
-/// [`causal_forward`] on raw device addresses, for engines that manage
-/// their own memory. Get the workspace size from [`workspace_len`] (with the
-/// [`Problem`] from [`validate`]).
-///
-/// # Safety
-/// Every non-zero address must point to memory the executor can reach
-/// (device memory of the GPU's context, host memory for the emulator),
-/// valid until the launches complete: q, k, v (`dtype`) and o (written)
-/// covering `shape` with its strides; initial (read) and final (written) S
-/// and z of `num_seqs * heads` fp32 states; the workspace of
-/// `workspace_len` fp32 elements; for varlen, `cu_seqlens.len()` `int64`
-/// offsets on the device equal to the host `cu_seqlens`; `workspace_len`
-/// the workspace's true length (checked against this call's need, which
-/// depends on the whole shape). Outputs must not overlap any input
-/// (checked by address range).
-pub unsafe fn causal_forward_raw<E: Executor>(
-    exec: &E,
-    dtype: DType,
-    ptrs: &RawForward,
-    shape: &AttentionShape,
-    cu_seqlens: Option<&[usize]>,
-    opts: &AttentionOptions,
-) -> Result<()> {
-    // SAFETY: forwarded.
-    unsafe { forward_raw(Kind::Causal, exec, dtype, ptrs, shape, cu_seqlens, opts) }
-}
-
-/// [`noncausal_forward`] on raw device addresses.
-///
-/// # Safety
-/// As for [`causal_forward_raw`].
-pub unsafe fn noncausal_forward_raw<E: Executor>(
-    exec: &E,
-    dtype: DType,
-    ptrs: &RawForward,
-    shape: &AttentionShape,
-    cu_seqlens: Option<&[usize]>,
-    opts: &AttentionOptions,
-) -> Result<()> {
-    // SAFETY: forwarded.
-    unsafe { forward_raw(Kind::NonCausal, exec, dtype, ptrs, shape, cu_seqlens, opts) }
-}
-
-// The typed path: lengths from the memory, temporaries from the executor,
-// addresses gathered once, then the raw path's launch.
 #[allow(clippy::too_many_arguments)]
-fn forward<E, T, B, O, I, F>(
+pub fn forward<E, T, B, O, I, F>(
     kind: Kind,
     exec: &E,
     x: Qkv<'_, B>,
@@ -191,7 +112,22 @@ where
     unsafe { launch(kind, exec, T::DTYPE, &problem, opts, &ptrs) }
 }
 
-unsafe fn forward_raw<E: Executor>(
+/// [`forward()`] on raw device addresses, for engines that manage their own
+/// memory. Get the workspace size from [`workspace_len`] (with the
+/// [`Problem`] from [`validate`]).
+///
+/// # Safety
+/// Every non-zero address must point to memory the executor can reach
+/// (device memory of the GPU's context, host memory for the emulator),
+/// valid until the launches complete: q, k, v (`dtype`) and o (written)
+/// covering `shape` with its strides; initial (read) and final (written) S
+/// and z of `num_seqs * heads` fp32 states; the workspace of
+/// `workspace_len` fp32 elements; for varlen, `cu_seqlens.len()` `int64`
+/// offsets on the device equal to the host `cu_seqlens`; `workspace_len`
+/// the workspace's true length (checked against this call's need, which
+/// depends on the whole shape). Outputs must not overlap any input
+/// (checked by address range).
+pub unsafe fn forward_raw<E: Executor>(
     kind: Kind,
     exec: &E,
     dtype: DType,

@@ -23,6 +23,11 @@ fn lens_for(shape: &AttentionShape) -> Lens {
     }
 }
 
+/// The problem of a call with full-length buffers, planned for an H200.
+fn problem(dtype: DType, shape: &AttentionShape, opts: &AttentionOptions) -> Problem {
+    validate("t", dtype, shape, None, opts, &lens_for(shape), &H200).unwrap()
+}
+
 #[test]
 fn tiling_fits_shared_memory_for_every_size() {
     for d in 1..=MAX_DIM {
@@ -207,16 +212,7 @@ fn walk_launch_bounds_match_the_sources() {
 fn plans_have_the_expected_launches() {
     let shape = AttentionShape::bhnd(1, 2, 300, 32, 48);
     let mut opts = AttentionOptions::default();
-    let p = validate(
-        "t",
-        DType::F32,
-        &shape,
-        None,
-        &opts,
-        &lens_for(&shape),
-        &H200,
-    )
-    .unwrap();
+    let p = problem(DType::F32, &shape, &opts);
     let ptrs = RawForward {
         q: 16,
         k: 32,
@@ -346,16 +342,7 @@ fn raw_checks_catch_overlaps_and_nulls() {
         schedule: ScheduleChoice::Walk,
         ..Default::default()
     };
-    let p = validate(
-        "t",
-        DType::F32,
-        &shape,
-        None,
-        &opts,
-        &lens_for(&shape),
-        &H200,
-    )
-    .unwrap();
+    let p = problem(DType::F32, &shape, &opts);
     let ok = RawForward {
         q: 1000,
         k: 2000,
@@ -464,7 +451,8 @@ fn the_executor_target_decides_the_schedule() {
         let up = |x: &Vec<f32>| dev.upload(x).unwrap();
         let (q, k, v) = (up(&host[0]), up(&host[1]), up(&host[2]));
         let mut o = dev.upload(&vec![f32::NAN; h * n * d]).unwrap();
-        causal_forward(
+        forward(
+            Kind::Causal,
             &dev,
             Qkv {
                 q: &q,
@@ -503,7 +491,7 @@ fn the_executor_target_decides_the_schedule() {
             ..RawForward::default()
         };
         // SAFETY: host buffers covering the shape; nothing else aliases o.
-        let r = unsafe { causal_forward_raw(&emu, DType::F32, &ptrs, &shape, None, &opts) };
+        let r = unsafe { forward_raw(Kind::Causal, &emu, DType::F32, &ptrs, &shape, None, &opts) };
         match (parts, r) {
             (1, Ok(())) => assert!(o.iter().all(|x| x.is_finite())),
             (2, Err(e)) => assert!(e.to_string().contains("workspace"), "{e}"),
@@ -521,16 +509,7 @@ fn plan_steps_one_by_one() {
         schedule: ScheduleChoice::Split { parts: 4 },
         ..Default::default()
     };
-    let p = validate(
-        "t",
-        DType::F32,
-        &shape,
-        None,
-        &opts,
-        &lens_for(&shape),
-        &H200,
-    )
-    .unwrap();
+    let p = problem(DType::F32, &shape, &opts);
     let sched = call_schedule(&p, &opts);
     assert_eq!(sched.parts, 4);
     let ptrs = RawForward {
