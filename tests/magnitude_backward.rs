@@ -693,14 +693,15 @@ fn f16_backward_eps_rows() {
 /// (the products before the hi + lo split), against `Split` (the default)
 /// on the same draws: q, k ~ N(mu, 1), mu 5 and 40, bf16 and f16, causal
 /// and non-causal, in the whole-head walks (D = M = 64) and the tiled
-/// passes (D = M = 256). Split's dq stays under 1e-2; Single's dq is
-/// bounded by `SINGLE_DQ` (bf16 mu 5, bf16 mu 40, f16 mu 5, f16 mu 40:
-/// about 1.3x the worst of 100 seeds, docs/kernels.md "dq accuracy"),
-/// and Single leaves dk, dv, dS0 and dz0 under 1e-2 (it changes only dq's
-/// products).
+/// passes (D = M = 256). Split's dq stays under 1e-2 (worst of 100
+/// seeds 6.0e-3); Single's dq is bounded by `SINGLE_DQ` (bf16 mu 5, mu
+/// 40; f16 mu 5, mu 40), 1.4x to 2x its worst of 100 seeds (bf16 1.5e-2,
+/// 1.05e-1; f16 2.0e-3, 1.4e-2; docs/kernels.md, "dq accuracy"); dk,
+/// dv and dS0 stay under 1e-2, and dz0, which Single reaches through
+/// `G . num`, under 1e-2 (f16) or 2e-2 (bf16).
 #[test]
 fn half_backward_dq_precision() {
-    const SINGLE_DQ: [[f64; 2]; 2] = [[3e-2, 1.5e-1], [1e-2, 2e-2]];
+    const SINGLE_DQ: [[f64; 2]; 2] = [[3e-2, 1.5e-1], [4e-3, 2e-2]];
     for (n, d, h) in [(128, 64, 2), (100, 256, 1)] {
         for kind in [Kind::Causal, Kind::NonCausal] {
             for (k, mu) in [5.0, 40.0].into_iter().enumerate() {
@@ -711,9 +712,11 @@ fn half_backward_dq_precision() {
                 let single = split.clone().with(|c| c.dq_precision = DqPrecision::Single);
                 check::<bf16>(&split, 1e-2, 0x17_d9);
                 check::<f16>(&split, 1e-2, 0x17_d9);
-                let one = |t: f64| [t, 1e-2, 1e-2, 1e-2, 1e-2];
-                check_each::<bf16>(&single, one(SINGLE_DQ[0][k]), 0x17_d9);
-                check_each::<f16>(&single, one(SINGLE_DQ[1][k]), 0x17_d9);
+                // dz0 sums qn (G . o) = qn (G . num) / den: bf16 Single
+                // reached 1.0e-2 (non-causal, mu 40; Split 2.2e-5).
+                let one = |t: f64, z: f64| [t, 1e-2, 1e-2, 1e-2, z];
+                check_each::<bf16>(&single, one(SINGLE_DQ[0][k], 2e-2), 0x17_d9);
+                check_each::<f16>(&single, one(SINGLE_DQ[1][k], 1e-2), 0x17_d9);
             }
         }
     }
