@@ -1053,6 +1053,21 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
     float* sS = cv.take<float>(DTT * MTT);
     float* sG = cv.take<float>(CT * MTT);
     float* sP = cv.take<float>(CT * CT);
+    // Chunks whose keys are all positive (elu+1) stage k itself, exact in
+    // T, for phi(k) = k + 1, whose 16-bit rounding loses k's last bit where
+    // k + 1 crosses a binade (bf16 dq 1.6e-2 at mu 10, D = 2: the ~mu
+    // cancellation of dq amplifies it). The + 1 goes on in fp32: S is held
+    // as the fragments plus 1_D vsum^T (vsum: colsum(v) of such chunks),
+    // A and B' kh get row sums, z gets + 1 per key. vsum[M16]: the chunk's
+    // flag (shared, not a register); the per-row sums go in E's padding
+    // columns C, C + 1. bf16 only: f16 keeps 11 bits of k + 1 (8x bf16's),
+    // and prepdq_f16 spills on sm_90 with this code.
+    constexpr bool kShiftK = !Mma<T>::scaled;
+    (void)cv.take<float>(M16 + 1);
+    // Rematerialised from sP (the carve's next 128-byte boundary), not a
+    // live register.
+#define LINATTN_VSUM \
+    (reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(sP + CT * CT) + 127u) & ~(uintptr_t)127u))
 
     // S from the initial state (zero without) or the partition's work slot,
     // and its copy S16.
@@ -1063,6 +1078,7 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
     if (!sl.partials) frags_publish<T>(st, ft, S16, L16, sS);
     for (int x = tid; x < D16; x += nthreads) zs[x] = sl.z != nullptr && x < D ? sl.z[sl.index * D + x] : 0.0f;
     for (int i = tid; i < 256; i += nthreads) idx[i] = (float)i;
+    for (int e = tid; e <= M16; e += nthreads) LINATTN_VSUM[e] = 0.0f;
     const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
     const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
     const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride);
@@ -1094,9 +1110,23 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                     return j < rows && e < M ? to_float(gb[(t0 + j) * p.o_token_stride + e]) : 0.0f;
                 });
             }
+            // Every key of the chunk positive (elu+1): K16 holds k (exact).
+            if (kShiftK && absorb && fm == LINATTN_FEATURE_MAP_ELU_PLUS_ONE) {
+                int nonpos = 0;
+                #pragma unroll 1
+                for (int i = tid; i < rows * D; i += nthreads) {
+                    const int j = i / D, x = i - j * D;
+                    if (!(to_float(kb[(t0 + j) * p.k_token_stride + x]) > 0.0f)) nonpos = 1;
+                }
+                const int all_pos = !__syncthreads_or(nonpos);
+                if (tid == 0) LINATTN_VSUM[M16] = all_pos ? 1.0f : 0.0f;
+                __syncthreads();
+            }
             if (absorb) {
-                stage<T>(K16, LD, C, D16, rows, D,
-                         [&](int j, int x) { return phi(to_float(kb[(t0 + j) * p.k_token_stride + x]), fm); });
+                stage<T>(K16, LD, C, D16, rows, D, [&](int j, int x) {
+                    const float k = to_float(kb[(t0 + j) * p.k_token_stride + x]);
+                    return kShiftK && LINATTN_VSUM[M16] != 0.0f ? k : phi(k, fm);
+                });
                 stage<T>(V16, L16, C, M16, rows, M,
                          [&](int j, int e) { return to_float(vb[(t0 + j) * p.v_token_stride + e]); });
             }
@@ -1121,10 +1151,16 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                     __syncthreads();
                     if (norm) {
                         for (int i = tid; i < rows; i += nthreads) {
+                            // shift: A = qh k^T + rowsum(qh) (qh . 1).
+                            float qs = 0.0f;
+                            if (kShiftK && LINATTN_VSUM[M16] != 0.0f)
+                                #pragma unroll 1
+                                for (int x = 0; x < D; ++x) qs += to_float(Q16[i * LD + x]);
                             float s = 0.0f, g = 0.0f;
                             for (int j = 0; j <= i; ++j) {
-                                s += F[i * LF + j];
-                                g = fmaf(F[i * LF + j], E[i * LE + j], g);
+                                const float a = F[i * LF + j] + qs;
+                                s += a;
+                                g = fmaf(a, E[i * LE + j], g);
                             }
                             asum[i] = s * p.scale;
                             den[i] = g * p.scale;
@@ -1141,6 +1177,23 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                     __syncthreads();
                     gemm<T, true, false>(F, LF, CT, DTT, MTT, true, false, KRange::All, G16, L16,
                                          Scales{sG, MTT, 1, 1.0f}, S16, L16, Scales{sS, MTT, 1, 1.0f});
+                    __syncthreads();
+                }
+                // H += (G . vsum) 1_D^T: S's shifted chunks' + 1 (G16 is G).
+                if constexpr (kShiftK) {
+                    for (int i = tid; i < C; i += nthreads) {
+                        float a = 0.0f;
+                        if (i < rows)
+#pragma unroll 1
+                            for (int e = 0; e < M; ++e) a = fmaf(to_float(G16[i * L16 + e]), LINATTN_VSUM[e], a);
+                        E[i * LE + C] = a;
+                    }
+                    __syncthreads();
+#pragma unroll 1
+                    for (int i = tid; i < rows * D; i += nthreads) {
+                        const int j = i / D, x = i - j * D;
+                        F[j * LF + x] += E[j * LE + C];
+                    }
                     __syncthreads();
                 }
                 // ---- den, d den: G . num = qh . H + rowsum(A o E) --------
@@ -1189,6 +1242,22 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                                             Scales{sP, CT, 1, 1.0f}, K16, LD, no_scales());
                         __syncthreads();
                     }
+                    if (kShiftK && LINATTN_VSUM[M16] != 0.0f) {
+                        // B' kh = B' k + rowsum(B') 1_D^T (fp32 B').
+                        for (int i = tid; i < rows; i += nthreads) {
+                            float a = 0.0f;
+                            #pragma unroll 1
+                            for (int j = 0; j <= i; ++j) a += bval(i, j);
+                            E[i * LE + C + 1] = a;
+                        }
+                        __syncthreads();
+                        #pragma unroll 1
+                        for (int i = tid; i < rows * D; i += nthreads) {
+                            const int j = i / D, x = i - j * D;
+                            F[j * LF + x] += E[j * LE + C + 1];
+                        }
+                        __syncthreads();
+                    }
                 }
                 for (int i = tid; i < C * D16; i += nthreads) {
                     const int j = i / D16, x = i - j * D16;
@@ -1210,17 +1279,33 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                 // S += kh^T v, z += kh^T 1; then the next chunk's S16 (the
                 // non-causal walk publishes once, after every chunk).
                 frags_absorb<T>(st, ft, CT, K16, LD, nullptr, 0, V16, L16, nullptr);
+                const float one = kShiftK ? LINATTN_VSUM[M16] : 0.0f;  // 1: phi(k) = k + 1, exact in fp32
                 for (int x = tid; x < D; x += nthreads) {
                     float acc = zs[x];
-                    for (int j = 0; j < rows; ++j) acc += to_float(K16[j * LD + x]);
+                    for (int j = 0; j < rows; ++j) acc += to_float(K16[j * LD + x]) + one;
                     zs[x] = acc;
                 }
+                if (one != 0.0f)
+                    for (int e = tid; e < M; e += nthreads) {
+                        float acc = LINATTN_VSUM[e];
+                        #pragma unroll 1
+                        for (int j = 0; j < rows; ++j) acc += to_float(V16[j * L16 + e]);
+                        LINATTN_VSUM[e] = acc;
+                    }
                 if (!sl.partials && (causal || c0 + C >= c.r.len)) frags_publish<T>(st, ft, S16, L16, sS);
             }
             __syncthreads();
         }
     }
-    if (sl.partials) store_slot(st, ft, p, sl.index, zs, D, M);
+    if (sl.partials) {
+        store_slot(st, ft, p, sl.index, zs, D, M);
+        if constexpr (kShiftK) {
+            __syncthreads();  // S = fragments + 1_D vsum^T
+            float* ws = ptr<float>(p.work_s) + sl.index * D * M;
+            for (int i = tid; i < D * M; i += nthreads) ws[i] += LINATTN_VSUM[i % M];
+        }
+    }
+#undef LINATTN_VSUM
 }
 
 // ---------------------------------------------------------------------------

@@ -312,9 +312,14 @@ pub fn dkv_mma_bytes(d: usize, m: usize, chunk: usize) -> usize {
 /// lives in the warps' registers): z, S rounded to 16 bits, phi(q),
 /// phi(k), v, dL/do, one C x C operand (B), the fp32 scratch, `G v^T`
 /// (fp32, `chunk x (chunk + 4)`), a 16 x 16 fp32 index table, four per-row
-/// vectors (`phi(q) . z`, row sums of A, den, d den) and the tile scales.
+/// vectors (`phi(q) . z`, row sums of A, den, d den), the tile scales and,
+/// last, `colsum(v)` of the chunks staged as k and their flag (`M16 + 1`
+/// floats; docs/kernels.md, "16-bit roundings: backward").
 pub fn prep_dq_mma_bytes(d: usize, m: usize, chunk: usize) -> usize {
-    whole_head_bytes(d, m, chunk, &[chunk * (chunk + 4), 256], 4)
+    carve(&[
+        whole_head_bytes(d, m, chunk, &[chunk * (chunk + 4), 256], 4),
+        (pad16(m) + 1) * 4,
+    ])
 }
 
 /// Smallest chunk the whole-head walks are used with.
