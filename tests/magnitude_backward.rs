@@ -751,6 +751,19 @@ fn half_backward_dq_precision() {
     }
 }
 
+/// dq's bound in the eps-row tests (dk, dv, dS0, dz0: 2e-3). With two live
+/// key features most early causal rows have one key sharing a feature with
+/// q_i, so o_i is v_j but for eps and dq_i is the difference
+/// `G S^T - (G . o) z` cancelling to ~eps / den^2 (tests/backward.rs, relu
+/// at D = 2): ill-conditioned in fp32 itself. LINATTN_TEST_SEED=
+/// 6222793205069176207 (causal, D = 16, 2 partitions) gives f16 dq 3.1e-3,
+/// nearly all of it (0.0212 of 0.0213 in L2) in one element of token 1,
+/// and the *f32* kernel 2.8e-3 on the same draw, Walk and Split alike:
+/// 2e-3 was the f16 worst of 100 seeds, not a floor. So dq gets the
+/// 16-bit contract, 1e-2.
+const EPS_ROWS_DQ: f64 = 1e-2;
+const EPS_ROWS_TOLS: [f64; 5] = [EPS_ROWS_DQ, 2e-3, 2e-3, 2e-3, 2e-3];
+
 /// The eps rows of `f16_backward_eps_rows` in the split schedule (causal
 /// and non-causal, 2 to 4 partitions): relu, scale 4096, no initial
 /// state, and all but two key features negative (`dead_k`), so about a
@@ -760,8 +773,9 @@ fn half_backward_dq_precision() {
 /// rows; it used to flag only the rows its own eps rows touched, so the
 /// slot's set their f16 dS16 tile scales and flushed the live rows (dk
 /// 1.06e-2 at D = 16, 2 partitions). It now also flags the features its
-/// partition's keys never make positive. Worst of 100 seeds 4.2e-4 (dq):
-/// bounded by 2e-3.
+/// partition's keys never make positive. dk, dv, dS0, dz0 are bounded by
+/// 2e-3 (what the fix is about); dq by the 16-bit contract 1e-2 (see
+/// [`EPS_ROWS_DQ`]).
 #[test]
 fn f16_backward_eps_rows_split() {
     for kind in [Kind::Causal, Kind::NonCausal] {
@@ -773,7 +787,7 @@ fn f16_backward_eps_rows_split() {
                 c.d_final = true;
                 c.schedule = ScheduleChoice::Split { parts };
             });
-            check::<f16>(&c, 2e-3, 0x17_e6);
+            check_each::<f16>(&c, EPS_ROWS_TOLS, 0x17_e6);
         }
     }
 }
@@ -783,8 +797,8 @@ fn f16_backward_eps_rows_split() {
 /// eps and copied dS rows of ~1 / eps to dS16, flushing the tiles' other
 /// rows (dk 2.6e-2); they now stage such rows as the dkv walk does and
 /// copy the dS16 rows of features dead for the chunk (causal) or sequence
-/// as zeros. Causal and non-causal; worst of 100 seeds 6.4e-4 (dq):
-/// bounded by 2e-3.
+/// as zeros. Causal and non-causal; bounds as
+/// [`f16_backward_eps_rows_split`].
 #[test]
 fn f16_backward_eps_rows_tiled() {
     let t = tiling_for(DType::F16, 144, 144);
@@ -797,6 +811,6 @@ fn f16_backward_eps_rows_tiled() {
             c.scale = 4096.0;
             c.d_final = true;
         });
-        check::<f16>(&c, 2e-3, 0x17_e7);
+        check_each::<f16>(&c, EPS_ROWS_TOLS, 0x17_e7);
     }
 }
