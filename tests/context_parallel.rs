@@ -18,8 +18,8 @@ use common::{devices, to_dtype, to_f64, tolerance};
 use half::{bf16, f16};
 use linattn_kernels::{
     backward, forward, piece_offsets, AttentionOptions, AttentionShape, BackwardInputs,
-    BackwardStates, Buffer, Collective, ContextParallel, Device, Element, Error, Grads, InProcess,
-    Kind, PieceInputs, Qkv, ScheduleChoice, StateIo, StateLayout, StateMut, StateRef,
+    BackwardStates, Buffer, Collective, ContextParallel, Device, Element, Error, FeatureMap, Grads,
+    InProcess, Kind, PieceInputs, Qkv, ScheduleChoice, StateIo, StateLayout, StateMut, StateRef,
 };
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
 
@@ -532,6 +532,16 @@ fn small_forward<T: Element>(
     comm: InProcess,
     heads: usize,
 ) -> linattn_kernels::Result<()> {
+    small_forward_with::<T, _>(dev, comm, heads, &AttentionOptions::default())
+}
+
+/// [`small_forward`] with options, over any collective.
+fn small_forward_with<T: Element, C: Collective>(
+    dev: &Device,
+    comm: C,
+    heads: usize,
+    opts: &AttentionOptions,
+) -> linattn_kernels::Result<()> {
     let n = 5;
     let shape = AttentionShape::packed(n, heads, 4, 4);
     let x = dev.upload(&vec![T::from_f64(0.5); n * heads * 4]).unwrap();
@@ -545,16 +555,75 @@ fn small_forward<T: Element>(
         shape: &shape,
         cu_seqlens: Some(&cu),
     };
-    cp.forward(
-        dev,
-        Kind::Causal,
-        p,
-        &mut o,
-        &AttentionOptions::default(),
-        None,
-        None,
-    )
-    .map(|_| ())
+    cp.forward(dev, Kind::Causal, p, &mut o, opts, None, None)
+        .map(|_| ())
+}
+
+#[test]
+fn mismatched_options_fail_on_every_rank() {
+    // Rank 1 differs from ranks 0 and 2 in one option at a time: scale,
+    // eps, the feature map, normalize. Silently mixing them would give
+    // wrong outputs on every rank.
+    let variants: [fn(&mut AttentionOptions); 4] = [
+        |o| o.scale = 0.5,
+        |o| o.eps = 1e-3,
+        |o| o.feature_map = FeatureMap::Relu,
+        |o| o.normalize = false,
+    ];
+    for change in variants {
+        let rs = on_ranks(3, |dev, comm| {
+            let mut opts = AttentionOptions::default();
+            if comm.rank() == 1 {
+                change(&mut opts);
+            }
+            small_forward_with::<f32, _>(dev, comm, 1, &opts)
+        });
+        for r in &rs {
+            invalid(r, "rank");
+        }
+    }
+}
+
+/// An in-process collective whose device check fails on one rank (as
+/// NCCL's does for a device that is not the communicator's GPU).
+struct Picky(InProcess);
+
+impl Collective for Picky {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn ranks(&self) -> usize {
+        self.0.ranks()
+    }
+    fn all_gather(
+        &self,
+        dev: &Device,
+        send: &Buffer<f32>,
+        recv: &mut Buffer<f32>,
+    ) -> linattn_kernels::Result<()> {
+        self.0.all_gather(dev, send, recv)
+    }
+    fn check(&self, _dev: &Device) -> linattn_kernels::Result<()> {
+        if self.0.rank() == 1 {
+            return Err(Error::InvalidArgument {
+                kernel: "Picky",
+                arg: "dev",
+                problem: "not this collective's device".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_device_the_collective_rejects_fails_every_rank() {
+    let rs = on_ranks(3, |dev, comm| {
+        small_forward_with::<f32, _>(dev, Picky(comm), 1, &AttentionOptions::default())
+    });
+    invalid(&rs[1], "dev");
+    for r in [&rs[0], &rs[2]] {
+        invalid(r, "rank");
+    }
 }
 
 #[test]

@@ -163,7 +163,7 @@ pub fn uses_mma(dtype: DType) -> bool {
 const MMA_CHUNKS: [usize; 3] = [64, 32, 16];
 
 /// Bytes of shared memory buffers laid out in order, each starting on a
-/// 128-byte boundary (mirrors `Carve` in `backward_mma.cuh`).
+/// 128-byte boundary (mirrors `Carve` in `cuda/include/linattn/carve.cuh`).
 pub(crate) fn carve(parts: &[usize]) -> usize {
     parts
         .iter()

@@ -32,6 +32,27 @@ pub trait Collective {
     /// The all-gather (see the trait doc). `recv.len()` must be
     /// `ranks() * send.len()` ([`Error::InvalidArgument`] otherwise).
     fn all_gather(&self, dev: &Device, send: &Buffer<f32>, recv: &mut Buffer<f32>) -> Result<()>;
+
+    /// Whether `dev` can take part in [`all_gather`](Self::all_gather)
+    /// (e.g. NCCL: a GPU on the communicator's stream). Checked by the
+    /// driver before any exchange, as part of the rank's own validation.
+    /// Default: any device.
+    fn check(&self, dev: &Device) -> Result<()> {
+        let _ = dev;
+        Ok(())
+    }
+
+    /// Gathers a small host array from every rank (rank order), through
+    /// the collective's own resources where it has them, so that a rank
+    /// whose `dev` failed [`check`](Self::check) still joins: the driver
+    /// exchanges its call descriptors this way. Default: `all_gather` on
+    /// `dev` (the in-process collective cannot strand a rank either way).
+    fn all_gather_host(&self, dev: &Device, send: &[f32]) -> Result<Vec<f32>> {
+        let s = dev.upload(send)?;
+        let mut r = dev.alloc_zeros::<f32>(send.len() * self.ranks())?;
+        self.all_gather(dev, &s, &mut r)?;
+        dev.download(&r)
+    }
 }
 
 struct Shared {
@@ -214,6 +235,10 @@ const DESC_LEN: usize = 12;
 
 /// A call's descriptor, exchanged before any state: every value fits f32
 /// exactly (checked).
+///
+/// Slot 9 packs `flags` (which states are given), the feature map and
+/// `normalize`; slots 10 and 11 are `scale` and `eps` (f32 already), so
+/// ranks with different options fail too.
 fn descriptor(
     ok: bool,
     op: u32,
@@ -221,6 +246,7 @@ fn descriptor(
     dtype: DType,
     layout: &StateLayout,
     flags: u32,
+    opts: &AttentionOptions,
 ) -> Result<[f32; DESC_LEN]> {
     let big = 1usize << 24;
     for (arg, x) in [
@@ -248,9 +274,9 @@ fn descriptor(
         layout.heads as f32,
         layout.d as f32,
         layout.m as f32,
-        flags as f32,
-        0.0,
-        0.0,
+        (flags | (opts.feature_map.to_c() as u32) << 4 | (opts.normalize as u32) << 8) as f32,
+        opts.scale,
+        opts.eps,
     ])
 }
 
@@ -296,11 +322,9 @@ impl<C: Collective> ContextParallel<C> {
             Ok(d) => (local, d),
             Err(e) => (local.and(Err(e)), [0.0; DESC_LEN]),
         };
+        let local = local.and(self.comm.check(dev));
         d[1] = local.is_ok() as u32 as f32;
-        let send = dev.upload(&d)?;
-        let mut recv = dev.alloc_zeros::<f32>(DESC_LEN * self.ranks())?;
-        self.comm.all_gather(dev, &send, &mut recv)?;
-        let all = dev.download(&recv)?;
+        let all = self.comm.all_gather_host(dev, &d)?;
         local?;
         for (r, other) in all.chunks(DESC_LEN).enumerate() {
             if other[1] != 1.0 {
@@ -316,10 +340,10 @@ impl<C: Collective> ContextParallel<C> {
                     "rank",
                     format!(
                         "rank {r}'s call differs from rank {}'s: [op, causal, dtype, sequences, \
-                         heads, d, m, states] = {:?} vs {:?}",
+                         heads, d, m, states | map << 4 | normalize << 8, scale, eps] = {:?} vs {:?}",
                         self.rank(),
-                        &other[2..10],
-                        &d[2..10]
+                        &other[2..],
+                        &d[2..]
                     ),
                 ));
             }
@@ -377,7 +401,7 @@ impl<C: Collective> ContextParallel<C> {
         self.agree(
             dev,
             local,
-            descriptor(true, 1, kind, T::DTYPE, &layout, flags),
+            descriptor(true, 1, kind, T::DTYPE, &layout, flags, opts),
         )?;
         let (r, n) = (self.rank(), self.ranks());
         let len = layout.len();
@@ -439,7 +463,8 @@ impl<C: Collective> ContextParallel<C> {
         })
     }
 
-    /// One rank's backward: dq, dk, dv of the piece (strides of q, k, v),
+    /// One rank's backward: dq, dk, dv of the piece (strides of q, k, v)
+    /// from `d_o`, dL/do of the piece's outputs (strides of o, dtype T),
     /// and on rank 0 (only) `d_initial`, the gradient of the whole sequence's
     /// initial state (packed). `start` is what this rank's forward
     /// returned; `d_final` the gradient flowing into the whole sequence's
@@ -519,7 +544,7 @@ impl<C: Collective> ContextParallel<C> {
         self.agree(
             dev,
             local,
-            descriptor(true, 2, kind, T::DTYPE, &layout, flags),
+            descriptor(true, 2, kind, T::DTYPE, &layout, flags, opts),
         )?;
         let (r, n) = (self.rank(), self.ranks());
         let len = layout.len();

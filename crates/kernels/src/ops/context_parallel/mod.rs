@@ -70,19 +70,24 @@ impl StateLayout {
         }
     }
 
-    /// fp32 elements of S (all states): `num_seqs * heads * d * m`.
+    /// fp32 elements of S (all states): `num_seqs * heads * d * m`. Like
+    /// every length here it saturates at `usize::MAX` instead of
+    /// overflowing: no buffer is that long, so the ops reject such a layout
+    /// with [`Error::InvalidArgument`].
     pub fn s_len(&self) -> usize {
-        self.num_seqs * self.heads * self.d * self.m
+        self.z_len().saturating_mul(self.m)
     }
 
     /// fp32 elements of z (all states): `num_seqs * heads * d`.
     pub fn z_len(&self) -> usize {
-        self.num_seqs * self.heads * self.d
+        self.num_seqs
+            .saturating_mul(self.heads)
+            .saturating_mul(self.d)
     }
 
     /// fp32 elements of one packed state buffer: `num_seqs * heads * (d*m + d)`.
     pub fn len(&self) -> usize {
-        self.s_len() + self.z_len()
+        self.s_len().saturating_add(self.z_len())
     }
 
     /// Whether the buffer is empty (no sequence or head).
@@ -92,7 +97,7 @@ impl StateLayout {
 
     /// Bytes one rank receives from an all-gather of R slots: `R x len x 4`.
     pub fn gather_bytes(&self, ranks: usize) -> usize {
-        ranks * self.len() * 4
+        ranks.saturating_mul(self.len()).saturating_mul(4)
     }
 }
 
@@ -188,7 +193,10 @@ where
 /// `o_i = s phi(q_i)^T S / (s phi(q_i)^T z + eps)`, the non-causal
 /// forward's readout. Used by [`ContextParallel`] so that each rank reads
 /// the very total the single-device split forward would compute.
-/// Errors: as [`crate::forward()`] with [`Kind::NonCausal`].
+/// `total` is one packed state ([`StateLayout::of`] the call, fp32).
+/// Errors: as [`crate::forward()`] with [`Kind::NonCausal`], and
+/// [`Error::InvalidArgument`] for a `total` whose length is not
+/// [`StateLayout::len`].
 #[allow(clippy::too_many_arguments)]
 pub fn noncausal_readout<E, T, B, O, I>(
     exec: &E,

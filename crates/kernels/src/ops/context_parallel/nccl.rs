@@ -118,6 +118,44 @@ impl NcclCollective {
 }
 
 impl Collective for NcclCollective {
+    fn check(&self, dev: &Device) -> Result<()> {
+        let Device::Gpu(g) = dev else {
+            return Err(Error::invalid(
+                "all_gather",
+                "dev",
+                "NCCL needs a GPU device",
+            ));
+        };
+        if !Arc::ptr_eq(g.stream(), &self.comm.stream()) {
+            return Err(Error::invalid(
+                "all_gather",
+                "dev",
+                "the communicator's stream is not this GPU's stream",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Through the communicator's own stream, whatever `dev` is.
+    fn all_gather_host(&self, _dev: &Device, send: &[f32]) -> Result<Vec<f32>> {
+        let stream = self.comm.stream();
+        let drv = |what: &str, e: cudarc::driver::DriverError| {
+            Error::driver(what.to_string(), format!("{e:?}"))
+        };
+        let s = stream
+            .clone_htod(send)
+            .map_err(|e| drv("descriptor upload", e))?;
+        let mut r = stream
+            .alloc_zeros::<f32>(send.len() * self.ranks())
+            .map_err(|e| drv("descriptor alloc", e))?;
+        self.comm
+            .all_gather(&s, &mut r)
+            .map_err(|e| nccl_error("ncclAllGather", e))?;
+        stream
+            .clone_dtoh(&r)
+            .map_err(|e| drv("descriptor download", e))
+    }
+
     fn rank(&self) -> usize {
         self.comm.rank()
     }
@@ -140,20 +178,7 @@ impl Collective for NcclCollective {
                 ),
             ));
         }
-        let Device::Gpu(g) = dev else {
-            return Err(Error::invalid(
-                "all_gather",
-                "dev",
-                "NCCL needs a GPU device",
-            ));
-        };
-        if !Arc::ptr_eq(g.stream(), &self.comm.stream()) {
-            return Err(Error::invalid(
-                "all_gather",
-                "dev",
-                "the communicator's stream is not this GPU's stream",
-            ));
-        }
+        self.check(dev)?;
         match (send, recv) {
             (Buffer::Cuda(s), Buffer::Cuda(r)) => {
                 if n == 0 {
