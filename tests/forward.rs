@@ -337,8 +337,15 @@ fn dense_cases(kind: Kind) -> Vec<Case> {
         v.push(c);
     };
     add(1, 1, 1, 1, 1, &|_| {});
-    // D = M = 1 across a chunk boundary: at N = 1 the output is v whatever q and k are.
-    add(2, 1, chunk_of(1, 1) + 1, 1, 1, &|c| {
+    // D = M = 1 across a chunk boundary. Unnormalised, each sequence's output
+    // is phi(q_t) times one random walk (S0 + sum phi(k) v), whose relative
+    // error is the 16-bit feature rounding times the walk's condition number
+    // sum|terms| / |sum|. With two sequences that product alone (bf16
+    // features, exact sums) passed 1e-2 on 0.1% of simulated draws and the
+    // kernel's arithmetic (bf16 features and score tile) on 0.26%; CI met one.
+    // Eight sequences pool the walks: the kernel's arithmetic stayed under
+    // 7e-3 in 5,000 simulated draws (tests measured: see the commit).
+    add(8, 1, chunk_of(1, 1) + 1, 1, 1, &|c| {
         c.normalize = false;
         c.initial = true;
     });
