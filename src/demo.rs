@@ -18,6 +18,8 @@ use linattn_model::{
     select_backend, AttentionKind, BackendChoice, Config, Generator, Model, Sampling,
 };
 
+use crate::chart;
+
 /// Settings of a demo run.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -146,21 +148,25 @@ fn check(opts: &DemoOptions) -> Result<()> {
     Ok(())
 }
 
+/// The line both commands print about their two models.
+pub(crate) fn models_line(config: &Config, seed: u64) -> String {
+    format!(
+        "models: d_model {}, {} heads, {} layers, MLP {} ({:.2} M parameters each), seed {}",
+        config.d_model,
+        config.heads,
+        config.layers,
+        config.mlp,
+        config.parameter_count() as f64 / 1e6,
+        seed
+    )
+}
+
 /// Runs both models, prints the table to `out`, writes the SVG.
 pub fn run(opts: &DemoOptions, out: &mut impl Write) -> Result<DemoReport> {
     check(opts)?;
     let selection = select_backend(opts.backend)?;
     writeln!(out, "backend: {}", selection.reason)?;
-    writeln!(
-        out,
-        "models: d_model {}, {} heads, {} layers, MLP {} ({:.2} M parameters each), seed {}",
-        opts.config.d_model,
-        opts.config.heads,
-        opts.config.layers,
-        opts.config.mlp,
-        opts.config.parameter_count() as f64 / 1e6,
-        opts.seed
-    )?;
+    writeln!(out, "{}", models_line(&opts.config, opts.seed))?;
     writeln!(
         out,
         "generating {} tokens after a {}-byte prompt with each attention kind...",
@@ -353,7 +359,7 @@ fn print_table(
 
 /// Writes the plot: median ms/token in small position bins, one line per kind.
 pub fn plot(path: &Path, title: &str, linear: &Timeline, softmax: &Timeline) -> Result<()> {
-    use plotters::prelude::*;
+    use plotters::style::RGBColor;
 
     let bins = 128;
     let series = |t: &Timeline| -> Vec<(f64, f64)> {
@@ -371,28 +377,6 @@ pub fn plot(path: &Path, title: &str, linear: &Timeline, softmax: &Timeline) -> 
         .fold(0.0f64, f64::max)
         .max(1e-3)
         * 1.1;
-
-    let root = SVGBackend::new(path, (960, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
-        .margin(20)
-        .x_label_area_size(50)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.0..x_max, 0.0..y_max)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("position in the sequence (tokens)")
-        .y_desc("ms per generated token")
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| format!("{y:.1}"))
-        .label_style(("sans-serif", 15))
-        .axis_desc_style(("sans-serif", 17))
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let blue = RGBColor(31, 119, 180);
-    let red = RGBColor(214, 39, 40);
     // "first eighth -> last eighth" of the run, as in the table.
     let describe = |name: &str, t: &Timeline| -> String {
         let r = ranges(t, 8);
@@ -402,26 +386,26 @@ pub fn plot(path: &Path, title: &str, linear: &Timeline, softmax: &Timeline) -> 
             _ => name.to_string(),
         }
     };
-    for (data, color, label) in [
-        (soft, red, describe("softmax attention + KV cache", softmax)),
-        (lin, blue, describe("linear attention (RNN state)", linear)),
-    ] {
-        chart
-            .draw_series(LineSeries::new(data, color.stroke_width(3)))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .label(label)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
-            });
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font(("sans-serif", 16))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(())
+    let lines = vec![
+        chart::Line {
+            points: soft,
+            colour: RGBColor(214, 39, 40),
+            label: describe("softmax attention + KV cache", softmax),
+        },
+        chart::Line {
+            points: lin,
+            colour: RGBColor(31, 119, 180),
+            label: describe("linear attention (RNN state)", linear),
+        },
+    ];
+    let axes = chart::Axes {
+        title,
+        x_desc: "position in the sequence (tokens)",
+        y_desc: "ms per generated token",
+        x: 0.0..x_max,
+        y: 0.0..y_max,
+        y_decimals: 1,
+        legend: plotters::chart::SeriesLabelPosition::UpperLeft,
+    };
+    chart::write_svg(path, axes, lines)
 }

@@ -14,6 +14,7 @@
 //! assert!(report.contains("device code:"));
 //! ```
 
+mod chart;
 pub mod demo;
 pub mod generate;
 pub mod info;

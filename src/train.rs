@@ -16,7 +16,8 @@ use linattn_model::{
 };
 use linattn_reference::testing::Rng;
 
-use crate::demo::{timeline, Timeline};
+use crate::chart;
+use crate::demo::{models_line, timeline, Timeline};
 use crate::generate::printable;
 
 /// The default training text: the project's own documentation, compiled
@@ -181,16 +182,7 @@ pub fn run(opts: &TrainOptions, out: &mut impl Write) -> Result<TrainReport> {
         data.train_bytes().len(),
         data.val_bytes().len()
     )?;
-    writeln!(
-        out,
-        "models: d_model {}, {} heads, {} layers, MLP {} ({:.2} M parameters each), seed {}",
-        opts.config.d_model,
-        opts.config.heads,
-        opts.config.layers,
-        opts.config.mlp,
-        opts.config.parameter_count() as f64 / 1e6,
-        opts.seed
-    )?;
+    writeln!(out, "{}", models_line(&opts.config, opts.seed))?;
     writeln!(
         out,
         "training: {} steps of {} x {} bytes, AdamW lr {}, validation every {} steps",
@@ -365,7 +357,7 @@ fn print_table(out: &mut impl Write, runs: &[Run], prompt: &[u8]) -> Result<()> 
 /// Writes the plot: train and validation bits per byte against the step,
 /// one colour per attention kind (train light, validation dark).
 pub fn plot(path: &Path, title: &str, runs: &[Run]) -> Result<()> {
-    use plotters::prelude::*;
+    use plotters::style::RGBColor;
 
     let x_max = runs
         .iter()
@@ -380,57 +372,36 @@ pub fn plot(path: &Path, title: &str, runs: &[Run]) -> Result<()> {
         .fold(f64::INFINITY, f64::min)
         .min(y_max)
         * 0.9;
-    let root = SVGBackend::new(path, (960, 560)).into_drawing_area();
-    let e = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("{e}");
-    root.fill(&WHITE).map_err(e)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(20)
-        .x_label_area_size(50)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.0..x_max, y_min..y_max)
-        .map_err(e)?;
-    chart
-        .configure_mesh()
-        .x_desc("training step")
-        .y_desc("loss (bits per byte)")
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| format!("{y:.2}"))
-        .label_style(("sans-serif", 15))
-        .axis_desc_style(("sans-serif", 17))
-        .draw()
-        .map_err(e)?;
+    let mut lines = Vec::new();
     for r in runs {
         let (light, dark) = match r.kind {
             AttentionKind::Linear => (RGBColor(158, 202, 225), RGBColor(31, 119, 180)),
             AttentionKind::Softmax => (RGBColor(252, 174, 145), RGBColor(214, 39, 40)),
         };
-        for (data, color, label) in [
-            (&r.train, light, format!("{} attention, train", r.kind)),
-            (
-                &r.val,
-                dark,
-                format!("{} attention, validation ({:.3})", r.kind, r.final_val()),
-            ),
-        ] {
-            let pts: Vec<(f64, f64)> = data.iter().map(|&(s, y)| (s as f64, y)).collect();
-            chart
-                .draw_series(LineSeries::new(pts, color.stroke_width(3)))
-                .map_err(e)?
-                .label(label)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
-                });
-        }
+        let line = |data: &[(usize, f64)], colour, label| chart::Line {
+            points: data.iter().map(|&(s, y)| (s as f64, y)).collect(),
+            colour,
+            label,
+        };
+        lines.push(line(
+            &r.train,
+            light,
+            format!("{} attention, train", r.kind),
+        ));
+        lines.push(line(
+            &r.val,
+            dark,
+            format!("{} attention, validation ({:.3})", r.kind, r.final_val()),
+        ));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(("sans-serif", 16))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(e)?;
-    root.present().map_err(e)?;
-    Ok(())
+    let axes = chart::Axes {
+        title,
+        x_desc: "training step",
+        y_desc: "loss (bits per byte)",
+        x: 0.0..x_max,
+        y: y_min..y_max,
+        y_decimals: 2,
+        legend: plotters::chart::SeriesLabelPosition::UpperRight,
+    };
+    chart::write_svg(path, axes, lines)
 }
