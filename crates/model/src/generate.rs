@@ -95,6 +95,12 @@ impl Sampling {
 /// [`Generator::new`] runs the parallel prefill; each [`Generator::next_token`]
 /// then costs exactly one sample and one decode step (of the previously
 /// sampled token), so timing it times one step at the current position.
+///
+/// On the CPU, decode a single stream with `RAYON_NUM_THREADS=1` set before
+/// the process starts any thread: a step's products have one row, and
+/// without that variable candle's CPU matmul queries the core count and
+/// wakes rayon's workers for each of them (about 5x slower at the demo's
+/// size; docs/benchmarks.md, "One thread for decoding").
 pub struct Generator<'a> {
     model: &'a Model,
     session: Session,
