@@ -366,9 +366,19 @@ fn random_case(rng: &mut Rng, kind: Kind, ranks: usize, seed: u64) -> Case {
             parts: rng.range(1, 3),
         }
     };
+    let h = rng.range(1, 2);
+    let normalize = rng.range(0, 3) != 0;
+    // Unnormalised outputs and gradients grow as s (D mu^2) sqrt(N): at mu
+    // 40, D = 16 and s = 0.1 f16's dv passed 65,504 (inf on one device and
+    // in pieces alike, as documented for f16); s = 1e-3 keeps them near 1e3.
+    let scale = match (mean > 0.0, normalize) {
+        (false, _) => 1.0,
+        (true, true) => 0.1,
+        (true, false) => 1e-3,
+    };
     Case {
         kind,
-        h: rng.range(1, 2),
+        h,
         d,
         m,
         cu,
@@ -376,8 +386,8 @@ fn random_case(rng: &mut Rng, kind: Kind, ranks: usize, seed: u64) -> Case {
         mean,
         seed,
         opts: AttentionOptions {
-            normalize: rng.range(0, 3) != 0,
-            scale: if mean > 0.0 { 0.1 } else { 1.0 },
+            normalize,
+            scale,
             schedule,
             ..Default::default()
         },
