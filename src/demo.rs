@@ -224,7 +224,7 @@ const TURN: usize = 32;
 /// with `seed`. Returns one [`Timeline`] per model, in order, each labelled
 /// with its model's attention kind.
 ///
-/// The models take turns of [`TURN`] tokens, so that anything else loading
+/// The models take turns of `TURN` (32) tokens, so that anything else loading
 /// the machine slows them alike, yet each turn runs from a warm cache: with
 /// turns of one token, softmax's KV cache (4 MB per 1K positions at the
 /// demo's size) evicted the linear model's weights between its steps and

@@ -82,14 +82,14 @@ pub use gpu::{device_count, driver_present, DeviceInfo, Gpu, SYNC_LAUNCHES_ENV};
 #[cfg(feature = "nccl")]
 pub use ops::NcclCollective;
 pub use ops::{
+    add_state_gradient, combine_states, local_state, noncausal_readout, piece_offsets, Collective,
+    ContextParallel, InProcess, PieceInputs, PieceStart, StateLayout,
+};
+pub use ops::{
     backward, backward_raw, decode_step, decode_step_raw, feature_map, feature_map_raw, forward,
     forward_raw, AttentionOptions, AttentionShape, BackwardInputs, BackwardStates, DecodeShape,
     DeviceRead, DeviceWrite, DqPrecision, Grads, Kind, Memory, Qkv, RawBackward, RawDecode,
     RawForward, RowStrides, RowsShape, ScheduleChoice, StateIo, StateMut, StateRef, Strides,
-};
-pub use ops::{
-    combine_states, local_state, noncausal_readout, piece_offsets, Collective, ContextParallel,
-    InProcess, PieceInputs, PieceStart, StateLayout,
 };
 pub use plan::{Executor, LaunchPlan};
 pub use target::{KernelFootprint, Target};

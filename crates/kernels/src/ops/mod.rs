@@ -41,8 +41,8 @@ pub use backward::{backward, backward_raw, BackwardInputs, BackwardStates, Grads
 #[cfg(feature = "nccl")]
 pub use context_parallel::NcclCollective;
 pub use context_parallel::{
-    combine_states, local_state, noncausal_readout, piece_offsets, Collective, ContextParallel,
-    InProcess, PieceInputs, PieceStart, StateLayout,
+    add_state_gradient, combine_states, local_state, noncausal_readout, piece_offsets, Collective,
+    ContextParallel, InProcess, PieceInputs, PieceStart, StateLayout,
 };
 pub use decode::{decode_step, decode_step_raw, DecodeShape, RawDecode, RowStrides};
 pub use feature_map::{feature_map, feature_map_raw, RowsShape};

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Barrier, Mutex};
 
-use super::{combine_states, local_state, noncausal_readout, StateLayout};
+use super::{add_state_gradient, combine_states, local_state, noncausal_readout, StateLayout};
 use crate::ops::attention::{AttentionOptions, AttentionShape, Kind};
 use crate::ops::backward::{
     self as bwd, backward_raw, BackwardInputs, GradLens, Grads, RawBackward,
@@ -470,12 +470,13 @@ impl<C: Collective> ContextParallel<C> {
     /// returned; `d_final` the gradient flowing into the whole sequence's
     /// final state (packed, the same on every rank; zeros when `None`).
     ///
-    /// Launches: the piece's backward with no `d_final` (its own gradient of
-    /// its starting state), one all-gather of `R x len` fp32, one or two
-    /// [`combine_states`] (the fixed-order exclusive suffix, causal; every
-    /// other rank, non-causal), then the piece's backward again with that
-    /// `d_final` (see `docs/context-parallel.md` for the derivation and the
-    /// cost of the first pass). Errors: as [`forward`](Self::forward), and
+    /// Launches: the piece's backward with no `d_final` (its gradients from
+    /// its own outputs, and its own gradient of its starting state), one
+    /// all-gather of `R x len` fp32, one or two [`combine_states`] (the
+    /// fixed-order exclusive suffix, causal; every other rank, non-causal),
+    /// then [`add_state_gradient`] of that sum into dk and dv, and on rank 0
+    /// one more [`combine_states`] for `d_initial` (see
+    /// `docs/context-parallel.md` for the derivation and the cost). Errors: as [`forward`](Self::forward), and
     /// `d_initial` given on a rank other than 0, or a `start` of another
     /// kind or layout.
     #[allow(clippy::too_many_arguments)]
@@ -555,19 +556,19 @@ impl<C: Collective> ContextParallel<C> {
             d_o,
         };
         let Grads { dq, dk, dv } = grads;
-        // Pass 1: this piece's own gradient of its starting state.
+        // This piece's gradients from its own outputs, and its own gradient
+        // of its starting state.
         let mut mine = dev.alloc_zeros::<f32>(len)?;
         piece_backward(
             dev,
             kind,
             x(),
-            (dq, dk, dv),
+            (&mut *dq, &mut *dk, &mut *dv),
             shape,
             cu,
             opts,
             &start.state,
-            None,
-            Some(&mut mine),
+            &mut mine,
             &layout,
         )?;
         let mut gathered = dev.alloc_zeros::<f32>(n * len)?;
@@ -601,19 +602,24 @@ impl<C: Collective> ContextParallel<C> {
                 )?;
             }
         }
-        piece_backward(
-            dev,
-            kind,
-            x(),
-            (dq, dk, dv),
-            shape,
-            cu,
-            opts,
-            &start.state,
-            Some(&incoming),
-            d_initial,
-            &layout,
-        )
+        // The gradient flowing into this piece's final state reaches dk and
+        // dv through its state sum only; dq does not depend on it.
+        add_state_gradient(dev, piece.k, piece.v, dk, dv, shape, cu, opts, &incoming)?;
+        if let Some(d_initial) = d_initial {
+            // Rank 0 starts the sequence: the initial state's gradient is its
+            // own G_0 (slot 0, untouched by the suffixes above, which start
+            // at slot 1 on rank 0) plus what flows into its final state.
+            combine_states(
+                dev,
+                &layout,
+                &mut gathered,
+                0,
+                1,
+                Some(&incoming),
+                d_initial,
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -665,8 +671,8 @@ fn piece_forward<T: Element>(
     unsafe { forward_raw(Kind::Causal, dev, T::DTYPE, &ptrs, shape, cu, opts) }
 }
 
-/// The backward of a piece from the packed state `start`, with an optional
-/// packed `d_final` in and `d_initial` out.
+/// The backward of a piece from the packed state `start`, with no gradient
+/// into its final state, writing its own packed `d_initial`.
 #[allow(clippy::too_many_arguments)]
 fn piece_backward<T: Element>(
     dev: &Device,
@@ -677,8 +683,7 @@ fn piece_backward<T: Element>(
     cu: Option<&[usize]>,
     opts: &AttentionOptions,
     start: &Buffer<f32>,
-    d_final: Option<&Buffer<f32>>,
-    d_initial: Option<&mut Buffer<f32>>,
+    d_initial: &mut Buffer<f32>,
     layout: &StateLayout,
 ) -> Result<()> {
     let kernel = bwd::plan::op_name(kind);
@@ -689,7 +694,7 @@ fn piece_backward<T: Element>(
         cu,
         opts,
         &Lens::unknown(true, false),
-        &GradLens::unknown(d_final.is_some(), d_initial.is_some()),
+        &GradLens::unknown(false, true),
         &dev.target(),
     )?;
     let (_tc, cua) = dev.offsets(&bp.problem.cu_seqlens, kernel)?;
@@ -700,14 +705,7 @@ fn piece_backward<T: Element>(
     let (q, k, v) = (a.read(x.q, "q")?, a.read(x.k, "k")?, a.read(x.v, "v")?);
     let d_o = a.read(x.d_o, "d_o")?;
     let s = a.read(start, "initial")?;
-    let df = match d_final {
-        Some(f) => a.read(f, "d_final")?,
-        None => 0,
-    };
-    let di = match d_initial {
-        Some(f) => a.write(f, "d_initial")?,
-        None => 0,
-    };
+    let di = a.write(d_initial, "d_initial")?;
     let (dq, dk, dv) = (a.write(dq, "dq")?, a.write(dk, "dk")?, a.write(dv, "dv")?);
     let off = |p: u64| if p != 0 { p + z_off } else { 0 };
     let ptrs = RawBackward {
@@ -720,8 +718,8 @@ fn piece_backward<T: Element>(
         dv,
         initial_s: s,
         initial_z: off(s),
-        d_final_s: df,
-        d_final_z: off(df),
+        d_final_s: 0,
+        d_final_z: 0,
         d_initial_s: di,
         d_initial_z: off(di),
         cu_seqlens: cua,

@@ -14,6 +14,9 @@
 //!   kernel over the flattened slots: deterministic, no atomics);
 //! - [`noncausal_readout`]: every query of a piece against a given total
 //!   state (the non-causal forward's last launch);
+//! - [`add_state_gradient`]: a gradient flowing into a piece's final state,
+//!   added to its dk and dv (`cuda/state_gradient.cu`): what the backward
+//!   with that `d_final` adds to the backward without it;
 //! - the forward and backward of a piece from a starting state are the
 //!   ordinary entry points ([`crate::forward_raw`] and [`crate::backward_raw`]).
 //!
@@ -41,7 +44,9 @@ use super::forward::plan::{
 };
 use super::memory::{Addrs, DeviceRead, DeviceWrite, Memory};
 use crate::dtype::{DType, Element};
-use crate::params::{LinattnForwardParams, LinattnStateLoad, LinattnStateScanParams};
+use crate::params::{
+    LinattnBackwardParams, LinattnForwardParams, LinattnStateLoad, LinattnStateScanParams,
+};
 use crate::plan::{Executor, LaunchPlan};
 use crate::{Error, Result};
 
@@ -104,6 +109,14 @@ impl StateLayout {
 const LOCAL: &str = "local_state";
 const COMBINE: &str = "combine_states";
 const READOUT: &str = "noncausal_readout";
+const GRADIENT: &str = "add_state_gradient";
+
+/// `cuda/state_gradient.cu`: the module, rows of dk or columns of dv per
+/// block, warps per block, and tokens per block before the grid strides.
+const GRAD_MODULE: &str = "state_gradient";
+const GRAD_TILE: usize = 32;
+const GRAD_WARPS: usize = 8;
+const GRAD_TOKENS: usize = 256;
 
 fn check_len(kernel: &'static str, arg: &'static str, found: usize, need: usize) -> Result<()> {
     if found != need {
@@ -369,6 +382,150 @@ where
     unsafe { exec.launch_writing(&plan, &writes) }
 }
 
+/// Adds a gradient `g` flowing into a piece's final state (one packed
+/// state, [`StateLayout::of`] the piece, fp32) to the piece's dk and dv:
+/// for every token j of each (sequence, head),
+/// `dk_j += phi'(k_j) * (G_S v_j + G_z)` and `dv_j += G_S^T phi(k_j)`.
+///
+/// The final state is `S_0 + sum_j phi(k_j) v_j^T` (and `z_0 + sum_j
+/// phi(k_j)`) for both kinds, so these are exactly the terms by which the
+/// backward with `d_final = g` differs from the backward without it; dq
+/// does not depend on `d_final`, and the initial state's gradient gains `g`
+/// itself. [`ContextParallel::backward`] runs one backward per piece and
+/// this, instead of a second backward.
+///
+/// `dk` and `dv` have the strides of k and v (as every gradient of
+/// [`crate::backward()`]); both are read and written in the input dtype
+/// (16-bit: rounded once more). Only `opts.feature_map` matters; the rest
+/// is validated as for the forward. fp32 FMA: `2 D M` multiply-adds per
+/// token-head. Errors: [`Error::InvalidArgument`] for a bad shape, option,
+/// buffer length or `g` length.
+#[allow(clippy::too_many_arguments)]
+pub fn add_state_gradient<E, T, B, G, F>(
+    exec: &E,
+    k: &B,
+    v: &B,
+    dk: &mut G,
+    dv: &mut G,
+    shape: &AttentionShape,
+    cu_seqlens: Option<&[usize]>,
+    opts: &AttentionOptions,
+    g: &F,
+) -> Result<()>
+where
+    E: Memory,
+    T: Element,
+    B: DeviceRead<T, E>,
+    G: DeviceWrite<T, E>,
+    F: DeviceRead<f32, E>,
+{
+    let layout = StateLayout::of(shape, cu_seqlens);
+    let problem = validate_piece(GRADIENT, T::DTYPE, shape, cu_seqlens, opts, exec)?;
+    check_len(GRADIENT, "g", g.elems(), layout.len())?;
+    let sp = &problem.shape;
+    checks_hold(GRADIENT, sp, (k.elems(), v.elems()))?;
+    let need_dk = sp.span(&sp.k, sp.d).unwrap_or(usize::MAX);
+    let need_dv = sp.span(&sp.v, sp.m).unwrap_or(usize::MAX);
+    crate::ops::checks::holds(GRADIENT, "dk", dk.elems(), need_dk)?;
+    crate::ops::checks::holds(GRADIENT, "dv", dv.elems(), need_dv)?;
+    let tiles = state_gradient_tiles(sp.d, sp.m);
+    if !crate::ops::checks::grid_x_fits(problem.seq_heads(), tiles) {
+        return Err(Error::invalid(
+            GRADIENT,
+            "shape",
+            "sequences x heads x tiles exceed the grid limit",
+        ));
+    }
+    if problem.seq_heads() == 0 || problem.max_len == 0 {
+        return Ok(());
+    }
+    let (_tc, cu) = exec.offsets(&problem.cu_seqlens, GRADIENT)?;
+    let mut a = Addrs::new(exec, GRADIENT);
+    let (ka, va) = (a.read(k, "k")?, a.read(v, "v")?);
+    let ga = a.read(g, "g")?;
+    let (dka, dva) = (a.write(dk, "dk")?, a.write(dv, "dv")?);
+    let plan = state_gradient_plan(
+        T::DTYPE,
+        &problem,
+        opts,
+        LinattnBackwardParams {
+            k: ka,
+            v: va,
+            dk: dka,
+            dv: dva,
+            d_final_s: ga,
+            d_final_z: ga + (layout.s_len() * 4) as u64,
+            cu_seqlens: cu,
+            ..Default::default()
+        },
+    );
+    let size = T::DTYPE.size();
+    let writes = [(dka, need_dk * size), (dva, need_dv * size)];
+    // SAFETY: k, v, dk, dv hold the piece's shape and strides, g one packed
+    // state (all checked above), every one memory of `exec`.
+    unsafe { exec.launch_writing(&plan, &writes) }
+}
+
+/// Blocks per (sequence, head) of `state_gradient.cu`: D tiles for dk, then
+/// M tiles for dv.
+fn state_gradient_tiles(d: usize, m: usize) -> usize {
+    d.div_ceil(GRAD_TILE) + m.div_ceil(GRAD_TILE)
+}
+
+/// Dynamic shared memory of a `state_gradient.cu` block, as the kernel
+/// carves it: the larger of the dk blocks' `GRAD_TILE x ld` slice of G_S
+/// (`ld` = M rounded up to odd) plus a v row per warp, and the dv blocks'
+/// `D x GRAD_TILE` slice plus a phi(k) row per warp (fp32).
+fn state_gradient_shared_bytes(d: usize, m: usize) -> u32 {
+    let dk = GRAD_TILE * (m | 1) + GRAD_WARPS * m;
+    let dv = d * GRAD_TILE + GRAD_WARPS * d;
+    (dk.max(dv) * 4) as u32
+}
+
+/// The launch of `state_gradient.cu` for a validated piece; `ptrs` carries
+/// the addresses (k, v, dk, dv, d_final, cu_seqlens).
+fn state_gradient_plan(
+    dtype: DType,
+    problem: &Problem,
+    opts: &AttentionOptions,
+    ptrs: LinattnBackwardParams,
+) -> LaunchPlan<LinattnBackwardParams> {
+    let sp = &problem.shape;
+    let tiles = state_gradient_tiles(sp.d, sp.m);
+    let groups = problem
+        .max_len
+        .div_ceil(GRAD_TOKENS)
+        .clamp(1, crate::ops::checks::MAX_GRID_Y);
+    LaunchPlan {
+        module: GRAD_MODULE,
+        kernel: match dtype {
+            DType::F32 => "state_gradient_f32",
+            DType::F16 => "state_gradient_f16",
+            DType::Bf16 => "state_gradient_bf16",
+        },
+        grid: [(problem.seq_heads() * tiles) as u32, groups as u32, 1],
+        block: [(GRAD_WARPS * 32) as u32, 1, 1],
+        shared_bytes: state_gradient_shared_bytes(sp.d, sp.m),
+        params: LinattnBackwardParams {
+            num_seqs: problem.num_seqs as i64,
+            heads: sp.heads as i64,
+            tokens: sp.tokens as i64,
+            d: sp.d as i64,
+            m: sp.m as i64,
+            k_batch_stride: sp.k.batch as i64,
+            k_token_stride: sp.k.token as i64,
+            k_head_stride: sp.k.head as i64,
+            v_batch_stride: sp.v.batch as i64,
+            v_token_stride: sp.v.token as i64,
+            v_head_stride: sp.v.head as i64,
+            tile: GRAD_TILE as i32,
+            tiles: tiles as i32,
+            feature_map: opts.feature_map.to_c(),
+            ..ptrs
+        },
+    }
+}
+
 /// Shape validation of a piece (the forward's rules; lengths checked by the caller).
 fn validate_piece<E: Executor>(
     kernel: &'static str,
@@ -395,4 +552,84 @@ fn checks_hold(kernel: &'static str, sp: &AttentionShape, (k, v): (usize, usize)
     let need_v = sp.span(&sp.v, sp.m).unwrap_or(usize::MAX);
     crate::ops::checks::holds(kernel, "k", k, need_k)?;
     crate::ops::checks::holds(kernel, "v", v, need_v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::attention::Strides;
+    use crate::target::Target;
+
+    fn problem(d: usize, m: usize, tokens: usize, cu: Option<&[usize]>) -> Problem {
+        let shape = AttentionShape {
+            batch: if cu.is_some() { 1 } else { 2 },
+            heads: 3,
+            tokens,
+            d,
+            m,
+            q: Strides::bhnd(3, tokens, d),
+            k: Strides::bhnd(3, tokens, d),
+            v: Strides::bhnd(3, tokens, m),
+            o: Strides::bhnd(3, tokens, m),
+        };
+        let opts = AttentionOptions::default();
+        let lens = Lens::unknown(false, false);
+        validate(
+            GRADIENT,
+            DType::Bf16,
+            &shape,
+            cu,
+            &opts,
+            &lens,
+            &Target::H200,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn state_gradient_plan_covers_every_tile_and_token() {
+        // D = 40, M = 100: two dk tiles (32 + 8 rows) and four dv tiles.
+        let p = problem(40, 100, 600, None);
+        let plan = state_gradient_plan(
+            DType::Bf16,
+            &p,
+            &AttentionOptions::default(),
+            Default::default(),
+        );
+        assert_eq!(plan.kernel, "state_gradient_bf16");
+        assert_eq!(
+            plan.grid,
+            [2 * 3 * (2 + 4), 3, 1],
+            "600 tokens: 3 groups of 256"
+        );
+        assert_eq!(plan.block, [256, 1, 1]);
+        assert_eq!((plan.params.tile, plan.params.tiles), (32, 6));
+        assert_eq!(
+            (plan.params.d, plan.params.m, plan.params.tokens),
+            (40, 100, 600)
+        );
+        // dk blocks: 32 x 101 + 8 x 100 floats; dv blocks: 40 x 32 + 8 x 40.
+        assert_eq!(plan.shared_bytes, ((32 * 101 + 8 * 100) * 4) as u32);
+        // The largest head stays under the 48 KB that needs no opt-in.
+        assert!(state_gradient_shared_bytes(256, 256) <= 48 * 1024);
+        assert_eq!(
+            state_gradient_shared_bytes(256, 1),
+            ((256 * 32 + 8 * 256) * 4) as u32
+        );
+    }
+
+    #[test]
+    fn state_gradient_plan_uses_the_longest_sequence() {
+        let cu = [0, 10, 10, 700, 705];
+        let p = problem(16, 16, 705, Some(&cu));
+        let plan = state_gradient_plan(
+            DType::F32,
+            &p,
+            &AttentionOptions::default(),
+            Default::default(),
+        );
+        // 4 sequences x 3 heads x 2 tiles; 690 tokens at most: 3 groups.
+        assert_eq!(plan.grid, [4 * 3 * 2, 3, 1]);
+        assert_eq!(plan.kernel, "state_gradient_f32");
+    }
 }
