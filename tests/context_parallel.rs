@@ -3,7 +3,8 @@
 //! whole packed batch: forward outputs and final state, backward dq, dk, dv
 //! and the initial state's gradient, causal and non-causal, f32/f16/bf16,
 //! R = 1..4, sequences crossing rank boundaries, lying inside one rank, and
-//! empty pieces. Plus: bit-identity with the single-device split schedule
+//! empty pieces. Plus: `add_state_gradient` against the backward with and
+//! without `d_final`, bit-identity with the single-device split schedule
 //! when the pieces are its partitions, and the error paths (every rank
 //! errs, none hangs).
 //!
@@ -435,6 +436,87 @@ fn sweep<T: Element>(tol: f64) {
             seeds()
         );
     }
+}
+
+/// `add_state_gradient(g)` applied to the backward without `d_final` is
+/// the backward with `d_final = g` (every feature map, both kinds, a varlen
+/// batch with an empty sequence, M odd): dk and dv gain exactly its terms,
+/// dq is unchanged and the initial state's gradient gains g.
+fn state_gradient_is_the_d_final_difference<T: Element>(tol: f64) {
+    for dev in devices() {
+        for map in [
+            FeatureMap::EluPlusOne,
+            FeatureMap::Relu,
+            FeatureMap::Identity,
+        ] {
+            for kind in [Kind::Causal, Kind::NonCausal] {
+                let seed = test_seed();
+                let c = Case {
+                    kind,
+                    h: 2,
+                    d: 12,
+                    m: 7,
+                    cu: vec![0, 30, 30, 101],
+                    cuts: vec![0, 101],
+                    mean: 0.0,
+                    seed,
+                    opts: AttentionOptions {
+                        feature_map: map,
+                        // The identity map's denominator can cancel.
+                        normalize: map != FeatureMap::Identity,
+                        ..Default::default()
+                    },
+                    states: true,
+                };
+                let with = data(&c);
+                let g = with.d_final.clone().unwrap();
+                let mut without = data(&c);
+                without.d_final = None;
+                let want = single::<T>(&dev, &c, &with, &c.opts);
+                let base = single::<T>(&dev, &c, &without, &c.opts);
+                let shape = c.shape(c.total());
+                let up = |v: &[f64]| dev.upload(&to_dtype::<T>(v)).unwrap();
+                let (k, v) = (up(&with.k), up(&with.v));
+                let (mut dk, mut dv) = (up(&base.dk), up(&base.dv));
+                let gb = dev.upload(&g).unwrap();
+                let cu = Some(&c.cu[..]);
+                linattn_kernels::add_state_gradient(
+                    &dev, &k, &v, &mut dk, &mut dv, &shape, cu, &c.opts, &gb,
+                )
+                .unwrap();
+                let what = format!("{} {:?} {map:?} {kind:?}", dev.describe(), T::DTYPE);
+                for (name, got, w) in [("dk", &dk, &want.dk), ("dv", &dv, &want.dv)] {
+                    let got = to_f64(&dev.download(got).unwrap());
+                    assert!(
+                        got.iter().all(|x| x.is_finite()),
+                        "{what}: {name} not finite"
+                    );
+                    let e = rel_l2_error(&got, w);
+                    assert!(e < tol, "{what}: {name} rel L2 {e:e} >= {tol:e}");
+                }
+                assert_eq!(base.dq, want.dq, "{what}: dq depends on d_final");
+                let di: Vec<f64> = base
+                    .d_init
+                    .iter()
+                    .zip(&g)
+                    .map(|(a, &b)| a + b as f64)
+                    .collect();
+                let e = rel_l2_error(&di, &want.d_init);
+                assert!(e < 1e-6, "{what}: d_initial + g rel L2 {e:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn state_gradient_is_the_d_final_difference_f32() {
+    state_gradient_is_the_d_final_difference::<f32>(1e-5);
+}
+
+#[test]
+fn state_gradient_is_the_d_final_difference_16bit() {
+    state_gradient_is_the_d_final_difference::<f16>(tolerance::<f16>(1e-5, 1e-2, 1e-2));
+    state_gradient_is_the_d_final_difference::<bf16>(tolerance::<bf16>(1e-5, 1e-2, 1e-2));
 }
 
 #[test]

@@ -476,9 +476,9 @@ impl<C: Collective> ContextParallel<C> {
     /// fixed-order exclusive suffix, causal; every other rank, non-causal),
     /// then [`add_state_gradient`] of that sum into dk and dv, and on rank 0
     /// one more [`combine_states`] for `d_initial` (see
-    /// `docs/context-parallel.md` for the derivation and the cost). Errors: as [`forward`](Self::forward), and
-    /// `d_initial` given on a rank other than 0, or a `start` of another
-    /// kind or layout.
+    /// `docs/context-parallel.md` for the derivation and the cost). Errors:
+    /// as [`forward`](Self::forward), and `d_initial` given on a rank other
+    /// than 0, or a `start` of another kind or layout.
     #[allow(clippy::too_many_arguments)]
     pub fn backward<T: Element>(
         &self,
