@@ -18,8 +18,9 @@
 // whole walk (at most kStateFrags per warp) and adds phi(K_c)^T V_c to them
 // in place. After each update a warp publishes its tiles as a 16-bit copy
 // S16 (through a 16 x 16 fp32 scratch of its own) for the next chunk's
-// phi(Q) S16 product; that rounding of S to the input precision is the only
-// one beyond rounding s phi(q), phi(k) and A to T. f16 covers too little
+// phi(Q) S16 product; that rounding of S to the tile type T is the only one
+// beyond rounding s phi(q), phi(k) and A to T (and v, for f16 inputs on
+// bf16 tiles: In = __half, T = __nv_bfloat16). f16 covers too little
 // range for a state that grows with the sequence, so each f16 tile is scaled
 // by a power of two that maps its largest entry into [2^14, 2^15), and its
 // partial product is scaled back in fp32 (fragments of one type share their
