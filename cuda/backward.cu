@@ -25,6 +25,9 @@
 //   prepdq and suffixes from d_final for dkv (fixed order); non-causal: it
 //   puts the total (from the initial state, or from d_final) in every slot
 //   and the walk reads it out per partition.
+// Suffix `_f16_bf16tc` (every 16-bit pass): f16 inputs and outputs on bf16
+// tensor-core tiles (AttentionOptions::f16_tiles = Bf16), the bf16 bodies'
+// arithmetic with f16 loads and stores; same shared memory and plan as _f16.
 // Block: 256 threads (prepdq, dkv: 256 or 512, the plan's `dkv_threads`);
 // dynamic shared memory as sized by the plan (<= SHARED_BUDGET_BYTES = 99
 // KiB; the executor opts in above 48 KiB).
@@ -95,6 +98,30 @@ extern "C" __global__ void __launch_bounds__(512, 1) backward_prepdq_f16(const L
 extern "C" __global__ void __launch_bounds__(512, 1) backward_prepdq_bf16(const LinattnBackwardParams p) {
     extern __shared__ __align__(128) float smem[];
     linattn::bwd::prep_dq_walk<__nv_bfloat16>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) backward_prep_f16_bf16tc(const LinattnBackwardParams p) {
+    extern __shared__ __align__(128) float smem[];
+    linattn::bwd::prep<__half, __nv_bfloat16>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) backward_dq_f16_bf16tc(const LinattnBackwardParams p) {
+    extern __shared__ __align__(128) float smem[];
+    linattn::bwd::dq_walk<__half, __nv_bfloat16>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) backward_dk_f16_bf16tc(const LinattnBackwardParams p) {
+    extern __shared__ __align__(128) float smem[];
+    linattn::bwd::dk_walk<__half, __nv_bfloat16>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) backward_dv_f16_bf16tc(const LinattnBackwardParams p) {
+    extern __shared__ __align__(128) float smem[];
+    linattn::bwd::dv_walk<__half, __nv_bfloat16>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(512, 1) backward_dkv_f16_bf16tc(const LinattnBackwardParams p) {
+    extern __shared__ __align__(128) float smem[];
+    linattn::bwd::dkv_walk<__half, __nv_bfloat16>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(512, 1) backward_prepdq_f16_bf16tc(const LinattnBackwardParams p) {
+    extern __shared__ __align__(128) float smem[];
+    linattn::bwd::prep_dq_walk<__half, __nv_bfloat16>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256) backward_state_scan(const LinattnBackwardParams p) {
     linattn::bwd::backward_state_scan(p);

@@ -4,7 +4,10 @@
 //
 // One kernel body per dtype (f32: the fp32 FMA walk of
 // linattn/chunk_walk.cuh; f16/bf16: the tensor-core walk of
-// linattn/walk_mma.cuh), launched as chosen by the plain-Rust policy in
+// linattn/walk_mma.cuh). Suffix `_f16_bf16tc`: f16 inputs and outputs on
+// bf16 tensor-core tiles (AttentionOptions::f16_tiles = Bf16: fp32's
+// exponent range for the staged operands, 2^-9 rounding instead of 2^-12;
+// same shared memory and tiling as forward_f16). Launched as chosen by the plain-Rust policy in
 // crates/kernels/src/ops/forward/tiling.rs:
 //   causal walk:  one launch; grid (seq-heads x value tiles, 1); each block
 //          keeps its fp32 state slice in shared memory and walks every chunk
@@ -40,6 +43,10 @@ extern "C" __global__ void __launch_bounds__(256, 2) forward_f16(const LinattnFo
 extern "C" __global__ void __launch_bounds__(256, 2) forward_bf16(const LinattnForwardParams p) {
     extern __shared__ __align__(128) float smem[];
     linattn::chunk_walk_mma<__nv_bfloat16>(p, smem);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) forward_f16_bf16tc(const LinattnForwardParams p) {
+    extern __shared__ __align__(128) float smem[];
+    linattn::chunk_walk_mma<__half, __nv_bfloat16>(p, smem);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) forward_state_scan(const LinattnStateScanParams p) {
     linattn::state_scan(p);

@@ -20,7 +20,7 @@ use linattn_kernels::{backward, BackwardInputs, BackwardStates, Grads};
 use linattn_kernels::{
     AttentionOptions, AttentionShape, Kind, ScheduleChoice, StateMut, StateRef, Strides,
 };
-use linattn_kernels::{DType, Device, Element, FeatureMap};
+use linattn_kernels::{DType, Device, Element, F16Tiles, FeatureMap};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
 use linattn_reference::{Gradients, Layout, LinearAttentionOptions, State, View};
 
@@ -49,6 +49,8 @@ struct Case {
     init_amp: f64,
     /// Walk or split (the causal whole-head walks split).
     schedule: ScheduleChoice,
+    /// f16 calls: the tensor-core tile type.
+    f16_tiles: F16Tiles,
 }
 
 impl Case {
@@ -71,6 +73,7 @@ impl Case {
             cu: None,
             init_amp: 1.0,
             schedule: ScheduleChoice::Auto,
+            f16_tiles: F16Tiles::F16,
         }
     }
 
@@ -117,6 +120,7 @@ impl Case {
             eps: self.eps,
             scale: self.scale,
             schedule: self.schedule,
+            f16_tiles: self.f16_tiles,
             ..Default::default()
         }
     }
@@ -874,6 +878,59 @@ fn multi_tile_mma_heads_match_reference_and_are_deterministic() {
                 c.d_final = true;
             });
             check_case::<bf16>(&dev, &c, &mut Rng::new(seed ^ 1));
+        }
+    }
+}
+
+/// f16 inputs on bf16 tensor-core tiles (`F16Tiles::Bf16`) through every
+/// backward body: the small-head cases, the whole-head walks (D = M = 64,
+/// 128, 100 x 120, 5 x 3) causal and non-causal, split in 3 and varlen
+/// with relu, the tiled passes (200 x 250, and D = M = 256), all within
+/// f16's 1e-2 and bit-identical run to run.
+#[test]
+fn f16_on_bf16_tiles_match_reference_and_are_deterministic() {
+    let wide = |c: Case| c.with(|c| c.f16_tiles = F16Tiles::Bf16);
+    for kind in [Kind::Causal, Kind::NonCausal] {
+        let cases: Vec<Case> = half_cases(kind).into_iter().map(wide).collect();
+        run_cases::<f16>(&cases, test_seed() ^ 0xbf);
+    }
+    let seed = test_seed() ^ 0xbf1;
+    for dev in devices() {
+        for kind in [Kind::Causal, Kind::NonCausal] {
+            for (d, m) in [(64, 64), (128, 128), (100, 120), (5, 3)] {
+                let chunk = tiling_for(DType::F16, d, m).dkv.expect("whole-head").chunk;
+                let c = wide(Case::new(kind, 1, 2, 2 * chunk + 3, d, m)).with(|c| {
+                    c.initial = true;
+                    c.d_final = true;
+                });
+                let what = format!("{}: {kind:?} {d} x {m}", dev.describe());
+                let a = check_case::<f16>(&dev, &c, &mut Rng::new(seed));
+                let b = check_case::<f16>(&dev, &c, &mut Rng::new(seed));
+                assert_same_bits(&a, &b, &what);
+                let split = c
+                    .clone()
+                    .with(|c| c.schedule = ScheduleChoice::Split { parts: 3 });
+                let a = check_case::<f16>(&dev, &split, &mut Rng::new(seed ^ 2));
+                let b = check_case::<f16>(&dev, &split, &mut Rng::new(seed ^ 2));
+                assert_same_bits(&a, &b, &format!("{what} split 3"));
+            }
+            let c = wide(Case::new(kind, 1, 2, 70, 64, 64)).with(|c| {
+                c.cu = Some(vec![0, 3, 3, 70]);
+                c.d_final = true;
+                c.map = FeatureMap::Relu;
+            });
+            check_case::<f16>(&dev, &c, &mut Rng::new(seed ^ 3));
+            let c = wide(Case::new(kind, 1, 1, 40, 200, 250)).with(|c| {
+                c.initial = true;
+                c.d_final = true;
+            });
+            let a = check_case::<f16>(&dev, &c, &mut Rng::new(seed ^ 4));
+            let b = check_case::<f16>(&dev, &c, &mut Rng::new(seed ^ 4));
+            assert_same_bits(&a, &b, &format!("{}: {kind:?} 200 x 250", dev.describe()));
+            let t = tiling_for(DType::F16, 256, 256);
+            let n = 2 * t.prep.chunk.max(t.dqk.chunk).max(t.dv.chunk) + 3;
+            let c = wide(Case::new(kind, 1, 1, n, 256, 256)).with(|c| c.d_final = true);
+            check_case::<f16>(&dev, &c, &mut Rng::new(seed ^ 5));
         }
     }
 }

@@ -28,8 +28,8 @@ use half::{bf16, f16};
 use linattn_kernels::ops::tuning::backward::tiling_for;
 use linattn_kernels::{backward, BackwardInputs, BackwardStates, Grads};
 use linattn_kernels::{
-    AttentionOptions, AttentionShape, DqPrecision, Kind, ScheduleChoice, StateMut, StateRef,
-    Strides,
+    AttentionOptions, AttentionShape, DqPrecision, F16Tiles, Kind, ScheduleChoice, StateMut,
+    StateRef, Strides,
 };
 use linattn_kernels::{DType, Device, Element, FeatureMap};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
@@ -63,6 +63,11 @@ struct Case {
     /// gives phi(q) = 0 and den = eps there (dense BHND only).
     zero_q_every: usize,
     dq_precision: DqPrecision,
+    f16_tiles: F16Tiles,
+    /// The first this many tokens of every sequence-head get every key
+    /// feature in [-31, -18] (elu+1: phi(k) = exp(k) < 2^-25, which f16
+    /// rounds to 0; dense BHND only).
+    low_keys: usize,
 }
 
 impl Case {
@@ -85,6 +90,8 @@ impl Case {
             schedule: ScheduleChoice::Auto,
             zero_q_every: 0,
             dq_precision: DqPrecision::Split,
+            f16_tiles: F16Tiles::F16,
+            low_keys: 0,
         }
     }
 
@@ -113,6 +120,7 @@ impl Case {
             scale: self.scale,
             schedule: self.schedule,
             dq_precision: self.dq_precision,
+            f16_tiles: self.f16_tiles,
         }
     }
 }
@@ -165,6 +173,14 @@ fn inputs<T: Element>(c: &Case, rng: &mut Rng) -> Inputs<T> {
         }
     }
     let mut k = qk(span(&sh, &sh.k, c.d));
+    if c.low_keys > 0 {
+        assert!(c.cu.is_none());
+        for (i, x) in k.iter_mut().enumerate() {
+            if i / c.d % c.n < c.low_keys {
+                *x = T::from_f64(-18.0 - x.to_f64().abs().min(13.0));
+            }
+        }
+    }
     if c.dead_k > 0 {
         assert!(c.cu.is_none());
         for (i, x) in k.iter_mut().enumerate() {
@@ -575,49 +591,132 @@ fn sweep_case(rng: &mut Rng) -> Case {
     c
 }
 
-/// Whether f16 inputs can carry the case: elu+1 of k below ~-15 (mu - 3
+/// Whether f16 tiles can carry the case: elu+1 of k below ~-15 (mu - 3
 /// sigma < -15) is exp(k) < 3e-7, near or below f16's smallest subnormal
 /// (6e-8), and rows whose every key is that small lose their whole
 /// denominator to eps in the 16-bit kh (dq off by 1e4 at mu 0, sigma 10,
-/// D = 2, scale 1e5): a limit of staging phi(k) unscaled
-/// (docs/kernels.md, "16-bit roundings: backward"). bf16 takes every case.
+/// D = 2, scale 1e5; `f16_backward_wide_elu_keys_need_bf16_tiles`): a limit
+/// of staging phi(k) unscaled in f16 (docs/kernels.md, "16-bit roundings:
+/// backward"). Those cases run f16 on bf16 tiles (`F16Tiles::Bf16`).
 fn f16_in_range(c: &Case) -> bool {
     c.map != FeatureMap::EluPlusOne || c.mu - 3.0 * c.sigma >= -15.0
 }
 
 /// The backward rows of the magnitude sweep: every draw finite and within
-/// 1e-2 (relative L2 vs the f64 reference) for bf16 and (where its range
-/// holds the inputs' phi, `f16_in_range`) f16, dq included.
+/// 1e-2 (relative L2 vs the f64 reference) for bf16 and f16, dq included;
+/// f16 on its default f16 tiles where their range holds the inputs' phi
+/// (`f16_in_range`), on bf16 tiles (`F16Tiles::Bf16`) elsewhere. There
+/// every output is checked for finiteness and dq, dk, dv and dS0 for 1e-2,
+/// but dz0 is only measured (printed as the worst): bf16 tiles round v and
+/// dL/do to 8 bits, and dz0 = -sum_i qn_i (G_i . o_i) is sensitive enough to
+/// that rounding at sigma = 10 that 4 of 100 seeds (x 16 draws) reached
+/// 1.2e-2 to 3.3e-2 (bf16 inputs, exact in their tiles: at most 8.4e-3);
+/// docs/kernels.md, "f16 inputs on bf16 tiles".
 /// 16 draws a run per dtype; `LINATTN_MAG_SEEDS=n` runs n seeds.
 #[test]
 fn magnitude_sweep_backward() {
-    let mut worst = [Errors::default(); 2];
+    let mut worst = [Errors::default(); 3];
+    let mut failures = Vec::new();
     for seed in seeds(0x17_5e) {
         let mut rng = Rng::new(seed);
         for _ in 0..16 {
             let c = sweep_case(&mut rng);
             let s = rng.next_u64();
+            let wide = c.clone().with(|c| c.f16_tiles = F16Tiles::Bf16);
             for dev in devices() {
-                let mut errs = vec![measure::<bf16>(&dev, &c, s)];
+                let mut errs = vec![(0, measure::<bf16>(&dev, &c, s))];
                 if f16_in_range(&c) {
-                    errs.push(measure::<f16>(&dev, &c, s));
+                    errs.push((1, measure::<f16>(&dev, &c, s)));
+                } else {
+                    errs.push((2, measure::<f16>(&dev, &wide, s)));
                 }
-                for ((k, w), Bounds { err: e, floor }) in worst.iter_mut().enumerate().zip(errs) {
+                for (k, Bounds { err: e, floor }) in errs {
                     for (i, &v) in e.0.iter().enumerate() {
-                        assert!(
-                            v < 1e-2 + 2.0 * floor.0[i],
-                            "{} {} seed {seed}/{s}: {} rel error {v:e}: {c:?}",
-                            dev.describe(),
-                            ["bf16", "f16"][k],
-                            NAMES[i]
-                        );
+                        // f16 on bf16 tiles: dz0 is outside the contract
+                        // (see the doc comment); measured, not asserted.
+                        if k == 2 && i == 4 {
+                            continue;
+                        }
+                        if v >= 1e-2 + 2.0 * floor.0[i] {
+                            failures.push(format!(
+                                "{} {} seed {seed}/{s}: {} rel error {v:e}: {c:?}",
+                                dev.describe(),
+                                ["bf16", "f16", "f16 on bf16 tiles"][k],
+                                NAMES[i]
+                            ));
+                        }
                     }
-                    *w = w.max(e);
+                    worst[k] = worst[k].max(e);
                 }
             }
         }
     }
-    eprintln!("worst bf16 {:?}, f16 {:?}", worst[0].0, worst[1].0);
+    eprintln!(
+        "worst bf16 {:?}, f16 {:?}, f16 on bf16 tiles {:?}",
+        worst[0].0, worst[1].0, worst[2].0
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// The draw behind `f16_in_range` (docs/kernels.md, "Limits that remain"):
+/// f16, elu+1, causal, D = M = 2, q, k ~ N(0, 10), scale 1e5, with every
+/// key feature of the first three tokens in [-31, -18]. On f16 tiles their
+/// phi(k) = exp(k) < 2^-25 flushes to 0, so rows 1 and 2 (whose exact
+/// gradients do not vanish, unlike the lone token 0's) see a den of eps
+/// alone: the test asserts dk's error is large there (>= 10 or not finite;
+/// over 100 seeds dk 127 to inf, dq 3.3e-3 to inf), so it proves the option
+/// matters. On bf16 tiles (`F16Tiles::Bf16`) every gradient is finite and
+/// dq and dv are within 1e-2 (600 seeds: worst 9.9e-3 and 6.2e-3); dk
+/// (worst 1.2e-2) and dz0 (9.8e-2) are printed, not asserted: their
+/// sensitivity to bf16 tiles' 8-bit rounding of v and dL/do
+/// (docs/kernels.md, "f16 inputs on bf16 tiles"). `LINATTN_MAG_SEEDS=n`
+/// runs n seeds.
+#[test]
+fn f16_backward_wide_elu_keys_need_bf16_tiles() {
+    let c = Case::new(Kind::Causal, 64, 2, 2).with(|c| {
+        c.sigma = 10.0;
+        c.scale = 1e5;
+        c.low_keys = 3;
+    });
+    let wide = c.clone().with(|c| c.f16_tiles = F16Tiles::Bf16);
+    let mut worst = Errors::default();
+    for dev in devices() {
+        for s in seeds(0x17_f1) {
+            let x = inputs::<f16>(&c, &mut Rng::new(s));
+            let (got, want) = (run(&dev, &c, &x), reference(&c, &x, None));
+            // Non-finite elements (some draws give inf) count as wrong.
+            let err = |g: &[f64], w: &[f64]| {
+                if g.iter().all(|v| v.is_finite()) {
+                    rel_l2_error(g, w)
+                } else {
+                    f64::INFINITY
+                }
+            };
+            let (dq, dk) = (err(&got.dq, &want.dq), err(&got.dk, &want.dk));
+            assert!(
+                dk >= 10.0,
+                "{} seed {s}: f16 tiles dk error {dk:e} (dq {dq:e}): the limit moved?",
+                dev.describe(),
+            );
+            let Bounds { err: e, floor } = measure::<f16>(&dev, &wide, s);
+            for i in [0, 2] {
+                assert!(
+                    e.0[i] < 1e-2 + 2.0 * floor.0[i],
+                    "{} seed {s}: bf16 tiles {} rel error {:e}",
+                    dev.describe(),
+                    NAMES[i],
+                    e.0[i]
+                );
+            }
+            worst = worst.max(e);
+        }
+    }
+    eprintln!("f16 on bf16 tiles: worst {:?}", worst.0);
 }
 
 /// f16 with a scale of 1e5: s phi(q) used to be rounded to f16 as it is

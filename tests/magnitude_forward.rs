@@ -18,7 +18,7 @@ use linattn_kernels::{decode_step, DecodeShape};
 use linattn_kernels::{
     forward, AttentionOptions, AttentionShape, Qkv, ScheduleChoice, StateIo, StateMut,
 };
-use linattn_kernels::{DType, Device, Element, Error, FeatureMap};
+use linattn_kernels::{DType, Device, Element, Error, F16Tiles, FeatureMap};
 use linattn_reference::testing::{rel_l2_error, test_seed, Rng};
 use linattn_reference::{Layout, View};
 
@@ -618,6 +618,73 @@ fn eps_zero_with_normalise_is_a_typed_error() {
     }
 }
 
+/// The draw behind `f16_in_range` (docs/kernels.md, "Limits that remain"),
+/// forward side: f16, elu+1, D = M = 2, q, k ~ N(0, 10), scale 1e5, with
+/// every key feature of the first three tokens in [-31, -18]. On f16 tiles
+/// their phi(k) = exp(k) < 2^-25 flushes to 0, so causal rows 1 and 2 see
+/// den = eps alone and come out as 0 instead of a mix of v_0..v_i: the
+/// test asserts that error (>= 1e-2 on the walk and the split); on bf16
+/// tiles (`F16Tiles::Bf16`) the walk, the split and the non-causal forward
+/// are within 1e-2. One seed a run; `LINATTN_SWEEP_SEEDS=n` runs n.
+#[test]
+fn f16_wide_elu_keys_need_bf16_tiles() {
+    let seeds: u64 = std::env::var("LINATTN_SWEEP_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let s = Shape {
+        b: 1,
+        h: 2,
+        n: 64,
+        d: 2,
+        m: 2,
+    };
+    let o = opts(FeatureMap::EluPlusOne, 1e5);
+    let wide = AttentionOptions {
+        f16_tiles: F16Tiles::Bf16,
+        ..o
+    };
+    let mut worst = [0.0f64, f64::INFINITY];
+    for i in 0..seeds {
+        let seed = test_seed().wrapping_add(i);
+        let mut rng = Rng::new(seed);
+        let q: Vec<f16> = normal(&mut rng, s.b * s.h * s.n * s.d, 0.0, 10.0);
+        let mut k: Vec<f16> = normal(&mut rng, s.b * s.h * s.n * s.d, 0.0, 10.0);
+        let v: Vec<f16> = normal(&mut rng, s.b * s.h * s.n * s.m, 0.0, 1.0);
+        for (j, x) in k.iter_mut().enumerate() {
+            if j / s.d % s.n < 3 {
+                *x = f16::from_f64(-18.0 - x.to_f64().abs().min(13.0));
+            }
+        }
+        let what = format!("seed {seed}: first keys below -18");
+        for dev in devices() {
+            for path in [Path::Causal, Path::Split] {
+                let got = run_path(&dev, path, &s, &q, &k, &v, &o);
+                let want = reference(path, &s, &q, &k, &v, &o);
+                let err = if got.iter().all(|x| x.is_finite()) {
+                    rel_l2_error(&got, &want)
+                } else {
+                    f64::INFINITY
+                };
+                assert!(
+                    err >= 1e-2,
+                    "{what}: {} {path:?}: f16 tiles error {err:e}: the limit moved?",
+                    dev.describe()
+                );
+                worst[1] = worst[1].min(err);
+            }
+            for path in [Path::Causal, Path::Split, Path::NonCausal] {
+                let (_, err) = check_path(&dev, path, &s, &q, &k, &v, &wide, &what);
+                worst[0] = worst[0].max(err);
+            }
+        }
+    }
+    eprintln!(
+        "over {seeds} seeds: bf16 tiles worst {:e}, f16 tiles (causal) least {:e}",
+        worst[0], worst[1]
+    );
+}
+
 /// One draw of the magnitude sweep.
 #[derive(Debug, Clone, Copy)]
 struct Draw {
@@ -663,7 +730,20 @@ fn draw(rng: &mut Rng) -> Draw {
     }
 }
 
-fn sweep_case<T: Element>(dev: &Device, c: &Draw, rng: &mut Rng, seed: u64) -> Result<f64, String> {
+/// Whether f16 tiles hold the draw's features: elu+1 keys below ~-17 flush
+/// to 0 in f16 (docs/kernels.md, "16-bit roundings"); where mu - 3 sigma <
+/// -15 the sweep also runs f16 on bf16 tiles (`F16Tiles::Bf16`).
+fn f16_in_range(c: &Draw) -> bool {
+    c.map != FeatureMap::EluPlusOne || c.mu - 3.0 * c.sigma >= -15.0
+}
+
+fn sweep_case<T: Element>(
+    dev: &Device,
+    c: &Draw,
+    rng: &mut Rng,
+    seed: u64,
+    tiles: F16Tiles,
+) -> Result<f64, String> {
     let s = Shape {
         b: 1,
         h: 2,
@@ -674,7 +754,10 @@ fn sweep_case<T: Element>(dev: &Device, c: &Draw, rng: &mut Rng, seed: u64) -> R
     let q: Vec<T> = normal(rng, s.b * s.h * s.n * s.d, c.mu, c.sigma);
     let k: Vec<T> = normal(rng, s.b * s.h * s.n * s.d, c.mu, c.sigma);
     let v: Vec<T> = normal(rng, s.b * s.h * s.n * s.m, 0.0, 1.0);
-    let o = opts(c.map, c.scale);
+    let o = AttentionOptions {
+        f16_tiles: tiles,
+        ..opts(c.map, c.scale)
+    };
     let what = format!("seed {seed} {c:?}");
     measure_path(dev, c.path, &s, &q, &k, &v, &o, &what).map(|r| r.1)
 }
@@ -682,7 +765,9 @@ fn sweep_case<T: Element>(dev: &Device, c: &Draw, rng: &mut Rng, seed: u64) -> R
 /// The magnitude sweep of issue 17 as a property test: per seed one draw of
 /// dtype, feature map, path, q and k ~ N(mu, sigma) with mu in {0, 5, 10,
 /// 40} and sigma in {1, 10}, scale in {1e-3, 1, 3e3, 1e5}; every output
-/// finite and within the dtype's threshold of the f64 reference.
+/// finite and within the dtype's threshold of the f64 reference. f16 draws
+/// outside `f16_in_range` run on f16 tiles (the default) and again on bf16
+/// tiles, from the same inputs.
 #[test]
 fn magnitude_sweep_forward_and_decode() {
     let seeds: u64 = std::env::var("LINATTN_SWEEP_SEEDS")
@@ -691,27 +776,38 @@ fn magnitude_sweep_forward_and_decode() {
         .unwrap_or(24);
     let base = test_seed();
     let devs = devices();
-    let mut worst = [0.0f64; 3];
+    let mut worst = [0.0f64; 4];
     let mut failures = Vec::new();
     for i in 0..seeds {
         let seed = base.wrapping_add(i);
         let mut rng = Rng::new(seed);
         let c = draw(&mut rng);
         for dev in &devs {
-            let (slot, r) = match c.dtype {
-                DType::F32 => (0, sweep_case::<f32>(dev, &c, &mut rng, seed)),
-                DType::F16 => (1, sweep_case::<f16>(dev, &c, &mut rng, seed)),
-                DType::Bf16 => (2, sweep_case::<bf16>(dev, &c, &mut rng, seed)),
+            let mut runs = Vec::new();
+            let tiles = F16Tiles::F16;
+            match c.dtype {
+                DType::F32 => runs.push((0, sweep_case::<f32>(dev, &c, &mut rng, seed, tiles))),
+                DType::F16 => {
+                    let mut again = rng.clone();
+                    runs.push((1, sweep_case::<f16>(dev, &c, &mut rng, seed, tiles)));
+                    if !f16_in_range(&c) {
+                        let wide = F16Tiles::Bf16;
+                        runs.push((3, sweep_case::<f16>(dev, &c, &mut again, seed, wide)));
+                    }
+                }
+                DType::Bf16 => runs.push((2, sweep_case::<bf16>(dev, &c, &mut rng, seed, tiles))),
             };
-            match r {
-                Ok(err) => worst[slot] = worst[slot].max(err),
-                Err(e) => failures.push(e),
+            for (slot, r) in runs {
+                match r {
+                    Ok(err) => worst[slot] = worst[slot].max(err),
+                    Err(e) => failures.push(e),
+                }
             }
         }
     }
     eprintln!(
-        "worst rel error over {seeds} seeds: f32 {:e}, f16 {:e}, bf16 {:e}",
-        worst[0], worst[1], worst[2]
+        "worst rel error over {seeds} seeds: f32 {:e}, f16 {:e}, bf16 {:e}, f16 on bf16 tiles {:e}",
+        worst[0], worst[1], worst[2], worst[3]
     );
     assert!(
         failures.is_empty(),

@@ -88,8 +88,9 @@ pub use ops::{
 pub use ops::{
     backward, backward_raw, decode_step, decode_step_raw, feature_map, feature_map_raw, forward,
     forward_raw, AttentionOptions, AttentionShape, BackwardInputs, BackwardStates, DecodeShape,
-    DeviceRead, DeviceWrite, DqPrecision, Grads, Kind, Memory, Qkv, RawBackward, RawDecode,
-    RawForward, RowStrides, RowsShape, ScheduleChoice, StateIo, StateMut, StateRef, Strides,
+    DeviceRead, DeviceWrite, DqPrecision, F16Tiles, Grads, Kind, Memory, Qkv, RawBackward,
+    RawDecode, RawForward, RowStrides, RowsShape, ScheduleChoice, StateIo, StateMut, StateRef,
+    Strides,
 };
 pub use plan::{Executor, LaunchPlan};
 pub use target::{KernelFootprint, Target};

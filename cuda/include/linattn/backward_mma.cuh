@@ -15,6 +15,8 @@
 //         B' split into hi + lo 16-bit halves (docs/kernels.md, "16-bit
 //         roundings: backward")
 //
+// Global tensors are of the input type In and shared tiles of the tile type
+// T (the same but for f16 inputs on bf16 tiles, see `prep` below).
 // Operands are staged in shared memory as T, zero-padded to multiples of 16
 // (D, M, the chunk C and the state tile, so any D, M in 1..=256 works); row
 // strides are padded by 8 elements (16-bit) or 4 (fp32) against bank
@@ -276,7 +278,7 @@ __device__ __forceinline__ Scales no_scales() { return Scales{nullptr, 0, 0, 1.0
 // What dv_chunk works on: one chunk's staged operands in shared memory,
 // their tile scales, and where its dv rows go (the style of the params
 // structs: named fields, set at the call).
-template <typename T>
+template <typename T, typename Out = T>
 struct DvChunk {
     float* F;         // fp32 work tile, C x (>= max(C, MT)) with row stride LF
     int LF;
@@ -295,15 +297,15 @@ struct DvChunk {
     const float* sS;
     const T* G16;     // dnum rounded (C x MT, row stride L16) and its scales
     const float* sG;
-    T* out;           // the chunk's first dv row, row stride `stride`
+    Out* out;         // the chunk's first dv row, row stride `stride`
     int64_t stride;
 };
 
 // One chunk's dv, shared by dv_mma and dkv_mma: F = kh dS (+ A^T dnum over
 // i >= j when causal, with A = qh kh^T, lower block triangle, rounded into
 // A16), then rows x cols of it written to `out`. Ends with F read out.
-template <typename T>
-__device__ __forceinline__ void dv_chunk(const DvChunk<T>& a) {
+template <typename T, typename Out = T>
+__device__ __forceinline__ void dv_chunk(const DvChunk<T, Out>& a) {
     float* F = a.F;
     const int LF = a.LF, CT = a.CT, MTT = a.MTT, DTT = a.DTT, rows = a.rows, cols = a.cols;
     const bool causal = a.causal;
@@ -313,7 +315,7 @@ __device__ __forceinline__ void dv_chunk(const DvChunk<T>& a) {
     T* A16 = a.A16;
     float* sA = a.sA;
     const float *sS = a.sS, *sG = a.sG;
-    T* out = a.out;
+    Out* out = a.out;
     const int64_t stride = a.stride;
     const int C = CT * 16;
     if (causal) {
@@ -333,7 +335,7 @@ __device__ __forceinline__ void dv_chunk(const DvChunk<T>& a) {
     __syncthreads();
     for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
         const int j = i / cols, e = i - j * cols;
-        out[j * stride + e] = from_float<T>(F[j * LF + e]);
+        out[j * stride + e] = from_float<Out>(F[j * LF + e]);
     }
 }
 
@@ -352,7 +354,7 @@ __device__ __forceinline__ void dv_chunk(const DvChunk<T>& a) {
 //         max(C,D16)+4, fp32: A, then H) | E (C x C+4, fp32) | qh . z,
 //         rowsum(A), rowsum(A o E) (C each) | scales of S16
 //         ((D16/16)(MT/16)) and G ((C/16)(MT/16)).
-template <typename T>
+template <typename In, typename T = In>
 __device__ __forceinline__ void prep_mma(const LinattnBackwardParams& p, float* smem) {
     const Coords c = coords(p);
     const int tid = threadIdx.x, nthreads = blockDim.x;
@@ -385,10 +387,10 @@ __device__ __forceinline__ void prep_mma(const LinattnBackwardParams& p, float* 
     }
     for (int x = tid; x < D16; x += nthreads)
         zs[x] = p.state_in_z != 0 && x < D ? ptr<const float>(p.state_in_z)[c.sh * D + x] : 0.0f;
-    const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
-    const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
-    const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride) + m0;
-    const T* gb = rows_of<T>(p.d_o, c, p.o_batch_stride, p.o_head_stride) + m0;
+    const In* qb = rows_of<In>(p.q, c, p.q_batch_stride, p.q_head_stride);
+    const In* kb = rows_of<In>(p.k, c, p.k_batch_stride, p.k_head_stride);
+    const In* vb = rows_of<In>(p.v, c, p.v_batch_stride, p.v_head_stride) + m0;
+    const In* gb = rows_of<In>(p.d_o, c, p.o_batch_stride, p.o_head_stride) + m0;
     float* wden = ptr<float>(p.work_den);
     float* wgo = ptr<float>(p.work_dden) + (int64_t)c.tile * work_rows(p);
     __syncthreads();
@@ -499,7 +501,7 @@ __device__ __forceinline__ void prep_mma(const LinattnBackwardParams& p, float* 
 //         (C) | scales of S16 ((DT/16)(M16/16)), G ((C/16)(M16/16)), B16
 //         ((C/16)^2) and qn ((C/16)(DT/16), dk) | B'_lo (C x C+8, dq) and
 //         its scales ((C/16)^2).
-template <typename T, bool kDk>
+template <typename In, typename T, bool kDk>
 __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* smem) {
     const Coords c = coords(p);
     const int tid = threadIdx.x, nthreads = blockDim.x;
@@ -539,14 +541,14 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
         Ss[x * LS + e] = s_in != nullptr && x < dt && e < M ? s_in[(c.sh * D + d0 + x) * M + e] : 0.0f;
     }
     for (int x = tid; x < DT; x += nthreads) zs[x] = z_in != nullptr && x < dt ? z_in[c.sh * D + d0 + x] : 0.0f;
-    const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride) + d0;
-    const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride) + d0;
-    const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride);
-    const T* gb = rows_of<T>(p.d_o, c, p.o_batch_stride, p.o_head_stride);
-    T* outb = kDk ? rows_of_mut<T>(p.dk, c, p.k_batch_stride, p.k_head_stride) + d0
-                  : rows_of_mut<T>(p.dq, c, p.q_batch_stride, p.q_head_stride) + d0;
+    const In* qb = rows_of<In>(p.q, c, p.q_batch_stride, p.q_head_stride) + d0;
+    const In* kb = rows_of<In>(p.k, c, p.k_batch_stride, p.k_head_stride) + d0;
+    const In* vb = rows_of<In>(p.v, c, p.v_batch_stride, p.v_head_stride);
+    const In* gb = rows_of<In>(p.d_o, c, p.o_batch_stride, p.o_head_stride);
+    In* outb = kDk ? rows_of_mut<In>(p.dk, c, p.k_batch_stride, p.k_head_stride) + d0
+                  : rows_of_mut<In>(p.dq, c, p.q_batch_stride, p.q_head_stride) + d0;
     const int64_t xstride = kDk ? p.q_token_stride : p.k_token_stride;  // rows of X16's source
-    const T* xb = kDk ? qb : kb;
+    const In* xb = kDk ? qb : kb;
     __syncthreads();
 
     const int64_t last = last_chunk(c.r.len, C);
@@ -571,7 +573,7 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
             // dq: S_hi every chunk (S16 ends a split emit holding S_lo).
             if (emit && (causal || !kDk || c0 == last)) {
                 if (eps_rows) {
-                    dead_features<T>(F, kb, p.k_token_stride, causal ? t0 : c.r.start, causal ? rows : c.r.len, dt);
+                    dead_features<In>(F, kb, p.k_token_stride, causal ? t0 : c.r.start, causal ? rows : c.r.len, dt);
                     __syncthreads();
                 }
                 round_tiles<T>(S16, L16, DT, M16, sS,
@@ -653,11 +655,11 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
                     const int j = i / dt, x = i - j * dt;
                     if constexpr (kDk) {
                         const int64_t off = (t0 + j) * p.k_token_stride + x;
-                        outb[off] = from_float<T>(phi_prime(to_float(kb[off]), fm) * (F[j * LF + x] + zs[x]));
+                        outb[off] = from_float<In>(phi_prime(to_float(kb[off]), fm) * (F[j * LF + x] + zs[x]));
                     } else {
                         const int64_t off = (t0 + j) * p.q_token_stride + x;
                         const float acc = fmaf(dd[j], zs[x], F[j * LF + x]);
-                        outb[off] = from_float<T>(p.scale * phi_prime(to_float(qb[off]), fm) * acc);
+                        outb[off] = from_float<In>(p.scale * phi_prime(to_float(qb[off]), fm) * acc);
                     }
                 }
                 if (causal) __syncthreads();  // z is read above, updated below
@@ -715,7 +717,7 @@ __device__ __forceinline__ void dqk_mma(const LinattnBackwardParams& p, float* s
 //         each) | G (C x MT+8) | A16 (C x C+8) | F (C x max(C,MT)+4,
 //         fp32: A, then dv) | den (C) | scales of S16 ((D16/16)(MT/16)),
 //         G ((C/16)(MT/16)), A16 ((C/16)^2) and qn ((C/16)(D16/16)).
-template <typename T>
+template <typename In, typename T = In>
 __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* smem) {
     const Coords c = coords(p);
     const int tid = threadIdx.x, nthreads = blockDim.x;
@@ -746,10 +748,10 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
         const int x = i / MT, e = i - x * MT;
         Ss[x * LS + e] = s_in != nullptr && x < D && e < mt ? s_in[(c.sh * D + x) * M + m0 + e] : 0.0f;
     }
-    const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
-    const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
-    const T* gb = rows_of<T>(p.d_o, c, p.o_batch_stride, p.o_head_stride) + m0;
-    T* dvb = rows_of_mut<T>(p.dv, c, p.v_batch_stride, p.v_head_stride) + m0;
+    const In* qb = rows_of<In>(p.q, c, p.q_batch_stride, p.q_head_stride);
+    const In* kb = rows_of<In>(p.k, c, p.k_batch_stride, p.k_head_stride);
+    const In* gb = rows_of<In>(p.d_o, c, p.o_batch_stride, p.o_head_stride) + m0;
+    In* dvb = rows_of_mut<In>(p.dv, c, p.v_batch_stride, p.v_head_stride) + m0;
     __syncthreads();
 
     const int64_t last = last_chunk(c.r.len, C);
@@ -765,7 +767,7 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
                          [&](int j, int x) { return phi(to_float(kb[(t0 + j) * p.k_token_stride + x]), fm); });
                 if (causal || c0 == last) {
                     if (eps_rows) {
-                        dead_features<T>(F, kb, p.k_token_stride, causal ? t0 : c.r.start, causal ? rows : c.r.len, D);
+                        dead_features<In>(F, kb, p.k_token_stride, causal ? t0 : c.r.start, causal ? rows : c.r.len, D);
                         __syncthreads();
                     }
                     round_tiles<T>(S16, L16, D16, MT, sS,
@@ -787,14 +789,14 @@ __device__ __forceinline__ void dv_mma(const LinattnBackwardParams& p, float* sm
                 __syncthreads();
             }
             if (emit) {
-                DvChunk<T> a;
+                DvChunk<T, In> a;
                 a.F = F; a.LF = LF; a.CT = CT; a.MTT = MTT; a.DTT = DTT; a.causal = causal;
                 a.rows = rows; a.cols = mt;
                 a.Q16 = Q16; a.sq = Scales{sQ, DTT, 1, 1.0f}; a.K16 = K16; a.LD = LD;
                 a.A16 = A16; a.LC = LC; a.sA = sA;
                 a.S16 = S16; a.L16 = L16; a.sS = sS; a.G16 = G16; a.sG = sG;
                 a.out = dvb + t0 * p.v_token_stride; a.stride = p.v_token_stride;
-                dv_chunk<T>(a);
+                dv_chunk<T, In>(a);
             }
             if (absorb) {
                 // dS += qn^T G (F is not touched; S16 is a copy of dS), then
@@ -1023,7 +1025,7 @@ __device__ __forceinline__ void frags_publish_lo(const Acc (&st)[kDkvFrags], con
 //         and the warps' publish scratch) | E (fp32, C x C+4) | idx (16 x
 //         16 fp32) | qh . z, rowsum(A), den, d den (C each) | scales of S16
 //         ((D16/16)(M16/16)), G ((C/16)(M16/16)) and P16 ((C/16)^2).
-template <typename T>
+template <typename In, typename T = In>
 __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, float* smem) {
     const Coords c = coords(p);
     const int tid = threadIdx.x, nthreads = blockDim.x;
@@ -1061,8 +1063,9 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
     // A and B' kh get row sums, z gets + 1 per key. vsum[M16]: the chunk's
     // flag (shared, not a register); the per-row sums go in E's padding
     // columns C, C + 1. bf16 only: f16 keeps 11 bits of k + 1 (8x bf16's),
-    // and prepdq_f16 spills on sm_90 with this code.
-    constexpr bool kShiftK = !Mma<T>::scaled;
+    // and prepdq_f16 spills on sm_90 with this code. Not for f16 inputs on
+    // bf16 tiles either: there k is not exact in T.
+    constexpr bool kShiftK = !Mma<T>::scaled && std::is_same<In, T>::value;
     (void)cv.take<float>(M16 + 1);
     // Rematerialised from sP (the carve's next 128-byte boundary), not a
     // live register.
@@ -1079,11 +1082,11 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
     for (int x = tid; x < D16; x += nthreads) zs[x] = sl.z != nullptr && x < D ? sl.z[sl.index * D + x] : 0.0f;
     for (int i = tid; i < 256; i += nthreads) idx[i] = (float)i;
     for (int e = tid; e <= M16; e += nthreads) LINATTN_VSUM[e] = 0.0f;
-    const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
-    const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
-    const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride);
-    const T* gb = rows_of<T>(p.d_o, c, p.o_batch_stride, p.o_head_stride);
-    T* dqb = rows_of_mut<T>(p.dq, c, p.q_batch_stride, p.q_head_stride);
+    const In* qb = rows_of<In>(p.q, c, p.q_batch_stride, p.q_head_stride);
+    const In* kb = rows_of<In>(p.k, c, p.k_batch_stride, p.k_head_stride);
+    const In* vb = rows_of<In>(p.v, c, p.v_batch_stride, p.v_head_stride);
+    const In* gb = rows_of<In>(p.d_o, c, p.o_batch_stride, p.o_head_stride);
+    In* dqb = rows_of_mut<In>(p.dq, c, p.q_batch_stride, p.q_head_stride);
     float* wden = ptr<float>(p.work_den);
     float* wgo = ptr<float>(p.work_dden);
     __syncthreads();
@@ -1268,7 +1271,7 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                     const int j = i / D, x = i - j * D;
                     const int64_t off = (t0 + j) * p.q_token_stride + x;
                     const float acc = fmaf(dd[j], zs[x], F[j * LF + x]);
-                    dqb[off] = from_float<T>(p.scale * phi_prime(to_float(qb[off]), fm) * acc);
+                    dqb[off] = from_float<In>(p.scale * phi_prime(to_float(qb[off]), fm) * acc);
                 }
                 __syncthreads();  // z and F (the publish scratch) read out
                 // S16 holds S_lo (split): the non-causal walk (no absorb)
@@ -1332,7 +1335,7 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
 //         and the warps' publish scratch) | scales of qn ((C/16)(D16/16)) |
 //         den, d den (C each) | scales of dS16 ((D16/16)(M16/16)), (unused:
 //         (C/16)(M16/16)) and P16 ((C/16)^2).
-template <typename T>
+template <typename In, typename T = In>
 __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* smem) {
     using namespace nvcuda;
     const Coords c = coords(p);
@@ -1388,18 +1391,18 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
         // token of this partition: flag them from its keys.
         for (int x = tid; x < D16; x += nthreads) dead[x] = 0.0f;
         if (eps_rows && p.state_mode == LINATTN_BWD_FROM_WORK)
-            dead_features<T>(dead, rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride), p.k_token_stride,
+            dead_features<In>(dead, rows_of<In>(p.k, c, p.k_batch_stride, p.k_head_stride), p.k_token_stride,
                              c.r.start, c.r.len, D);
         __syncthreads();
     }
     if (!sl.partials) frags_publish<T>(st, ft, S16, L16, sS, eps_rows ? dead : nullptr);
     for (int x = tid; x < D16; x += nthreads) zs[x] = sl.z != nullptr && x < D ? sl.z[sl.index * D + x] : 0.0f;
-    const T* qb = rows_of<T>(p.q, c, p.q_batch_stride, p.q_head_stride);
-    const T* kb = rows_of<T>(p.k, c, p.k_batch_stride, p.k_head_stride);
-    const T* vb = rows_of<T>(p.v, c, p.v_batch_stride, p.v_head_stride);
-    const T* gb = rows_of<T>(p.d_o, c, p.o_batch_stride, p.o_head_stride);
-    T* dkb = rows_of_mut<T>(p.dk, c, p.k_batch_stride, p.k_head_stride);
-    T* dvb = rows_of_mut<T>(p.dv, c, p.v_batch_stride, p.v_head_stride);
+    const In* qb = rows_of<In>(p.q, c, p.q_batch_stride, p.q_head_stride);
+    const In* kb = rows_of<In>(p.k, c, p.k_batch_stride, p.k_head_stride);
+    const In* vb = rows_of<In>(p.v, c, p.v_batch_stride, p.v_head_stride);
+    const In* gb = rows_of<In>(p.d_o, c, p.o_batch_stride, p.o_head_stride);
+    In* dkb = rows_of_mut<In>(p.dk, c, p.k_batch_stride, p.k_head_stride);
+    In* dvb = rows_of_mut<In>(p.dv, c, p.v_batch_stride, p.v_head_stride);
     __syncthreads();
 
     const int64_t last = last_chunk(c.r.len, C);
@@ -1462,18 +1465,18 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                 for (int i = tid; i < rows * D; i += nthreads) {
                     const int j = i / D, x = i - j * D;
                     const int64_t off = (t0 + j) * p.k_token_stride + x;
-                    dkb[off] = from_float<T>(phi_prime(to_float(kb[off]), fm) * (F[j * LF + x] + zs[x]));
+                    dkb[off] = from_float<In>(phi_prime(to_float(kb[off]), fm) * (F[j * LF + x] + zs[x]));
                 }
                 __syncthreads();  // F, P16 and dz are reused below
                 // A' = qn kh^T (causal), then dv = kh dS + A'^T G.
-                DvChunk<T> a;
+                DvChunk<T, In> a;
                 a.F = F; a.LF = LF; a.CT = CT; a.MTT = MTT; a.DTT = DTT; a.causal = causal;
                 a.rows = rows; a.cols = M;
                 a.Q16 = Q16; a.sq = Scales{sQ, DTT, 1, 1.0f}; a.K16 = K16; a.LD = LD;
                 a.A16 = P16; a.LC = LC; a.sA = sP;
                 a.S16 = S16; a.L16 = L16; a.sS = sS; a.G16 = G16; a.sG = nullptr;
                 a.out = dvb + t0 * p.v_token_stride; a.stride = p.v_token_stride;
-                dv_chunk<T>(a);
+                dv_chunk<T, In>(a);
             }
             if (absorb) {
                 // dS += qn^T G; then, for f16 chunks with eps rows, once
@@ -1541,39 +1544,46 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
 
 // ---------------------------------------------------------------------------
 // The entry points' bodies: tensor cores for 16-bit inputs, FMA for fp32.
-template <typename T>
+// In types the global tensors (q, k, v, dL/do, dq, dk, dv), T the shared
+// 16-bit tiles and every Mma<T> decision; they differ only for f16 inputs
+// on bf16 tiles (the `_f16_bf16tc` entry points of backward.cu).
+template <typename In, typename T = In>
 __device__ __forceinline__ void prep(const LinattnBackwardParams& p, float* smem) {
-    if constexpr (Mma<T>::available) prep_mma<T>(p, smem);
+    static_assert(std::is_same<In, T>::value || Mma<T>::available, "prep: separate tiles need tensor cores");
+    if constexpr (Mma<T>::available) prep_mma<In, T>(p, smem);
     else prep_fma<T>(p, smem);
 }
-template <typename T>
+template <typename In, typename T = In>
 __device__ __forceinline__ void dq_walk(const LinattnBackwardParams& p, float* smem) {
-    if constexpr (Mma<T>::available) dqk_mma<T, false>(p, smem);
+    static_assert(std::is_same<In, T>::value || Mma<T>::available, "dq_walk: separate tiles need tensor cores");
+    if constexpr (Mma<T>::available) dqk_mma<In, T, false>(p, smem);
     else dqk_fma<T, false>(p, smem);
 }
-template <typename T>
+template <typename In, typename T = In>
 __device__ __forceinline__ void dk_walk(const LinattnBackwardParams& p, float* smem) {
-    if constexpr (Mma<T>::available) dqk_mma<T, true>(p, smem);
+    static_assert(std::is_same<In, T>::value || Mma<T>::available, "dk_walk: separate tiles need tensor cores");
+    if constexpr (Mma<T>::available) dqk_mma<In, T, true>(p, smem);
     else dqk_fma<T, true>(p, smem);
 }
-template <typename T>
+template <typename In, typename T = In>
 __device__ __forceinline__ void dv_walk(const LinattnBackwardParams& p, float* smem) {
-    if constexpr (Mma<T>::available) dv_mma<T>(p, smem);
+    static_assert(std::is_same<In, T>::value || Mma<T>::available, "dv_walk: separate tiles need tensor cores");
+    if constexpr (Mma<T>::available) dv_mma<In, T>(p, smem);
     else dv_fma<T>(p, smem);
 }
 // The fused prep + dq walk exists for 16-bit inputs only (fp32 runs prep
 // and dq_walk).
-template <typename T>
+template <typename In, typename T = In>
 __device__ __forceinline__ void prep_dq_walk(const LinattnBackwardParams& p, float* smem) {
     static_assert(Mma<T>::available, "prep_dq_walk: f16 and bf16 only");
-    prep_dq_mma<T>(p, smem);
+    prep_dq_mma<In, T>(p, smem);
 }
 // The merged dk + dv walk exists for 16-bit inputs only (fp32 runs dk_walk
 // and dv_walk).
-template <typename T>
+template <typename In, typename T = In>
 __device__ __forceinline__ void dkv_walk(const LinattnBackwardParams& p, float* smem) {
     static_assert(Mma<T>::available, "dkv_walk: f16 and bf16 only");
-    dkv_mma<T>(p, smem);
+    dkv_mma<In, T>(p, smem);
 }
 
 }  // namespace bwd

@@ -18,8 +18,9 @@
 // whole walk (at most kStateFrags per warp) and adds phi(K_c)^T V_c to them
 // in place. After each update a warp publishes its tiles as a 16-bit copy
 // S16 (through a 16 x 16 fp32 scratch of its own) for the next chunk's
-// phi(Q) S16 product; that rounding of S to the input precision is the only
-// one beyond rounding s phi(q), phi(k) and A to T. f16 covers too little
+// phi(Q) S16 product; that rounding of S to the tile type T is the only one
+// beyond rounding s phi(q), phi(k) and A to T (and v, for f16 inputs on
+// bf16 tiles: In = __half, T = __nv_bfloat16). f16 covers too little
 // range for a state that grows with the sequence, so each f16 tile is scaled
 // by a power of two that maps its largest entry into [2^14, 2^15), and its
 // partial product is scaled back in fp32 (fragments of one type share their
@@ -98,17 +99,19 @@ __device__ __forceinline__ float publish_tile(const float* scratch, T* dst, int 
 
 // Whether rows src + t * stride (t >= 0) of n valid elements can be read
 // four elements at a time with aligned 8-byte loads.
-template <typename T>
-__device__ __forceinline__ bool row_vec_ok(const T* src, int64_t stride, int n) {
+template <typename In>
+__device__ __forceinline__ bool row_vec_ok(const In* src, int64_t stride, int n) {
     return (reinterpret_cast<uintptr_t>(src) & 7) == 0 && (stride & 3) == 0 && (n & 3) == 0;
 }
 
 // One warp stages a row: dst[x] = T(f(src[x])) for x < n (when live), zero
 // for the rest of n_pad (a multiple of 16). With vec, each lane moves four
-// elements per 8-byte load and store (dst rows are 16-byte aligned). Returns
-// the largest |f(src[x])| this lane staged (fp32, before the rounding).
-template <typename T, typename F>
-__device__ __forceinline__ float load_row(T* dst, const T* src, int n, int n_pad, bool live, bool vec, F f) {
+// elements per 8-byte load and store (dst rows are 16-byte aligned; In and T
+// are both 2 bytes). Returns the largest |f(src[x])| this lane staged (fp32,
+// before the rounding).
+template <typename In, typename T, typename F>
+__device__ __forceinline__ float load_row(T* dst, const In* src, int n, int n_pad, bool live, bool vec, F f) {
+    static_assert(sizeof(In) == 2 && sizeof(T) == 2, "load_row: 16-bit elements");
     const int lane = threadIdx.x & 31;
     float mx = 0.0f;
     if (vec) {
@@ -116,10 +119,11 @@ __device__ __forceinline__ float load_row(T* dst, const T* src, int n, int n_pad
             T v[4] = {from_float<T>(0.0f), from_float<T>(0.0f), from_float<T>(0.0f), from_float<T>(0.0f)};
             if (live && x < n) {
                 const uint2 raw = *reinterpret_cast<const uint2*>(src + x);
-                memcpy(v, &raw, sizeof(raw));
+                In u[4];
+                memcpy(u, &raw, sizeof(raw));
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    const float y = f(to_float(v[i]));
+                    const float y = f(to_float(u[i]));
                     mx = fmaxf(mx, fabsf(y));
                     v[i] = from_float<T>(y);
                 }
@@ -149,7 +153,10 @@ constexpr int kQTop = 5;
 constexpr float kAHi = 32768.0f;
 constexpr int kATop = 15;
 
-template <typename T>
+// In types the global q, k, v and o, T the shared tiles and every Mma<T>
+// decision; they differ only for f16 inputs on bf16 tiles (forward.cu's
+// forward_f16_bf16tc).
+template <typename In, typename T = In>
 __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, float* smem) {
     using namespace nvcuda;
     const int tid = threadIdx.x;
@@ -229,10 +236,10 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
     for (int d = tid; d < DP; d += blockDim.x) zs[d] = (lz != nullptr && d < D) ? lz[d] : 0.0f;
     __syncthreads();
 
-    const T* qb = ptr<const T>(p.q) + b.r.batch * p.q_batch_stride + b.head * p.q_head_stride;
-    const T* kb = ptr<const T>(p.k) + b.r.batch * p.k_batch_stride + b.head * p.k_head_stride;
-    const T* vb = ptr<const T>(p.v) + b.r.batch * p.v_batch_stride + b.head * p.v_head_stride + m0;
-    T* ob = ptr<T>(p.o) + b.r.batch * p.o_batch_stride + b.head * p.o_head_stride + m0;
+    const In* qb = ptr<const In>(p.q) + b.r.batch * p.q_batch_stride + b.head * p.q_head_stride;
+    const In* kb = ptr<const In>(p.k) + b.r.batch * p.k_batch_stride + b.head * p.k_head_stride;
+    const In* vb = ptr<const In>(p.v) + b.r.batch * p.v_batch_stride + b.head * p.v_head_stride + m0;
+    In* ob = ptr<In>(p.o) + b.r.batch * p.o_batch_stride + b.head * p.o_head_stride + m0;
     // Four elements per 8-byte load where every row start is 8-byte aligned
     // and the row's valid length a multiple of 4 (the common contiguous case).
     // One flag for all three keeps the register count down (f16 on sm_80).
@@ -245,7 +252,7 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
     auto write_outputs = [&](int64_t t0, int rows) {
         for (int row = warp; row < rows; row += nwarps) {
             const float dn = kScaled ? den[row] : den[row] + p.eps;
-            T* orow = ob + (t0 + row) * p.o_token_stride;
+            In* orow = ob + (t0 + row) * p.o_token_stride;
             for (int e = lane; e < mt; e += 32) {
                 const float num = F[row * LF + e];
                 // __fdividef: no IEEE slow-path call, 2 ulp.
@@ -255,7 +262,7 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
                 } else {
                     o = norm ? __fdividef(num, dn) : num;
                 }
-                orow[e] = from_float<T>(o);
+                orow[e] = from_float<In>(o);
             }
         }
     };
@@ -301,8 +308,8 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
         for (int row = warp; row < C; row += nwarps) {
             const bool live = row < rows;
             if (out) {
-                const T* qrow = qb + (t0 + row) * p.q_token_stride;
-                float mq = load_row<T>(Q16 + row * LQ, qrow, D, DP, live, vec,
+                const In* qrow = qb + (t0 + row) * p.q_token_stride;
+                float mq = load_row<In, T>(Q16 + row * LQ, qrow, D, DP, live, vec,
                                        [&](float x) { return phi(x, fm) * p.scale; });
                 if constexpr (kScaled) {
                     // mq >= 0: its bits order as the value does (one redux, not five shuffles).
@@ -311,17 +318,17 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
                     if (pow2_out_of(mq, kQLo, kQHi)) {  // warp-uniform; rare
                         eq = pow2_shift(mq, kQTop);
                         const float inv = ldexpf(1.0f, -eq);
-                        load_row<T>(Q16 + row * LQ, qrow, D, DP, live, vec,
+                        load_row<In, T>(Q16 + row * LQ, qrow, D, DP, live, vec,
                                     [&](float x) { return phi(x, fm) * p.scale * inv; });
                     }
                     if (lane == 0) rowq[row] = (float)eq;
                 }
             }
             if (causal) {
-                load_row<T>(K16 + row * LQ, kb + (t0 + row) * p.k_token_stride, D, DP, live, vec,
+                load_row<In, T>(K16 + row * LQ, kb + (t0 + row) * p.k_token_stride, D, DP, live, vec,
                             [&](float x) { return phi(x, fm); });
-                load_row<T>(V16 + row * LV, vb + (t0 + row) * p.v_token_stride, mt, MT, live, vec,
-                            [](float x) { return x; });  // exact: v is already T
+                load_row<In, T>(V16 + row * LV, vb + (t0 + row) * p.v_token_stride, mt, MT, live, vec,
+                            [](float x) { return x; });  // exact where In is T
             }
         }
         __syncthreads();

@@ -190,6 +190,41 @@ pub enum DqPrecision {
     Single,
 }
 
+/// Which 16-bit tensor-core tiles an f16 call stages its operands in
+/// (`phi(q)`, `phi(k)`, v, the state copy, scores, dL/do); f32 and bf16
+/// calls ignore it (f32 runs no tensor cores, bf16 always uses bf16 tiles).
+/// Inputs and outputs stay f16 either way; every sum stays fp32.
+///
+/// Both tile types are 2 bytes: shared memory, tiling, launch plans and
+/// tensor-core work are the same, only the kernels differ (`forward_f16`
+/// or `forward_f16_bf16tc`, and likewise for each backward pass).
+/// Precision and range: `docs/kernels.md`, "16-bit roundings"; measured
+/// errors: `docs/benchmarks.md`, "f16 on bf16 tiles".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum F16Tiles {
+    /// f16 tiles: staged values round to 2^-12 relative (11 bits), with
+    /// per-tile and per-row power-of-two scaling keeping them inside f16's
+    /// range. The default: finer, and the accuracy contract of dq at
+    /// q, k ~ N(mu, 1) for mu >= 5 relies on it. Its limit: f16 spans
+    /// 2^-24 .. 2^16, so elu+1 keys below about -17 (phi(k) = exp(k) <
+    /// 2^-24) stage as 0, and a row whose every key is that small loses
+    /// its denominator to eps (o and dq wrong by orders of magnitude).
+    #[default]
+    F16,
+    /// bf16 tiles: fp32's exponent range, so no staged value under- or
+    /// overflows, at 2^-9 relative rounding (8 bits; the arithmetic bf16
+    /// inputs get). Pick it for f16 inputs whose elu+1 features span more
+    /// than f16's range: keys more negative than about -15 (e.g.
+    /// q, k ~ N(0, 10) in small heads), where f16 tiles can be wrong by
+    /// orders of magnitude. Costs no extra tensor work or memory; errors
+    /// grow to bf16's (relative L2 at N(0, 1), D = M = 64: o 2.6e-3, dq
+    /// 4.1e-3, dk and dv <= 2.7e-3). Unlike bf16 inputs, v and dL/do are
+    /// rounded to 8 bits too: gradients that are sensitive to them (dz0,
+    /// and dk in heads of D = 2, with q, k ~ N(mu, 10)) reached 1e-2 to
+    /// 1e-1 in a few percent of such draws.
+    Bf16,
+}
+
 /// Options of the forward kernels, the decode step and the backward.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttentionOptions {
@@ -217,6 +252,10 @@ pub struct AttentionOptions {
     /// The backward's 16-bit rounding of the state where it feeds dq
     /// (default [`DqPrecision::Split`]); forward and decode ignore it.
     pub dq_precision: DqPrecision,
+    /// The tensor-core tile type of f16 calls (default [`F16Tiles::F16`]),
+    /// forward and backward; f32 and bf16 calls and the decode step
+    /// (fp32 FMA) ignore it.
+    pub f16_tiles: F16Tiles,
 }
 
 impl Default for AttentionOptions {
@@ -228,6 +267,7 @@ impl Default for AttentionOptions {
             scale: 1.0,
             schedule: ScheduleChoice::Auto,
             dq_precision: DqPrecision::Split,
+            f16_tiles: F16Tiles::F16,
         }
     }
 }

@@ -34,8 +34,8 @@ mod temp;
 pub mod tuning;
 
 pub use attention::{
-    AttentionOptions, AttentionShape, DqPrecision, Kind, Qkv, ScheduleChoice, StateIo, StateMut,
-    StateRef, Strides, MAX_DIM,
+    AttentionOptions, AttentionShape, DqPrecision, F16Tiles, Kind, Qkv, ScheduleChoice, StateIo,
+    StateMut, StateRef, Strides, MAX_DIM,
 };
 pub use backward::{backward, backward_raw, BackwardInputs, BackwardStates, Grads, RawBackward};
 #[cfg(feature = "nccl")]

@@ -8,7 +8,9 @@
 
 use super::tiling::*;
 use crate::dtype::DType;
-use crate::ops::attention::{AttentionOptions, AttentionShape, DqPrecision, Kind, Strides};
+use crate::ops::attention::{
+    AttentionOptions, AttentionShape, DqPrecision, F16Tiles, Kind, Strides,
+};
 use crate::ops::checks::{self, byte_range};
 use crate::ops::forward::tiling::{Schedule, THREADS};
 use crate::ops::forward::{self, Lens, Problem};
@@ -29,27 +31,35 @@ pub(crate) fn op_name(kind: Kind) -> &'static str {
     }
 }
 
-/// The kernel symbol of a pass for a dtype, the same for both kinds
-/// (`None`: no such kernel, the merged [`Pass::Dkv`] and [`Pass::PrepDq`]
-/// walks exist for f16 and bf16 only).
-pub fn kernel_name(pass: Pass, dtype: DType) -> Option<&'static str> {
+/// The kernel symbol of a pass for a dtype and f16 tile choice, the same
+/// for both kinds (`None`: no such kernel, the merged [`Pass::Dkv`] and
+/// [`Pass::PrepDq`] walks exist for f16 and bf16 only). `tiles` matters for
+/// f16 only: [`F16Tiles::Bf16`] names the `_f16_bf16tc` kernels.
+pub fn kernel_name(pass: Pass, dtype: DType, tiles: F16Tiles) -> Option<&'static str> {
     use DType::*;
     use Pass::*;
+    let bf16_tiles = tiles == F16Tiles::Bf16;
     Some(match (pass, dtype) {
         (Prep, F32) => "backward_prep_f32",
+        (Prep, F16) if bf16_tiles => "backward_prep_f16_bf16tc",
         (Prep, F16) => "backward_prep_f16",
         (Prep, Bf16) => "backward_prep_bf16",
         (Dq, F32) => "backward_dq_f32",
+        (Dq, F16) if bf16_tiles => "backward_dq_f16_bf16tc",
         (Dq, F16) => "backward_dq_f16",
         (Dq, Bf16) => "backward_dq_bf16",
         (Dk, F32) => "backward_dk_f32",
+        (Dk, F16) if bf16_tiles => "backward_dk_f16_bf16tc",
         (Dk, F16) => "backward_dk_f16",
         (Dk, Bf16) => "backward_dk_bf16",
         (Dv, F32) => "backward_dv_f32",
+        (Dv, F16) if bf16_tiles => "backward_dv_f16_bf16tc",
         (Dv, F16) => "backward_dv_f16",
         (Dv, Bf16) => "backward_dv_bf16",
+        (Dkv, F16) if bf16_tiles => "backward_dkv_f16_bf16tc",
         (Dkv, F16) => "backward_dkv_f16",
         (Dkv, Bf16) => "backward_dkv_bf16",
+        (PrepDq, F16) if bf16_tiles => "backward_prepdq_f16_bf16tc",
         (PrepDq, F16) => "backward_prepdq_f16",
         (PrepDq, Bf16) => "backward_prepdq_bf16",
         (Dkv | PrepDq, F32) => return None,
@@ -314,7 +324,10 @@ pub fn layout(dtype: DType, bp: &BackwardProblem, ptrs: &RawBackward) -> Layout 
     let (d, m) = (sp.d, sp.m);
     let t = bp.tiling;
     let whole = |pass: Pass, pt: Option<PassTiling>| {
-        pt.filter(|_| kernel_name(pass, dtype).is_some() && dkv_threads(d, m).is_some())
+        // Which passes exist does not depend on the f16 tile choice.
+        pt.filter(|_| {
+            kernel_name(pass, dtype, F16Tiles::F16).is_some() && dkv_threads(d, m).is_some()
+        })
     };
     let fused = whole(Pass::PrepDq, t.prep_dq);
     let merged = whole(Pass::Dkv, t.dkv);
@@ -429,6 +442,9 @@ pub struct Steps<'a> {
     pub layout: Layout,
     /// Step 2.
     pub base: LinattnBackwardParams,
+    /// The f16 tile choice ([`AttentionOptions::f16_tiles`]): which
+    /// kernels the launches name.
+    pub tiles: F16Tiles,
 }
 
 impl<'a> Steps<'a> {
@@ -449,6 +465,7 @@ impl<'a> Steps<'a> {
             ptrs,
             layout,
             base,
+            tiles: opts.f16_tiles,
         }
     }
 
@@ -488,7 +505,7 @@ impl<'a> Steps<'a> {
                 // Every pass but Dkv, PrepDq and StateScan exists for every
                 // dtype and kind, and those are planned only where they
                 // exist (step 1).
-                kernel: kernel_name(pass, self.dtype).unwrap_or(""),
+                kernel: kernel_name(pass, self.dtype, self.tiles).unwrap_or(""),
                 grid: [
                     (self.bp.problem.seq_heads() * pt.tiles) as u32,
                     if split_grid {

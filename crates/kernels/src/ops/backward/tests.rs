@@ -165,7 +165,7 @@ fn merged_dkv_policy() {
                         shared_bytes(dtype, Pass::PrepDq, d, m, pt),
                         prep_dq_mma_bytes(d, m, pt.chunk)
                     );
-                    assert!(kernel_name(Pass::PrepDq, dtype).is_some());
+                    assert!(kernel_name(Pass::PrepDq, dtype, F16Tiles::F16).is_some());
                 }
                 if let Some(pt) = t.dkv {
                     assert_eq!((pt.tiles, pt.tile), (1, pad16(d)));
@@ -177,7 +177,7 @@ fn merged_dkv_policy() {
                         shared_bytes(dtype, Pass::Dkv, d, m, pt),
                         dkv_mma_bytes(d, m, pt.chunk)
                     );
-                    assert!(kernel_name(Pass::Dkv, dtype).is_some());
+                    assert!(kernel_name(Pass::Dkv, dtype, F16Tiles::F16).is_some());
                 }
             }
         }
@@ -210,9 +210,20 @@ fn merged_dkv_policy() {
         assert!(tiling_for(DType::F32, d, m).prep_dq.is_none());
         assert!(tiling(d, m).dkv.is_none() && tiling(d, m).prep_dq.is_none());
     }
-    assert_eq!(kernel_name(Pass::Dkv, DType::F32), None);
-    assert_eq!(kernel_name(Pass::PrepDq, DType::F32), None);
-    assert_eq!(kernel_name(Pass::Dkv, DType::F16), Some("backward_dkv_f16"));
+    assert_eq!(kernel_name(Pass::Dkv, DType::F32, F16Tiles::F16), None);
+    assert_eq!(kernel_name(Pass::PrepDq, DType::F32, F16Tiles::Bf16), None);
+    assert_eq!(
+        kernel_name(Pass::Dkv, DType::F16, F16Tiles::F16),
+        Some("backward_dkv_f16")
+    );
+    assert_eq!(
+        kernel_name(Pass::Dkv, DType::F16, F16Tiles::Bf16),
+        Some("backward_dkv_f16_bf16tc")
+    );
+    assert_eq!(
+        kernel_name(Pass::Dkv, DType::Bf16, F16Tiles::Bf16),
+        Some("backward_dkv_bf16")
+    );
 }
 
 #[test]
@@ -338,9 +349,11 @@ fn whole_head_launch_bounds_match_the_sources() {
     let src = include_str!("../../../../../cuda/backward.cu");
     for dtype in [DType::F16, DType::Bf16] {
         for pass in [Pass::Dkv, Pass::PrepDq] {
-            let name = kernel_name(pass, dtype).unwrap();
-            let decl = format!("{bounds} {name}(");
-            assert!(src.contains(&decl), "missing `{decl}`");
+            for tiles in [F16Tiles::F16, F16Tiles::Bf16] {
+                let name = kernel_name(pass, dtype, tiles).unwrap();
+                let decl = format!("{bounds} {name}(");
+                assert!(src.contains(&decl), "missing `{decl}`");
+            }
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Barrier, Mutex};
 
 use super::{add_state_gradient, combine_states, local_state, noncausal_readout, StateLayout};
-use crate::ops::attention::{AttentionOptions, AttentionShape, Kind};
+use crate::ops::attention::{AttentionOptions, AttentionShape, F16Tiles, Kind};
 use crate::ops::backward::{
     self as bwd, backward_raw, BackwardInputs, GradLens, Grads, RawBackward,
 };
@@ -236,9 +236,10 @@ const DESC_LEN: usize = 12;
 /// A call's descriptor, exchanged before any state: every value fits f32
 /// exactly (checked).
 ///
-/// Slot 9 packs `flags` (which states are given), the feature map and
-/// `normalize`; slots 10 and 11 are `scale` and `eps` (f32 already), so
-/// ranks with different options fail too.
+/// Slot 9 packs `flags` (which states are given), the feature map,
+/// `normalize` and `f16_tiles` (bit 9, [`F16Tiles::Bf16`]); slots 10 and 11
+/// are `scale` and `eps` (f32 already), so ranks with different options
+/// fail too.
 fn descriptor(
     ok: bool,
     op: u32,
@@ -274,7 +275,10 @@ fn descriptor(
         layout.heads as f32,
         layout.d as f32,
         layout.m as f32,
-        (flags | (opts.feature_map.to_c() as u32) << 4 | (opts.normalize as u32) << 8) as f32,
+        (flags
+            | (opts.feature_map.to_c() as u32) << 4
+            | (opts.normalize as u32) << 8
+            | ((opts.f16_tiles == F16Tiles::Bf16) as u32) << 9) as f32,
         opts.scale,
         opts.eps,
     ])
@@ -340,7 +344,7 @@ impl<C: Collective> ContextParallel<C> {
                     "rank",
                     format!(
                         "rank {r}'s call differs from rank {}'s: [op, causal, dtype, sequences, \
-                         heads, d, m, states | map << 4 | normalize << 8, scale, eps] = {:?} vs {:?}",
+                         heads, d, m, states | map << 4 | normalize << 8 | bf16 tiles << 9, scale, eps] = {:?} vs {:?}",
                         self.rank(),
                         &other[2..],
                         &d[2..]

@@ -254,6 +254,7 @@ where
     let base = base_params(&problem, opts, &sched, &ptrs);
     let launch = walk_launch(
         T::DTYPE,
+        opts.f16_tiles,
         &problem,
         &sched,
         LinattnForwardParams {

@@ -9,7 +9,7 @@ use super::tiling::{
     schedule, tiling, walk_footprint, walk_shared_bytes, Schedule, Tiling, THREADS,
 };
 use crate::dtype::DType;
-use crate::ops::attention::{AttentionOptions, AttentionShape, Kind};
+use crate::ops::attention::{AttentionOptions, AttentionShape, F16Tiles, Kind};
 use crate::ops::checks::{self, byte_range};
 use crate::params::{
     LinattnForwardParams, LinattnStateLoad, LinattnStateScanParams, LinattnStateStore,
@@ -317,12 +317,14 @@ pub(crate) fn op_name(kind: Kind) -> &'static str {
     }
 }
 
-/// The walk kernel's symbol for a dtype (the same kernel for both kinds).
-pub fn kernel_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "forward_f32",
-        DType::F16 => "forward_f16",
-        DType::Bf16 => "forward_bf16",
+/// The walk kernel's symbol for a dtype and f16 tile choice (the same
+/// kernel for both kinds; `tiles` matters for f16 only).
+pub fn kernel_name(dtype: DType, tiles: F16Tiles) -> &'static str {
+    match (dtype, tiles) {
+        (DType::F32, _) => "forward_f32",
+        (DType::F16, F16Tiles::F16) => "forward_f16",
+        (DType::F16, F16Tiles::Bf16) => "forward_f16_bf16tc",
+        (DType::Bf16, _) => "forward_bf16",
     }
 }
 
@@ -414,6 +416,7 @@ pub fn base_params(
 /// partition.
 pub fn walk_launch(
     dtype: DType,
+    tiles: F16Tiles,
     problem: &Problem,
     sched: &Schedule,
     params: LinattnForwardParams,
@@ -421,7 +424,7 @@ pub fn walk_launch(
     let t = problem.tiling;
     Launch::Walk(LaunchPlan {
         module: MODULE,
-        kernel: kernel_name(dtype),
+        kernel: kernel_name(dtype, tiles),
         grid: [
             (problem.seq_heads() * t.m_tiles) as u32,
             sched.parts as u32,
@@ -486,7 +489,7 @@ pub fn plan(
 ) -> ForwardPlan {
     let sched = call_schedule(problem, opts);
     let base = base_params(problem, opts, &sched, ptrs);
-    let walk = |params| walk_launch(dtype, problem, &sched, params);
+    let walk = |params| walk_launch(dtype, opts.f16_tiles, problem, &sched, params);
     let has_initial = ptrs.initial_s != 0;
     let has_final = ptrs.final_s != 0;
     let partials = walk(LinattnForwardParams {

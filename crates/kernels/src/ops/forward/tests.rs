@@ -203,8 +203,10 @@ fn walk_launch_bounds_match_the_sources() {
     let bounds = format!("__launch_bounds__({threads}, {min_blocks})");
     let src = include_str!("../../../../../cuda/forward.cu");
     for dtype in [DType::F32, DType::F16, DType::Bf16] {
-        let decl = format!("{bounds} {}(", kernel_name(dtype));
-        assert!(src.contains(&decl), "missing `{decl}`");
+        for tiles in [F16Tiles::F16, F16Tiles::Bf16] {
+            let decl = format!("{bounds} {}(", kernel_name(dtype, tiles));
+            assert!(src.contains(&decl), "missing `{decl}`");
+        }
     }
 }
 
@@ -526,7 +528,7 @@ fn plan_steps_one_by_one() {
     assert_eq!((base.causal, base.write_output), (1, 1));
     assert_eq!(base.work_s, 5 << 20);
     assert_eq!(base.work_z, (5 << 20) + (6 * 4 * 24 * 40 * 4) as u64);
-    let Launch::Walk(w) = walk_launch(DType::F16, &p, &sched, base) else {
+    let Launch::Walk(w) = walk_launch(DType::F16, F16Tiles::F16, &p, &sched, base) else {
         panic!("a walk step gave a scan");
     };
     assert_eq!(w.kernel, "forward_f16");
