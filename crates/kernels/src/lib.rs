@@ -9,6 +9,22 @@
 //!
 //! Nothing here panics or aborts on a machine without a GPU: a missing driver
 //! is [`Error::NoDriver`], a build without nvcc is [`Error::KernelsNotBuilt`].
+//! On such a machine `Device::Emulator(Arc::new(Emulator::new()?))` (feature
+//! `emulator`) runs every kernel on the CPU; [`Device::best_available`] picks
+//! it when no GPU is usable.
+//!
+//! Where to look:
+//! - the ops: [`forward()`], [`backward()`], [`decode_step`], [`feature_map()`]
+//!   (typed memory) and their `_raw` twins (device addresses); their
+//!   options, [`AttentionOptions`]: feature map, normalisation, schedule,
+//!   dq precision ([`DqPrecision`]) and, for f16 inputs whose elu+1 keys
+//!   can fall below about -10, bf16 tiles ([`F16Tiles`]);
+//! - context parallelism (one sequence across ranks, states exchanged by an
+//!   all-gather): [`ContextParallel`] over a [`Collective`] ([`InProcess`];
+//!   NCCL with the `nccl` feature), and its primitives [`local_state`],
+//!   [`combine_states`], [`noncausal_readout`], [`add_state_gradient`]
+//!   (`docs/context-parallel.md`);
+//! - the math and every kernel: `docs/linear-attention.md`, `docs/kernels.md`.
 //!
 //! Prefill a prompt with the chunked causal kernel, keep the fp32 state, then
 //! generate in RNN mode: each decode step costs the same whatever the

@@ -198,27 +198,29 @@ pub enum DqPrecision {
 /// Both tile types are 2 bytes: shared memory, tiling, launch plans and
 /// tensor-core work are the same, only the kernels differ (`forward_f16`
 /// or `forward_f16_bf16tc`, and likewise for each backward pass).
-/// Precision and range: `docs/kernels.md`, "16-bit roundings"; measured
-/// errors: `docs/benchmarks.md`, "f16 on bf16 tiles".
+/// Precision and range: `docs/kernels.md`, "f16 inputs on bf16 tiles";
+/// measured errors: `docs/benchmarks.md`, "f16 on bf16 tiles".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum F16Tiles {
     /// f16 tiles: staged values round to 2^-12 relative (11 bits), with
     /// per-tile and per-row power-of-two scaling keeping them inside f16's
     /// range. The default: finer, and the accuracy contract of dq at
-    /// q, k ~ N(mu, 1) for mu >= 5 relies on it. Its limit: f16 spans
-    /// 2^-24 .. 2^16, so elu+1 keys below about -17 (phi(k) = exp(k) <
-    /// 2^-24) stage as 0, and a row whose every key is that small loses
-    /// its denominator to eps (o and dq wrong by orders of magnitude).
+    /// q, k ~ N(mu, 1) for mu >= 5 relies on it. Its limit: elu+1 features
+    /// of keys below about -9.7 (phi(k) = exp(k) < 2^-14) are f16
+    /// subnormals with fewer significant bits, and below about -17 (2^-24)
+    /// they stage as 0. Rows whose weight sits on such keys lose accuracy
+    /// (keys ~ N(-14, 0.3), D = M = 8: dq 6.5e-2) and then their
+    /// denominator (o and dq wrong by orders of magnitude).
     #[default]
     F16,
     /// bf16 tiles: fp32's exponent range, so no staged value under- or
     /// overflows, at 2^-9 relative rounding (8 bits; the arithmetic bf16
-    /// inputs get). Pick it for f16 inputs whose elu+1 features span more
-    /// than f16's range: keys more negative than about -15 (e.g.
-    /// q, k ~ N(0, 10) in small heads), where f16 tiles can be wrong by
-    /// orders of magnitude. Costs no extra tensor work or memory; errors
-    /// grow to bf16's (relative L2 at N(0, 1), D = M = 64: o 2.6e-3, dq
-    /// 4.1e-3, dk and dv <= 2.7e-3). Unlike bf16 inputs, v and dL/do are
+    /// inputs get). Pick it for f16 inputs whose elu+1 keys can fall below
+    /// about -10 (e.g. q, k ~ N(0, 10)), where f16 tiles lose accuracy and
+    /// then can be wrong by orders of magnitude. Costs no extra tensor
+    /// work or memory; errors grow to bf16's (relative L2, q, k ~ N(0, 1),
+    /// D = M = 64, causal: o ~2.5e-3, dq, dk, dv up to ~4-5e-3, with or
+    /// without `d_final`). Unlike bf16 inputs, v and dL/do are
     /// rounded to 8 bits too: gradients that are sensitive to them (dz0,
     /// and dk in heads of D = 2, with q, k ~ N(mu, 10)) reached 1e-2 to
     /// 1e-1 in a few percent of such draws.

@@ -62,6 +62,11 @@ pub struct Grads<'a, B> {
 }
 
 /// The states of a backward call (all fp32, one per sequence-head).
+///
+/// `I` is the memory type of the states read, `F` of the one written. When
+/// a call leaves one of them out (say `d_initial: None`), Rust cannot infer
+/// its type: name both, `BackwardStates::<'_, Buffer<f32>, Buffer<f32>> {
+/// .. }` for [`crate::Device`] memory, as [`BackwardStates::none`] does.
 #[derive(Debug)]
 pub struct BackwardStates<'a, I, F> {
     /// The initial state the forward started from (zeros when `None`).

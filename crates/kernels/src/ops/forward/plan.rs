@@ -161,7 +161,10 @@ pub fn validate(
                 ));
             }
             if cu.len() < 2 || cu[0] != 0 || *cu.last().unwrap_or(&0) != shape.tokens {
-                return Err(Error::invalid(kernel, "cu_seqlens", format!("expected offsets from 0 to tokens = {} (at least two entries), found {} entries starting {:?} and ending {:?}", shape.tokens, cu.len(), cu.first(), cu.last())));
+                return Err(Error::invalid(kernel, "cu_seqlens", match (cu.first(), cu.last()) {
+                    (Some(a), Some(b)) => format!("expected offsets from 0 to tokens = {} (at least two entries), found {} entries from {a} to {b}", shape.tokens, cu.len()),
+                    _ => format!("expected offsets from 0 to tokens = {} (at least two entries), found none", shape.tokens),
+                }));
             }
             if let Some(w) = cu.windows(2).position(|w| w[1] < w[0]) {
                 return Err(Error::invalid(
