@@ -913,3 +913,41 @@ fn f16_backward_eps_rows_tiled() {
         check_each::<f16>(&c, EPS_ROWS_TOLS, 0x17_e7);
     }
 }
+
+/// A sweep draw that misses the dq contract (issue 17, still open): bf16,
+/// non-causal, H 1, N 193, D = M = 2, elu+1, q, k ~ N(0, 10), scale 3e3,
+/// initial state and d_final. Found at sweep seed 993627 (base 999001 with
+/// `LINATTN_MAG_SEEDS=100`, one draw of 1,600): bf16 dq 1.85e-2 (floor
+/// 1.8e-3; dk, dv 2.1e-3, 2.5e-3), where f32 gives 3.8e-6. f16 on bf16
+/// tiles: 7.8e-2 (f16 tiles: out of range, 3e4). The sweep meets such a
+/// draw about once in 1,600. Run with `--ignored` once dq is fixed there.
+#[test]
+#[ignore = "issue 17: bf16 dq 1.85e-2 on this wide small-head draw"]
+fn bf16_wide_small_head_noncausal_dq() {
+    let c = Case::new(Kind::NonCausal, 193, 2, 2).with(|c| {
+        c.h = 1;
+        c.scale = 3000.0;
+        c.sigma = 10.0;
+        c.initial = true;
+        c.d_final = true;
+    });
+    let s = 13_950_809_371_891_928_377u64;
+    for dev in devices() {
+        for (what, b) in [
+            ("bf16", measure::<bf16>(&dev, &c, s)),
+            (
+                "f16 on bf16 tiles",
+                measure::<f16>(&dev, &c.clone().with(|c| c.f16_tiles = F16Tiles::Bf16), s),
+            ),
+        ] {
+            for (i, name) in NAMES.iter().enumerate() {
+                assert!(
+                    b.err.0[i] < 1e-2 + 2.0 * b.floor.0[i],
+                    "{} {what}: {name} rel error {:e}",
+                    dev.describe(),
+                    b.err.0[i]
+                );
+            }
+        }
+    }
+}
