@@ -914,15 +914,18 @@ fn f16_backward_eps_rows_tiled() {
     }
 }
 
-/// A sweep draw that misses the dq contract (issue 17, still open): bf16,
-/// non-causal, H 1, N 193, D = M = 2, elu+1, q, k ~ N(0, 10), scale 3e3,
-/// initial state and d_final. Found at sweep seed 993627 (base 999001 with
-/// `LINATTN_MAG_SEEDS=100`, one draw of 1,600): bf16 dq 1.85e-2 (floor
-/// 1.8e-3; dk, dv 2.1e-3, 2.5e-3), where f32 gives 3.8e-6. f16 on bf16
-/// tiles: 7.8e-2 (f16 tiles: out of range, 3e4). The sweep meets such a
-/// draw about once in 1,600. Run with `--ignored` once dq is fixed there.
+/// A sweep draw that missed the dq contract (issue 17): bf16, non-causal,
+/// H 1, N 193, D = M = 2, elu+1, q, k ~ N(0, 10), scale 3e3, initial state
+/// and d_final (sweep seed 993627, base 999001, `LINATTN_MAG_SEEDS=100`,
+/// one draw of 1,600). bf16 dq was 1.85e-2 (f32 3.8e-6): the 16-bit
+/// rounding of phi(k) = k + 1 (2^-9 relative), which wide keys amplify as
+/// mu does; the f64 reference on the rounded features moves by 1.80e-2.
+/// prepdq now splits phi(k) into hi + lo on one-tile-wide heads (docs/
+/// kernels.md, "dq accuracy (prepdq)"): 2.4e-3. f16 on bf16 tiles keeps
+/// v and dL/do rounded to 8 bits in its tiles (dq 2.1e-2 here, 7.8e-2
+/// before; "f16 inputs on bf16 tiles"): its dk, dv and dS0 are asserted,
+/// dq and dz0 printed.
 #[test]
-#[ignore = "issue 17: bf16 dq 1.85e-2 on this wide small-head draw"]
 fn bf16_wide_small_head_noncausal_dq() {
     let c = Case::new(Kind::NonCausal, 193, 2, 2).with(|c| {
         c.h = 1;
@@ -933,21 +936,48 @@ fn bf16_wide_small_head_noncausal_dq() {
     });
     let s = 13_950_809_371_891_928_377u64;
     for dev in devices() {
-        for (what, b) in [
-            ("bf16", measure::<bf16>(&dev, &c, s)),
-            (
-                "f16 on bf16 tiles",
-                measure::<f16>(&dev, &c.clone().with(|c| c.f16_tiles = F16Tiles::Bf16), s),
-            ),
-        ] {
-            for (i, name) in NAMES.iter().enumerate() {
+        let b = measure::<bf16>(&dev, &c, s);
+        let w = measure::<f16>(&dev, &c.clone().with(|c| c.f16_tiles = F16Tiles::Bf16), s);
+        eprintln!(
+            "{}: bf16 {:?}, f16 on bf16 tiles {:?}",
+            dev.describe(),
+            b.err.0,
+            w.err.0
+        );
+        for (i, name) in NAMES.iter().enumerate() {
+            for (what, x, asserted) in [
+                ("bf16", &b, true),
+                ("f16 on bf16 tiles", &w, (1..4).contains(&i)),
+            ] {
                 assert!(
-                    b.err.0[i] < 1e-2 + 2.0 * b.floor.0[i],
+                    !asserted || x.err.0[i] < 1e-2 + 2.0 * x.floor.0[i],
                     "{} {what}: {name} rel error {:e}",
                     dev.describe(),
-                    b.err.0[i]
+                    x.err.0[i]
                 );
             }
+        }
+    }
+}
+
+/// The wide small-head draws over seeds: bf16, elu+1, q, k ~ N(0, 10),
+/// D = M in {2, 3, 8, 16}, causal and non-causal, scale 3e3, initial state
+/// and d_final; every gradient within 1e-2. Worst of 100 seeds each (N =
+/// 193, H = 1; scale 1 alike): dq 5.0e-3, dk 3.5e-3, dv 4.4e-3, dS0 6.6e-3,
+/// dz0 5.6e-3 (causal, D = 2 and 3). D = 1 is left out: with normalise on
+/// its dq vanishes by construction (`tests/backward.rs`).
+#[test]
+fn bf16_wide_small_heads() {
+    for kind in [Kind::NonCausal, Kind::Causal] {
+        for dm in [2, 3, 8, 16] {
+            let c = Case::new(kind, 193, dm, dm).with(|c| {
+                c.h = 1;
+                c.scale = 3000.0;
+                c.sigma = 10.0;
+                c.initial = true;
+                c.d_final = true;
+            });
+            check::<bf16>(&c, 1e-2, 0x17_1de + dm as u64);
         }
     }
 }

@@ -1066,11 +1066,25 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
     // and prepdq_f16 spills on sm_90 with this code. Not for f16 inputs on
     // bf16 tiles either: there k is not exact in T.
     constexpr bool kShiftK = !Mma<T>::scaled && std::is_same<In, T>::value;
+    // Heads one tile wide (D <= 16) on bf16 tiles, elu+1, Split: the other
+    // chunks split phi(k) as S and B' are, kh = hi + lo (lo = phi(k) -
+    // hi(phi(k)), exact in fp32, rounded to T), and every product kh feeds
+    // takes the low half too (`qh kh_lo^T`, `B'_hi kh_lo`, `kh_lo^T v`, z).
+    // Wide keys amplify kh's 2^-9 like mu does: D = M = 2, q, k ~ N(0, 10)
+    // gave bf16 dq 1.85e-2, and the f64 reference on the rounded features
+    // moves by 1.80e-2. kh_lo lives in P16 (stride LD, D16 <= C) for A and
+    // in Q16 after d den is formed (emit) or from staging (absorb only).
+    // The chunk's flag vsum[M16] is 1 for a shifted chunk, 2 for a split
+    // one, 0 otherwise.
+    constexpr bool kSplitK = !Mma<T>::scaled;
+    const bool ksplit = kSplitK && split && DTT == 1 && fm == LINATTN_FEATURE_MAP_ELU_PLUS_ONE;
     (void)cv.take<float>(M16 + 1);
     // Rematerialised from sP (the carve's next 128-byte boundary), not a
     // live register.
 #define LINATTN_VSUM \
     (reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(sP + CT * CT) + 127u) & ~(uintptr_t)127u))
+#define LINATTN_SHIFTED (kShiftK && LINATTN_VSUM[M16] == 1.0f)
+#define LINATTN_KLO (kSplitK && LINATTN_VSUM[M16] == 2.0f)
 
     // S from the initial state (zero without) or the partition's work slot,
     // and its copy S16.
@@ -1087,6 +1101,13 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
     const In* vb = rows_of<In>(p.v, c, p.v_batch_stride, p.v_head_stride);
     const In* gb = rows_of<In>(p.d_o, c, p.o_batch_stride, p.o_head_stride);
     In* dqb = rows_of_mut<In>(p.dq, c, p.q_batch_stride, p.q_head_stride);
+    // phi(k)'s low half (ksplit): stage_k_lo(dst, t0, rows) into C x LD.
+    const auto stage_k_lo = [&](T* dst, int64_t t0, int rows) {
+        stage<T>(dst, LD, C, D16, rows, D, [&](int j, int x) {
+            const float f = phi(to_float(kb[(t0 + j) * p.k_token_stride + x]), fm);
+            return f - to_float(from_float<T>(f));
+        });
+    };
     float* wden = ptr<float>(p.work_den);
     float* wgo = ptr<float>(p.work_dden);
     __syncthreads();
@@ -1114,22 +1135,28 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                 });
             }
             // Every key of the chunk positive (elu+1): K16 holds k (exact).
-            if (kShiftK && absorb && fm == LINATTN_FEATURE_MAP_ELU_PLUS_ONE) {
-                int nonpos = 0;
-                #pragma unroll 1
-                for (int i = tid; i < rows * D; i += nthreads) {
-                    const int j = i / D, x = i - j * D;
-                    if (!(to_float(kb[(t0 + j) * p.k_token_stride + x]) > 0.0f)) nonpos = 1;
+            // Otherwise, ksplit: K16 holds hi(phi(k)), and P16 (emit) or Q16
+            // its low half.
+            if ((kShiftK || kSplitK) && absorb && fm == LINATTN_FEATURE_MAP_ELU_PLUS_ONE) {
+                int all_pos = 0;
+                if constexpr (kShiftK) {
+                    int nonpos = 0;
+                    #pragma unroll 1
+                    for (int i = tid; i < rows * D; i += nthreads) {
+                        const int j = i / D, x = i - j * D;
+                        if (!(to_float(kb[(t0 + j) * p.k_token_stride + x]) > 0.0f)) nonpos = 1;
+                    }
+                    all_pos = !__syncthreads_or(nonpos);
                 }
-                const int all_pos = !__syncthreads_or(nonpos);
-                if (tid == 0) LINATTN_VSUM[M16] = all_pos ? 1.0f : 0.0f;
+                if (tid == 0) LINATTN_VSUM[M16] = all_pos ? 1.0f : ksplit ? 2.0f : 0.0f;
                 __syncthreads();
             }
             if (absorb) {
                 stage<T>(K16, LD, C, D16, rows, D, [&](int j, int x) {
                     const float k = to_float(kb[(t0 + j) * p.k_token_stride + x]);
-                    return kShiftK && LINATTN_VSUM[M16] != 0.0f ? k : phi(k, fm);
+                    return LINATTN_SHIFTED ? k : phi(k, fm);
                 });
+                if (LINATTN_KLO) stage_k_lo(emit ? P16 : Q16, t0, rows);
                 stage<T>(V16, L16, C, M16, rows, M,
                          [&](int j, int e) { return to_float(vb[(t0 + j) * p.v_token_stride + e]); });
             }
@@ -1146,9 +1173,14 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                     den[i] = 0.0f;  // rowsum(A o E) until d den is formed
                 }
                 if (causal) {
-                    if (norm)
+                    if (norm) {
                         gemm<T, true, false>(F, LF, CT, CT, DTT, false, true, KRange::All, Q16, LD, no_scales(), K16,
                                              LD, no_scales());
+                        // + qh kh_lo^T (each warp accumulates its own tiles).
+                        if (LINATTN_KLO)
+                            gemm<T, true, false>(F, LF, CT, CT, DTT, true, true, KRange::All, Q16, LD, no_scales(),
+                                                 P16, LD, no_scales());
+                    }
                     gemm<T, true, false>(E, LE, CT, CT, MTT, false, true, KRange::All, G16, L16,
                                          Scales{sG, MTT, 1, 1.0f}, V16, L16, no_scales());
                     __syncthreads();
@@ -1156,7 +1188,7 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                         for (int i = tid; i < rows; i += nthreads) {
                             // shift: A = qh k^T + rowsum(qh) (qh . 1).
                             float qs = 0.0f;
-                            if (kShiftK && LINATTN_VSUM[M16] != 0.0f)
+                            if (LINATTN_SHIFTED)
                                 #pragma unroll 1
                                 for (int x = 0; x < D; ++x) qs += to_float(Q16[i * LD + x]);
                             float s = 0.0f, g = 0.0f;
@@ -1234,9 +1266,14 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                         return j > i || i >= rows ? 0.0f : fmaf(dd[i], den[i], E[i * LE + j]);
                     };
                     round_tiles<T>(P16, LC, C, C, sP, bval);
+                    if (LINATTN_KLO) stage_k_lo(Q16, t0, rows);  // Q16 is read out (d den formed)
                     __syncthreads();
                     gemm<T, true, true>(F, LF, CT, DTT, CT, true, false, KRange::UpToRow, P16, LC,
                                         Scales{sP, CT, 1, 1.0f}, K16, LD, no_scales());
+                    // + B'_hi kh_lo (each warp accumulates its own tiles).
+                    if (LINATTN_KLO)
+                        gemm<T, true, true>(F, LF, CT, DTT, CT, true, false, KRange::UpToRow, P16, LC,
+                                            Scales{sP, CT, 1, 1.0f}, Q16, LD, no_scales());
                     __syncthreads();
                     if (split) {
                         round_tiles_lo<T>(P16, LC, C, C, sP, bval);
@@ -1245,7 +1282,7 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                                             Scales{sP, CT, 1, 1.0f}, K16, LD, no_scales());
                         __syncthreads();
                     }
-                    if (kShiftK && LINATTN_VSUM[M16] != 0.0f) {
+                    if (LINATTN_SHIFTED) {
                         // B' kh = B' k + rowsum(B') 1_D^T (fp32 B').
                         for (int i = tid; i < rows; i += nthreads) {
                             float a = 0.0f;
@@ -1282,10 +1319,14 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                 // S += kh^T v, z += kh^T 1; then the next chunk's S16 (the
                 // non-causal walk publishes once, after every chunk).
                 frags_absorb<T>(st, ft, CT, K16, LD, nullptr, 0, V16, L16, nullptr);
-                const float one = kShiftK ? LINATTN_VSUM[M16] : 0.0f;  // 1: phi(k) = k + 1, exact in fp32
+                // + kh_lo^T v (Q16 holds kh_lo: staged, or after d den).
+                const bool lo = LINATTN_KLO;
+                if (lo) frags_absorb<T>(st, ft, CT, Q16, LD, nullptr, 0, V16, L16, nullptr);
+                const float one = LINATTN_SHIFTED ? 1.0f : 0.0f;  // 1: phi(k) = k + 1, exact in fp32
                 for (int x = tid; x < D; x += nthreads) {
                     float acc = zs[x];
-                    for (int j = 0; j < rows; ++j) acc += to_float(K16[j * LD + x]) + one;
+                    for (int j = 0; j < rows; ++j)
+                        acc += to_float(K16[j * LD + x]) + (lo ? to_float(Q16[j * LD + x]) : one);
                     zs[x] = acc;
                 }
                 if (one != 0.0f)
@@ -1308,6 +1349,8 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
             for (int i = tid; i < D * M; i += nthreads) ws[i] += LINATTN_VSUM[i % M];
         }
     }
+#undef LINATTN_KLO
+#undef LINATTN_SHIFTED
 #undef LINATTN_VSUM
 }
 

@@ -175,11 +175,16 @@ pub enum DqPrecision {
     /// no extra tensor-core MACs (they dropped num's products to pay for
     /// it); only the tiled passes of heads past 64 state tiles (D = M =
     /// 256) pay +20.6% of their tensor work, and those passes are
-    /// memory-bound (each re-reads q, k or v, dL/do per tile).
+    /// memory-bound (each re-reads q, k or v, dL/do per tile). On bf16
+    /// tiles with elu+1 and heads up to D = 16 wide, `phi(k)` is split the
+    /// same way (+23% of those heads' backward tensor work, which stays
+    /// below their memory floor): wide keys (q, k ~ N(0, 10)) amplify its
+    /// rounding as mu does (bf16 dq 1.85e-2 -> 2.4e-3 at D = M = 2).
     #[default]
     Split,
     /// One 16-bit copy (the high half): one product each, saving
-    /// `G S_lo^T` and `B'_lo kh` (prepdq: 19,456 of 61,440 MACs per
+    /// `G S_lo^T`, `B'_lo kh` and, on small bf16-tile heads, phi(k)'s low
+    /// half (prepdq: 19,456 of 61,440 MACs per
     /// token-head at D = M = 128; tiled D = M = 256: 135,168 of 790,528).
     /// dq's relative L2 error then grows with mu: worst of 100 seeds
     /// (emulator, D = M = 64 and 256, causal and non-causal) bf16 1.5e-2
