@@ -30,7 +30,7 @@ use linattn_kernels::{
     Strides,
 };
 use linattn_kernels::{BackwardInputs, BackwardStates, Grads};
-use linattn_kernels::{DType, Device, Element, Emulator, FeatureMap};
+use linattn_kernels::{DType, Device, Element, Emulator, F16Tiles, FeatureMap};
 use linattn_reference::testing::Rng;
 
 const FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fingerprints.txt");
@@ -540,6 +540,19 @@ fn backward_cases() -> Vec<(DType, Attn)> {
             )
             .schedule(Split { parts: 2 })
             .states(),
+        ));
+    }
+    // f16 inputs on bf16 tiles (`F16Tiles::Bf16`): the whole-head walks,
+    // causal and non-causal, elu+1 (phi(k) split on a one-tile head).
+    for (kind, name, d) in [
+        (Causal, "bwd-causal-f16-on-bf16-tiles", 8),
+        (NonCausal, "bwd-noncausal-f16-on-bf16-tiles", 40),
+    ] {
+        out.push((
+            DType::F16,
+            Attn::new(name, kind, 1, 2, 90, d, d)
+                .with(|a| a.opts.f16_tiles = F16Tiles::Bf16)
+                .states(),
         ));
     }
     out.push((

@@ -602,19 +602,19 @@ fn f16_in_range(c: &Case) -> bool {
     c.map != FeatureMap::EluPlusOne || c.mu - 3.0 * c.sigma >= -15.0
 }
 
-/// The backward rows of the magnitude sweep: every draw finite and within
-/// 1e-2 (relative L2 vs the f64 reference) for bf16 and f16, dq included;
-/// f16 on its default f16 tiles where their range holds the inputs' phi
-/// (`f16_in_range`), on bf16 tiles (`F16Tiles::Bf16`) elsewhere. There
-/// every output is checked for finiteness and dq, dk, dv and dS0 for 1e-2,
-/// but dz0 is only measured (printed as the worst): bf16 tiles round v and
-/// dL/do to 8 bits, and dz0 = -sum_i qn_i (G_i . o_i) is sensitive enough to
-/// that rounding at sigma = 10 that 4 of 100 seeds (x 16 draws) reached
-/// 1.2e-2 to 3.3e-2 (bf16 inputs, exact in their tiles: at most 8.4e-3);
-/// docs/kernels.md, "f16 inputs on bf16 tiles".
-/// 16 draws a run per dtype; `LINATTN_MAG_SEEDS=n` runs n seeds.
+/// The backward rows of the magnitude sweep: every draw finite and every
+/// gradient within 1e-2 (relative L2 vs the f64 reference) for bf16 and
+/// f16, dq included; f16 on its default f16 tiles where their range holds
+/// the inputs' phi (`f16_in_range`), on bf16 tiles (`F16Tiles::Bf16`)
+/// elsewhere. (dz0 on bf16 tiles was measured only while they rounded v
+/// and dL/do to 8 bits: 1.2e-2 to 3.3e-2 in 4 of 100 seeds x 16 draws; the
+/// whole-head walks now keep both exact, and over 300 seeds x 16 draws
+/// its worst is 7.9e-3; docs/kernels.md, "f16 inputs on bf16 tiles".)
+/// 16 draws a run per dtype; `LINATTN_MAG_SEEDS=n` runs n seeds;
+/// `LINATTN_PRINT_ERRORS=1` prints every error above half its bound.
 #[test]
 fn magnitude_sweep_backward() {
+    let print = std::env::var_os("LINATTN_PRINT_ERRORS").is_some();
     let mut worst = [Errors::default(); 3];
     let mut failures = Vec::new();
     for seed in seeds(0x17_5e) {
@@ -632,10 +632,13 @@ fn magnitude_sweep_backward() {
                 }
                 for (k, Bounds { err: e, floor }) in errs {
                     for (i, &v) in e.0.iter().enumerate() {
-                        // f16 on bf16 tiles: dz0 is outside the contract
-                        // (see the doc comment); measured, not asserted.
-                        if k == 2 && i == 4 {
-                            continue;
+                        if print && v >= 0.5 * (1e-2 + 2.0 * floor.0[i]) {
+                            eprintln!(
+                                "near: {} seed {seed}/{s}: {} {v:e} (floor {:e}): {c:?}",
+                                ["bf16", "f16", "f16 on bf16 tiles"][k],
+                                NAMES[i],
+                                floor.0[i]
+                            );
                         }
                         if v >= 1e-2 + 2.0 * floor.0[i] {
                             failures.push(format!(
@@ -672,13 +675,15 @@ fn magnitude_sweep_backward() {
 /// the 16-bit contract, or not finite; over 3,000 seeds dk 0.81 to inf,
 /// median 6e3), so it proves the option matters. On bf16 tiles
 /// (`F16Tiles::Bf16`) every gradient is finite (asserted by `measure`) and
-/// dv is within 1e-2 (asserted; 3,000 seeds: worst 7.0e-3). dq, dk, dS0
-/// and dz0 are printed, not asserted: they are sensitive to bf16 tiles'
-/// 8-bit rounding of v and dL/do (docs/kernels.md, "f16 inputs on bf16
-/// tiles"), and on this draw, built so that the first rows' keys are all
-/// below -18, they passed 1e-2 in 6, 14, 14 and 124 of 3,000 seeds (worst
-/// 1.4e-2, 1.5e-2, 1.8e-2, 0.30; medians 2.2e-3 to 3.9e-3): issue 17's
-/// open limit. `LINATTN_MAG_SEEDS=n` runs n seeds.
+/// dq and dv are within 1e-2 (asserted; 3,000 seeds: worst 5.3e-3 and
+/// 6.5e-3). dk, dS0 and dz0 are printed, not asserted: on this draw, built
+/// so that the first rows' keys are all below -18, they passed 1e-2 (plus
+/// twice the floor) in 0, 2 and 4 of 3,000 seeds (worst 1.0e-2, 2.1e-2,
+/// 4.8e-2), through the bf16 rounding of phi(q), qn and the state copies
+/// that bf16 inputs share (theirs: 0, 0, 1). Before v and dL/do were kept
+/// exact in the tiles: dq, dk, dS0, dz0 in 6, 14, 14 and 124 (docs/
+/// kernels.md, "f16 inputs on bf16 tiles"). `LINATTN_MAG_SEEDS=n` runs n
+/// seeds.
 #[test]
 fn f16_backward_wide_elu_keys_need_bf16_tiles() {
     let c = Case::new(Kind::Causal, 64, 2, 2).with(|c| {
@@ -707,12 +712,15 @@ fn f16_backward_wide_elu_keys_need_bf16_tiles() {
                 dev.describe(),
             );
             let Bounds { err: e, floor } = measure::<f16>(&dev, &wide, s);
-            assert!(
-                e.0[2] < 1e-2 + 2.0 * floor.0[2],
-                "{} seed {s}: bf16 tiles dv rel error {:e}",
-                dev.describe(),
-                e.0[2]
-            );
+            for i in [0, 2] {
+                assert!(
+                    e.0[i] < 1e-2 + 2.0 * floor.0[i],
+                    "{} seed {s}: bf16 tiles {} rel error {:e}",
+                    dev.describe(),
+                    NAMES[i],
+                    e.0[i]
+                );
+            }
             worst = worst.max(e);
         }
     }
@@ -921,10 +929,10 @@ fn f16_backward_eps_rows_tiled() {
 /// rounding of phi(k) = k + 1 (2^-9 relative), which wide keys amplify as
 /// mu does; the f64 reference on the rounded features moves by 1.80e-2.
 /// prepdq now splits phi(k) into hi + lo on one-tile-wide heads (docs/
-/// kernels.md, "dq accuracy (prepdq)"): 2.4e-3. f16 on bf16 tiles keeps
-/// v and dL/do rounded to 8 bits in its tiles (dq 2.1e-2 here, 7.8e-2
-/// before; "f16 inputs on bf16 tiles"): its dk, dv and dS0 are asserted,
-/// dq and dz0 printed.
+/// kernels.md, "dq accuracy (prepdq)"): 2.4e-3. f16 on bf16 tiles gave dq
+/// 7.8e-2, then 2.1e-2 with phi(k) split (v and dL/do rounded to 8 bits in
+/// its tiles), and 2.1e-3 with both kept exact as hi + lo halves ("f16
+/// inputs on bf16 tiles"). Every gradient of both is asserted.
 #[test]
 fn bf16_wide_small_head_noncausal_dq() {
     let c = Case::new(Kind::NonCausal, 193, 2, 2).with(|c| {
@@ -938,19 +946,10 @@ fn bf16_wide_small_head_noncausal_dq() {
     for dev in devices() {
         let b = measure::<bf16>(&dev, &c, s);
         let w = measure::<f16>(&dev, &c.clone().with(|c| c.f16_tiles = F16Tiles::Bf16), s);
-        eprintln!(
-            "{}: bf16 {:?}, f16 on bf16 tiles {:?}",
-            dev.describe(),
-            b.err.0,
-            w.err.0
-        );
-        for (i, name) in NAMES.iter().enumerate() {
-            for (what, x, asserted) in [
-                ("bf16", &b, true),
-                ("f16 on bf16 tiles", &w, (1..4).contains(&i)),
-            ] {
+        for (what, x) in [("bf16", &b), ("f16 on bf16 tiles", &w)] {
+            for (i, name) in NAMES.iter().enumerate() {
                 assert!(
-                    !asserted || x.err.0[i] < 1e-2 + 2.0 * x.floor.0[i],
+                    x.err.0[i] < 1e-2 + 2.0 * x.floor.0[i],
                     "{} {what}: {name} rel error {:e}",
                     dev.describe(),
                     x.err.0[i]

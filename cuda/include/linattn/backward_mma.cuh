@@ -58,6 +58,28 @@ __device__ __forceinline__ void stage(T* dst, int ld, int R16, int C16, int rows
     }
 }
 
+// One chunk's rows of an input: rows t0 .. t0 + rows, `cols` wide, row
+// stride `stride` from `base`.
+template <typename In>
+struct ChunkRows {
+    const In* base;
+    int64_t stride, t0;
+    int rows, cols;
+};
+
+// The chunk's rows into a C16 x W16 tile (row stride ld): their high halves
+// in T, or with `lo` their low halves x - hi(x). For f16 inputs on bf16
+// tiles the two are exact: f16's 11 significant bits in two bf16 halves
+// (hi 8, lo <= 4; f16's smallest subnormal is a bf16 normal).
+template <typename T, typename In>
+__device__ __forceinline__ void stage_halves(T* dst, int ld, int C16, int W16, const ChunkRows<In>& r, bool lo) {
+    stage<T>(dst, ld, C16, W16, r.rows, r.cols, [&](int j, int e) {
+        const float x = to_float(r.base[(r.t0 + j) * r.stride + e]);
+        return lo ? x - to_float(from_float<T>(x)) : x;
+    });
+}
+
+
 // The power of two that brings a warp's largest magnitude mx (its lanes'
 // maxima) into [2^14, 2^15) (pow2_shift, linattn/scaled_round.cuh); inv =
 // its inverse. Every mx > 0 is scaled, an overflowed one (inf, > 3e38) by
@@ -275,6 +297,28 @@ __device__ __forceinline__ void dead_features(float* dead, const T* kb, int64_t 
 // No scale table (an operand staged straight from the inputs).
 __device__ __forceinline__ Scales no_scales() { return Scales{nullptr, 0, 0, 1.0f}; }
 
+// out (fp32, C x C, lower block triangle, row stride ldo) += G_hi v_lo^T +
+// G_lo v_hi^T: the cross terms of G v^T with G and v as hi + lo halves
+// (G_lo v_lo^T, below 2^-16 of the product, is dropped). G16 holds G_hi
+// and V16 v_hi on entry (C x M16, row stride L16); on return G16 holds
+// G_lo and V16 v_hi. Starts and ends with a barrier's worth of ordering:
+// every warp's earlier reads of G16 and V16 are complete before they are
+// restaged.
+template <typename T, typename In>
+__device__ __forceinline__ void add_gv_cross_terms(float* out, int ldo, int CT, int MTT, T* G16, T* V16, int L16,
+                                                   const ChunkRows<In>& g, const ChunkRows<In>& v) {
+    const int C = CT * 16, M16 = MTT * 16;
+    __syncthreads();
+    stage_halves<T>(V16, L16, C, M16, v, true);
+    __syncthreads();
+    gemm<T, true, false>(out, ldo, CT, CT, MTT, true, true, KRange::All, G16, L16, no_scales(), V16, L16, no_scales());
+    __syncthreads();
+    stage_halves<T>(G16, L16, C, M16, g, true);
+    stage_halves<T>(V16, L16, C, M16, v, false);
+    __syncthreads();
+    gemm<T, true, false>(out, ldo, CT, CT, MTT, true, true, KRange::All, G16, L16, no_scales(), V16, L16, no_scales());
+}
+
 // What dv_chunk works on: one chunk's staged operands in shared memory,
 // their tile scales, and where its dv rows go (the style of the params
 // structs: named fields, set at the call).
@@ -299,6 +343,7 @@ struct DvChunk {
     const float* sG;
     Out* out;         // the chunk's first dv row, row stride `stride`
     int64_t stride;
+    const T* G16lo = nullptr;  // G16's low half (unscaled), or none
 };
 
 // One chunk's dv, shared by dv_mma and dkv_mma: F = kh dS (+ A^T dnum over
@@ -331,6 +376,9 @@ __device__ __forceinline__ void dv_chunk(const DvChunk<T, Out>& a) {
         __syncwarp();
         gemm<T, false, true>(F, LF, CT, MTT, CT, true, false, KRange::FromRow, A16, LC, Scales{sA, CT, 1, 1.0f}, G16, L16,
                              Scales{sG, MTT, 1, 1.0f});
+        if (a.G16lo != nullptr)
+            gemm<T, false, true>(F, LF, CT, MTT, CT, true, false, KRange::FromRow, A16, LC, Scales{sA, CT, 1, 1.0f},
+                                 a.G16lo, L16, no_scales());
     }
     __syncthreads();
     for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
@@ -1078,6 +1126,13 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
     // one, 0 otherwise.
     constexpr bool kSplitK = !Mma<T>::scaled;
     const bool ksplit = kSplitK && split && DTT == 1 && fm == LINATTN_FEATURE_MAP_ELU_PLUS_ONE;
+    // f16 inputs on bf16 tiles: v and G are f16, exact as bf16 hi + lo
+    // (stage_halves), and every product they feed takes both (the low
+    // halves' products with each other are below 2^-16 and dropped):
+    // E = G_hi v_hi^T + G_hi v_lo^T + G_lo v_hi^T, H adds G_lo S_hi^T,
+    // S += kh^T v_lo. The halves take turns in G16 and V16, so no buffer is
+    // added.
+    constexpr bool kSplitVG = !std::is_same<In, T>::value;
     (void)cv.take<float>(M16 + 1);
     // Rematerialised from sP (the carve's next 128-byte boundary), not a
     // live register.
@@ -1101,6 +1156,8 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
     const In* vb = rows_of<In>(p.v, c, p.v_batch_stride, p.v_head_stride);
     const In* gb = rows_of<In>(p.d_o, c, p.o_batch_stride, p.o_head_stride);
     In* dqb = rows_of_mut<In>(p.dq, c, p.q_batch_stride, p.q_head_stride);
+    const auto g_rows = [&](int64_t t0, int rows) { return ChunkRows<In>{gb, p.o_token_stride, t0, rows, M}; };
+    const auto v_rows = [&](int64_t t0, int rows) { return ChunkRows<In>{vb, p.v_token_stride, t0, rows, M}; };
     // phi(k)'s low half (ksplit): stage_k_lo(dst, t0, rows) into C x LD.
     const auto stage_k_lo = [&](T* dst, int64_t t0, int rows) {
         stage<T>(dst, LD, C, D16, rows, D, [&](int j, int x) {
@@ -1183,6 +1240,8 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                     }
                     gemm<T, true, false>(E, LE, CT, CT, MTT, false, true, KRange::All, G16, L16,
                                          Scales{sG, MTT, 1, 1.0f}, V16, L16, no_scales());
+                    if constexpr (kSplitVG)  // G16 then holds G_lo
+                        add_gv_cross_terms<T, In>(E, LE, CT, MTT, G16, V16, L16, g_rows(t0, rows), v_rows(t0, rows));
                     __syncthreads();
                     if (norm) {
                         for (int i = tid; i < rows; i += nthreads) {
@@ -1204,8 +1263,21 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                     __syncthreads();
                 }
                 // ---- H = G S_hi^T + G S_lo^T (S_hi alone: SINGLE) --------
-                gemm<T, true, false>(F, LF, CT, DTT, MTT, false, false, KRange::All, G16, L16, Scales{sG, MTT, 1, 1.0f},
-                                     S16, L16, Scales{sS, MTT, 1, 1.0f});
+                if constexpr (kSplitVG) {
+                    // H = G_lo S_hi^T first (G_lo is in G16 after E; the
+                    // non-causal read-out stages it), then G_hi back.
+                    if (!causal) {
+                        stage_halves<T>(G16, L16, C, M16, g_rows(t0, rows), true);
+                        __syncthreads();
+                    }
+                    gemm<T, true, false>(F, LF, CT, DTT, MTT, false, false, KRange::All, G16, L16, no_scales(), S16,
+                                         L16, no_scales());
+                    __syncthreads();
+                    stage_halves<T>(G16, L16, C, M16, g_rows(t0, rows), false);
+                    __syncthreads();
+                }
+                gemm<T, true, false>(F, LF, CT, DTT, MTT, kSplitVG, false, KRange::All, G16, L16,
+                                     Scales{sG, MTT, 1, 1.0f}, S16, L16, Scales{sS, MTT, 1, 1.0f});
                 __syncthreads();
                 if (split) {
                     frags_publish_lo<T>(st, ft, idx, S16, L16, sS);
@@ -1322,6 +1394,13 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                 // + kh_lo^T v (Q16 holds kh_lo: staged, or after d den).
                 const bool lo = LINATTN_KLO;
                 if (lo) frags_absorb<T>(st, ft, CT, Q16, LD, nullptr, 0, V16, L16, nullptr);
+                if constexpr (kSplitVG) {
+                    // + kh_hi^T v_lo (kh_lo^T v_lo is below 2^-16).
+                    __syncthreads();
+                    stage_halves<T>(V16, L16, C, M16, v_rows(t0, rows), true);
+                    __syncthreads();
+                    frags_absorb<T>(st, ft, CT, K16, LD, nullptr, 0, V16, L16, nullptr);
+                }
                 const float one = LINATTN_SHIFTED ? 1.0f : 0.0f;  // 1: phi(k) = k + 1, exact in fp32
                 for (int x = tid; x < D; x += nthreads) {
                     float acc = zs[x];
@@ -1421,6 +1500,12 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     // covers the other partitions' eps rows the slot holds). bf16 is not
     // scaled and takes none of this.
     const bool eps_rows = Mma<T>::scaled && fm == LINATTN_FEATURE_MAP_RELU && p.normalize != 0;
+    // f16 inputs on bf16 tiles: v and G as exact bf16 hi + lo halves
+    // (stage_halves) in every product: B' = G_hi v_hi^T + G_hi v_lo^T +
+    // G_lo v_hi^T, dkh adds v_lo dS^T, dv adds A'^T G_lo, dS adds qn^T G_lo.
+    // The halves take turns in G16 and V16; for dv and the state update G16
+    // holds G_hi and V16 G_lo.
+    constexpr bool kSplitVG = !std::is_same<In, T>::value;
 
     // dS from d_final (zero without) or the partition's work slot, and its
     // copy dS16.
@@ -1446,6 +1531,8 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     const In* gb = rows_of<In>(p.d_o, c, p.o_batch_stride, p.o_head_stride);
     In* dkb = rows_of_mut<In>(p.dk, c, p.k_batch_stride, p.k_head_stride);
     In* dvb = rows_of_mut<In>(p.dv, c, p.v_batch_stride, p.v_head_stride);
+    const auto g_rows = [&](int64_t t0, int rows) { return ChunkRows<In>{gb, p.o_token_stride, t0, rows, M}; };
+    const auto v_rows = [&](int64_t t0, int rows) { return ChunkRows<In>{vb, p.v_token_stride, t0, rows, M}; };
     __syncthreads();
 
     const int64_t last = last_chunk(c.r.len, C);
@@ -1471,6 +1558,8 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                          [&](int j, int x) { return phi(to_float(kb[(t0 + j) * p.k_token_stride + x]), fm); });
                 stage<T>(V16, L16, C, M16, rows, M,
                          [&](int j, int e) { return to_float(vb[(t0 + j) * p.v_token_stride + e]); });
+            } else if (kSplitVG && absorb) {
+                stage_halves<T>(V16, L16, C, M16, g_rows(t0, rows), true);
             }
             __syncthreads();
             if (absorb) {
@@ -1490,6 +1579,8 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                     // B' = G v^T - (G . o) per row, lower block triangle.
                     gemm<T, true, false>(F, LF, CT, CT, MTT, false, true, KRange::All, G16, L16, no_scales(), V16, L16,
                                          no_scales());
+                    if constexpr (kSplitVG)  // G16 then holds G_lo
+                        add_gv_cross_terms<T, In>(F, LF, CT, MTT, G16, V16, L16, g_rows(t0, rows), v_rows(t0, rows));
                     __syncthreads();
                     round_tiles<T>(P16, LC, C, C, sP, [&](int i, int j) {
                         return j > i || i >= rows ? 0.0f : F[i * LF + j] + dd[i];
@@ -1504,6 +1595,14 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                     gemm<T, false, true>(F, LF, CT, DTT, CT, true, false, KRange::FromRow, P16, LC,
                                          Scales{sP, CT, 1, 1.0f}, Q16, LD, Scales{sQ, DTT, 1, 1.0f});
                 }
+                if constexpr (kSplitVG) {
+                    // + v_lo dS^T (each warp accumulates its own tiles).
+                    __syncthreads();
+                    stage_halves<T>(V16, L16, C, M16, v_rows(t0, rows), true);
+                    __syncthreads();
+                    gemm<T, true, false>(F, LF, CT, DTT, MTT, true, false, KRange::All, V16, L16, no_scales(), S16, L16,
+                                         no_scales());
+                }
                 __syncthreads();
                 for (int i = tid; i < rows * D; i += nthreads) {
                     const int j = i / D, x = i - j * D;
@@ -1511,6 +1610,12 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                     dkb[off] = from_float<In>(phi_prime(to_float(kb[off]), fm) * (F[j * LF + x] + zs[x]));
                 }
                 __syncthreads();  // F, P16 and dz are reused below
+                if (kSplitVG && causal) {
+                    // G_hi back into G16, G_lo into V16 (v is done with).
+                    stage_halves<T>(G16, L16, C, M16, g_rows(t0, rows), false);
+                    stage_halves<T>(V16, L16, C, M16, g_rows(t0, rows), true);
+                    __syncthreads();
+                }
                 // A' = qn kh^T (causal), then dv = kh dS + A'^T G.
                 DvChunk<T, In> a;
                 a.F = F; a.LF = LF; a.CT = CT; a.MTT = MTT; a.DTT = DTT; a.causal = causal;
@@ -1519,6 +1624,7 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                 a.A16 = P16; a.LC = LC; a.sA = sP;
                 a.S16 = S16; a.L16 = L16; a.sS = sS; a.G16 = G16; a.sG = nullptr;
                 a.out = dvb + t0 * p.v_token_stride; a.stride = p.v_token_stride;
+                if (kSplitVG) a.G16lo = V16;
                 dv_chunk<T, In>(a);
             }
             if (absorb) {
@@ -1528,6 +1634,7 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
 #pragma unroll 1
                 for (int pass = 0;; ++pass) {
                     frags_absorb<T>(st, ft, CT, Q16, LD, sQ, DTT, G16, L16, nullptr);
+                    if constexpr (kSplitVG) frags_absorb<T>(st, ft, CT, Q16, LD, sQ, DTT, V16, L16, nullptr);
                     if constexpr (!Mma<T>::scaled) break;
                     if (pass == 1 || !eps_rows) break;
                     int any = 0;

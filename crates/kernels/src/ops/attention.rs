@@ -200,9 +200,9 @@ pub enum DqPrecision {
 /// calls ignore it (f32 runs no tensor cores, bf16 always uses bf16 tiles).
 /// Inputs and outputs stay f16 either way; every sum stays fp32.
 ///
-/// Both tile types are 2 bytes: shared memory, tiling, launch plans and
-/// tensor-core work are the same, only the kernels differ (`forward_f16`
-/// or `forward_f16_bf16tc`, and likewise for each backward pass).
+/// Both tile types are 2 bytes: shared memory, tiling and launch plans are
+/// the same, only the kernels differ (`forward_f16` or
+/// `forward_f16_bf16tc`, and likewise for each backward pass).
 /// Precision and range: `docs/kernels.md`, "f16 inputs on bf16 tiles";
 /// measured errors: `docs/benchmarks.md`, "f16 on bf16 tiles".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -222,13 +222,17 @@ pub enum F16Tiles {
     /// overflows, at 2^-9 relative rounding (8 bits; the arithmetic bf16
     /// inputs get). Pick it for f16 inputs whose elu+1 keys can fall below
     /// about -10 (e.g. q, k ~ N(0, 10)), where f16 tiles lose accuracy and
-    /// then can be wrong by orders of magnitude. Costs no extra tensor
-    /// work or memory; errors grow to bf16's (relative L2, q, k ~ N(0, 1),
-    /// D = M = 64, causal: o ~2.5e-3, dq, dk, dv up to ~4-5e-3, with or
-    /// without `d_final`). Unlike bf16 inputs, v and dL/do are
-    /// rounded to 8 bits too: gradients that are sensitive to them (dz0,
-    /// and dk in heads of D = 2, with q, k ~ N(mu, 10)) reached 1e-2 to
-    /// 1e-1 in a few percent of such draws.
+    /// then can be wrong by orders of magnitude. Errors grow to bf16's
+    /// (relative L2, q, k ~ N(0, 1), D = M = 64, causal: o ~2.6e-3, dq,
+    /// dk, dv up to ~3e-3, with or without `d_final`). The backward's
+    /// whole-head walks (heads up to 64 state tiles, D = M = 128
+    /// included) keep v and dL/do exact, as two bf16 halves each, at
+    /// +65% of their tensor-core work (no extra memory): the gradients
+    /// that cancel (dz0, dq of small heads at q, k ~ N(0, 10)) reached
+    /// 1e-2 to 1e-1 in a few percent of such draws when v and dL/do were
+    /// rounded to 8 bits. The forward and the tiled backward passes
+    /// (larger heads) still round them, at no extra work. A caller who
+    /// accepts 8 bits for v and dL/do too converts the inputs to bf16.
     Bf16,
 }
 
