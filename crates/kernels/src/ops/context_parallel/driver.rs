@@ -478,7 +478,9 @@ impl<C: Collective> ContextParallel<C> {
     /// its own outputs, and its own gradient of its starting state), one
     /// all-gather of `R x len` fp32, one or two [`combine_states`] (the
     /// fixed-order exclusive suffix, causal; every other rank, non-causal),
-    /// then [`add_state_gradient`] of that sum into dk and dv, and on rank 0
+    /// then [`add_state_gradient`] of that sum into dk and dv (skipped on
+    /// the last rank of a causal call without `d_final`, which receives
+    /// none), and on rank 0
     /// one more [`combine_states`] for `d_initial` (see
     /// `docs/context-parallel.md` for the derivation and the cost). Errors:
     /// as [`forward`](Self::forward), and `d_initial` given on a rank other
@@ -607,8 +609,14 @@ impl<C: Collective> ContextParallel<C> {
             }
         }
         // The gradient flowing into this piece's final state reaches dk and
-        // dv through its state sum only; dq does not depend on it.
-        add_state_gradient(dev, piece.k, piece.v, dk, dv, shape, cu, opts, &incoming)?;
+        // dv through its state sum only; dq does not depend on it. The last
+        // piece of a causal sequence without d_final receives none (its
+        // `incoming` is zero), so it skips the launch: adding zeros would
+        // leave dk and dv bit for bit as they are.
+        let receives = kind == Kind::NonCausal || r + 1 < n || d_final.is_some();
+        if receives {
+            add_state_gradient(dev, piece.k, piece.v, dk, dv, shape, cu, opts, &incoming)?;
+        }
         if let Some(d_initial) = d_initial {
             // Rank 0 starts the sequence: the initial state's gradient is its
             // own G_0 (slot 0, untouched by the suffixes above, which start
