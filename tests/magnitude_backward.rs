@@ -927,7 +927,7 @@ fn f16_backward_eps_rows_tiled() {
 /// and d_final (sweep seed 993627, base 999001, `LINATTN_MAG_SEEDS=100`,
 /// one draw of 1,600). bf16 dq was 1.85e-2 (f32 3.8e-6): the 16-bit
 /// rounding of phi(k) = k + 1 (2^-9 relative), which wide keys amplify as
-/// mu does; the f64 reference on the rounded features moves by 1.80e-2.
+/// mu does; the f64 reference on the rounded keys moves by 1.80e-2.
 /// prepdq now splits phi(k) into hi + lo on one-tile-wide heads (docs/
 /// kernels.md, "dq accuracy (prepdq)"): 2.4e-3. f16 on bf16 tiles gave dq
 /// 7.8e-2, then 2.1e-2 with phi(k) split (v and dL/do rounded to 8 bits in

@@ -75,7 +75,9 @@ template <typename T, typename In>
 __device__ __forceinline__ void stage_halves(T* dst, int ld, int C16, int W16, const ChunkRows<In>& r, bool lo) {
     stage<T>(dst, ld, C16, W16, r.rows, r.cols, [&](int j, int e) {
         const float x = to_float(r.base[(r.t0 + j) * r.stride + e]);
-        return lo ? x - to_float(from_float<T>(x)) : x;
+        // inf - inf would put NaN where the input holds inf: lo is 0 there
+        // (x - x is 0 exactly for every finite x; no fast-math here).
+        return lo ? (x - x == 0.0f ? x - to_float(from_float<T>(x)) : 0.0f) : x;
     });
 }
 
@@ -301,9 +303,9 @@ __device__ __forceinline__ Scales no_scales() { return Scales{nullptr, 0, 0, 1.0
 // G_lo v_hi^T: the cross terms of G v^T with G and v as hi + lo halves
 // (G_lo v_lo^T, below 2^-16 of the product, is dropped). G16 holds G_hi
 // and V16 v_hi on entry (C x M16, row stride L16); on return G16 holds
-// G_lo and V16 v_hi. Starts and ends with a barrier's worth of ordering:
-// every warp's earlier reads of G16 and V16 are complete before they are
-// restaged.
+// G_lo and V16 v_hi. Starts with a barrier (every warp's earlier reads of
+// G16 and V16 are complete before they are restaged); ends after its last
+// product with none: the caller orders what follows.
 template <typename T, typename In>
 __device__ __forceinline__ void add_gv_cross_terms(float* out, int ldo, int CT, int MTT, T* G16, T* V16, int L16,
                                                    const ChunkRows<In>& g, const ChunkRows<In>& v) {
@@ -1119,9 +1121,9 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
     // hi(phi(k)), exact in fp32, rounded to T), and every product kh feeds
     // takes the low half too (`qh kh_lo^T`, `B'_hi kh_lo`, `kh_lo^T v`, z).
     // Wide keys amplify kh's 2^-9 like mu does: D = M = 2, q, k ~ N(0, 10)
-    // gave bf16 dq 1.85e-2, and the f64 reference on the rounded features
-    // moves by 1.80e-2. kh_lo lives in P16 (stride LD, D16 <= C) for A and
-    // in Q16 after d den is formed (emit) or from staging (absorb only).
+    // gave bf16 dq 1.85e-2, and the f64 reference on the rounded keys moves
+    // by 1.80e-2. kh_lo lives in P16 (stride LD, D16 <= C) for A and in Q16
+    // after d den is formed (emit) or from staging (absorb only).
     // The chunk's flag vsum[M16] is 1 for a shifted chunk, 2 for a split
     // one, 0 otherwise.
     constexpr bool kSplitK = !Mma<T>::scaled;
@@ -1131,8 +1133,9 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
     // halves' products with each other are below 2^-16 and dropped):
     // E = G_hi v_hi^T + G_hi v_lo^T + G_lo v_hi^T, H adds G_lo S_hi^T,
     // S += kh^T v_lo. The halves take turns in G16 and V16, so no buffer is
-    // added.
+    // added. (kShiftK, which reads V16 for colsum(v), excludes it.)
     constexpr bool kSplitVG = !std::is_same<In, T>::value;
+    static_assert(!kSplitVG || !Mma<T>::scaled, "prepdq: v and G halves on unscaled (bf16) tiles only");
     (void)cv.take<float>(M16 + 1);
     // Rematerialised from sP (the carve's next 128-byte boundary), not a
     // live register.
@@ -1213,7 +1216,8 @@ __device__ __forceinline__ void prep_dq_mma(const LinattnBackwardParams& p, floa
                     const float k = to_float(kb[(t0 + j) * p.k_token_stride + x]);
                     return LINATTN_SHIFTED ? k : phi(k, fm);
                 });
-                if (LINATTN_KLO) stage_k_lo(emit ? P16 : Q16, t0, rows);
+                // (P16's copy feeds A alone, which needs normalisation.)
+                if (LINATTN_KLO && (!emit || norm)) stage_k_lo(emit ? P16 : Q16, t0, rows);
                 stage<T>(V16, L16, C, M16, rows, M,
                          [&](int j, int e) { return to_float(vb[(t0 + j) * p.v_token_stride + e]); });
             }
@@ -1503,9 +1507,11 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     // f16 inputs on bf16 tiles: v and G as exact bf16 hi + lo halves
     // (stage_halves) in every product: B' = G_hi v_hi^T + G_hi v_lo^T +
     // G_lo v_hi^T, dkh adds v_lo dS^T, dv adds A'^T G_lo, dS adds qn^T G_lo.
-    // The halves take turns in G16 and V16; for dv and the state update G16
-    // holds G_hi and V16 G_lo.
+    // The halves take turns in G16 and V16; for a causal chunk's dv and for
+    // the state update G16 holds G_hi and V16 G_lo. In = f16 on T = bf16 is
+    // the only pair with In != T (the halves are exact for it).
     constexpr bool kSplitVG = !std::is_same<In, T>::value;
+    static_assert(!kSplitVG || !Mma<T>::scaled, "dkv: v and G halves on unscaled (bf16) tiles only");
 
     // dS from d_final (zero without) or the partition's work slot, and its
     // copy dS16.

@@ -172,8 +172,8 @@ pub enum DqPrecision {
     /// dq stays under 1e-2 relative L2 error for q, k ~ N(mu, 1) up to
     /// mu = 40 in both 16-bit types. The default: it is the documented
     /// accuracy contract, and it costs the whole-head walks (D = M <= 128)
-    /// no extra tensor-core MACs (they dropped num's products to pay for
-    /// it); only the tiled passes of heads past 64 state tiles (D = M =
+    /// no extra tensor-core MACs for S and B' (they dropped num's products
+    /// to pay for it); only the tiled passes of heads past 64 state tiles (D = M =
     /// 256) pay +20.6% of their tensor work, and those passes are
     /// memory-bound (each re-reads q, k or v, dL/do per tile). On bf16
     /// tiles with elu+1 and heads up to D = 16 wide, `phi(k)` is split the
