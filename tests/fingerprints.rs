@@ -462,6 +462,19 @@ fn forward_cases() -> Vec<(DType, Attn)> {
         DType::F32,
         Attn::new("fwd-causal-auto-split-f32", Causal, 1, 1, 600, 16, 16),
     ));
+    // f16 inputs on bf16 tiles (`F16Tiles::Bf16`): the walk, causal and
+    // non-causal, with states.
+    for (kind, name) in [
+        (Causal, "fwd-causal-f16-on-bf16-tiles"),
+        (NonCausal, "fwd-noncausal-f16-on-bf16-tiles"),
+    ] {
+        out.push((
+            DType::F16,
+            Attn::new(name, kind, 1, 2, 90, 24, 40)
+                .with(|a| a.opts.f16_tiles = F16Tiles::Bf16)
+                .states(),
+        ));
+    }
     out
 }
 

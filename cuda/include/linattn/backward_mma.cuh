@@ -346,6 +346,10 @@ struct DvChunk {
     Out* out;         // the chunk's first dv row, row stride `stride`
     int64_t stride;
     const T* G16lo = nullptr;  // G16's low half (unscaled), or none
+    // S16's low half (unscaled, D16 = 16 rows of stride L16) in the tile
+    // after K16 (the next 128-byte boundary past C x LD: dkv's V16), or none.
+    // Rematerialised from K16 rather than held (registers).
+    bool s_lo_after_k = false;
 };
 
 // One chunk's dv, shared by dv_mma and dkv_mma: F = kh dS (+ A^T dnum over
@@ -385,7 +389,15 @@ __device__ __forceinline__ void dv_chunk(const DvChunk<T, Out>& a) {
     __syncthreads();
     for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
         const int j = i / cols, e = i - j * cols;
-        out[j * stride + e] = from_float<Out>(F[j * LF + e]);
+        float acc = F[j * LF + e];
+        // + kh dS_lo in fp32 (one-tile heads: D16 FMAs per element).
+        if (a.s_lo_after_k) {
+            const T* lo = reinterpret_cast<const T*>(
+                (reinterpret_cast<uintptr_t>(K16 + C * LD) + 127u) & ~static_cast<uintptr_t>(127u));
+#pragma unroll 1
+            for (int x = 0; x < 16; ++x) acc = fmaf(to_float(K16[j * LD + x]), to_float(lo[x * L16 + e]), acc);
+        }
+        out[j * stride + e] = from_float<Out>(acc);
     }
 }
 
@@ -934,6 +946,28 @@ __device__ __forceinline__ void frags_publish(const Acc (&st)[kDkvFrags], const 
         round_tile<T>(S16 + x0 * L16 + e0, L16, sS + t, [&](int r, int col) {
             return dead != nullptr && dead[x0 + r] != 0.0f ? 0.0f : ft.scratch[r * 16 + col];
         });
+        __syncwarp();
+    }
+}
+
+// The fragments' low half, S - hi(S) (exact in fp32; hi as frags_publish
+// rounds it on unscaled tiles), rounded to T into dst (row stride L16),
+// through the warps' scratch. bf16 only: no tile scales.
+template <typename T>
+__device__ __forceinline__ void frags_publish_lo_rows(const Acc (&st)[kDkvFrags], const FragTiles& ft, T* dst,
+                                                      int L16) {
+    static_assert(!Mma<T>::scaled, "frags_publish_lo_rows: unscaled tiles only");
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int k = 0; k < kDkvFrags; ++k) {
+        int t, x0, e0;
+        if (!ft.at(k, t, x0, e0)) continue;
+        nvcuda::wmma::store_matrix_sync(ft.scratch, st[k], 16, nvcuda::wmma::mem_row_major);
+        __syncwarp();
+        for (int i = lane; i < 256; i += 32) {
+            const float x = ft.scratch[i];
+            dst[(x0 + (i >> 4)) * L16 + e0 + (i & 15)] = from_float<T>(x - to_float(from_float<T>(x)));
+        }
         __syncwarp();
     }
 }
@@ -1512,6 +1546,12 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     // the only pair with In != T (the halves are exact for it).
     constexpr bool kSplitVG = !std::is_same<In, T>::value;
     static_assert(!kSplitVG || !Mma<T>::scaled, "dkv: v and G halves on unscaled (bf16) tiles only");
+    // bf16 heads one tile wide (D <= 16): dv = kh dS_hi + kh dS_lo. With
+    // nearly equal features (q, k ~ N(mu, 1)) dv_j ~ kh_j (sum_x dS_x), and
+    // dS's rows can nearly cancel (a d_final ~ N(0, 1) at D = 2 gave column
+    // sums of 0.07 from terms of 2.0): dS16's 2^-9 then became dv 2.3e-2.
+    // dS_lo goes to V16 (free once dk is out; D16 <= C rows).
+    constexpr bool kSplitDS = !Mma<T>::scaled && !kSplitVG;
 
     // dS from d_final (zero without) or the partition's work slot, and its
     // copy dS16.
@@ -1616,6 +1656,12 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                     dkb[off] = from_float<In>(phi_prime(to_float(kb[off]), fm) * (F[j * LF + x] + zs[x]));
                 }
                 __syncthreads();  // F, P16 and dz are reused below
+                if constexpr (kSplitDS) {
+                    if (DTT == 1) {
+                        frags_publish_lo_rows<T>(st, ft, V16, L16);
+                        __syncthreads();
+                    }
+                }
                 if (kSplitVG && causal) {
                     // G_hi back into G16, G_lo into V16 (v is done with).
                     stage_halves<T>(G16, L16, C, M16, g_rows(t0, rows), false);
@@ -1631,6 +1677,7 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
                 a.S16 = S16; a.L16 = L16; a.sS = sS; a.G16 = G16; a.sG = nullptr;
                 a.out = dvb + t0 * p.v_token_stride; a.stride = p.v_token_stride;
                 if (kSplitVG) a.G16lo = V16;
+                a.s_lo_after_k = kSplitDS && DTT == 1;  // dS_lo in V16
                 dv_chunk<T, In>(a);
             }
             if (absorb) {

@@ -54,6 +54,7 @@
 #pragma once
 #include <cstdint>
 #include <mma.h>
+#include <type_traits>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include "linattn/params.h"
@@ -203,6 +204,9 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
     // its score rounding (3), in warp 0's scratch (free until (4)).
     float* rowq = F + C * LF;
     constexpr bool kScaled = Mma<T>::scaled;
+    // f16 inputs on bf16 tiles: v as exact bf16 hi + lo halves in (4).
+    constexpr bool kSplitV = !std::is_same<In, T>::value;
+    static_assert(!kSplitV || !kScaled, "chunk_walk_mma: v halves on unscaled (bf16) tiles only");
 
     const bool causal = p.causal != 0;
     const bool out = p.write_output != 0;
@@ -425,8 +429,10 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
         __syncthreads();
 
         // ---- (4) A V into the output fragments, outputs to F; S += K^T V --
-        if (out) {
-            if constexpr (kScaled) q_times_s16();
+        // f16 inputs on bf16 tiles (kSplitV): V16 holds v's high half first,
+        // then its low half (exact: f16's 11 bits in two bf16 halves), and
+        // both products take each; the outputs are stored after the second.
+        auto a_times_v = [&](bool store) {
 #pragma unroll
             for (int k = 0; k < kOutFrags; ++k) {
                 const int t = warp + k * nwarps;
@@ -442,11 +448,11 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
                         wmma::mma_sync(acc[k], a, v, acc[k]);
                     }
                 }
-                wmma::store_matrix_sync(F + bi * 16 * LF + e0, acc[k], LF, wmma::mem_row_major);
+                if (store) wmma::store_matrix_sync(F + bi * 16 * LF + e0, acc[k], LF, wmma::mem_row_major);
             }
-        }
-        if (causal) {
-            // Rows past the sequence end are zero in K16 and V16.
+        };
+        // Rows past the sequence end are zero in K16 and V16.
+        auto absorb_v = [&]() {
 #pragma unroll 1
             for (int j0 = 0; j0 < C; j0 += 16) {
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> v;
@@ -462,6 +468,24 @@ __device__ __forceinline__ void chunk_walk_mma(const LinattnForwardParams& p, fl
                     wmma::mma_sync(st[k], kt, v, st[k]);
                 }
             }
+        };
+        if (out) {
+            if constexpr (kScaled) q_times_s16();
+            a_times_v(!kSplitV);
+        }
+        if (causal) absorb_v();
+        if constexpr (kSplitV) {
+            if (causal) {
+                __syncthreads();  // every warp is done with v's high half
+                for (int row = warp; row < C; row += nwarps)
+                    load_row<In, T>(V16 + row * LV, vb + (t0 + row) * p.v_token_stride, mt, MT, row < rows, vec,
+                                    [](float x) { return x - x == 0.0f ? x - to_float(from_float<T>(x)) : 0.0f; });
+                __syncthreads();
+            }
+            if (out) a_times_v(true);
+            if (causal) absorb_v();
+        }
+        if (causal) {
             if (out) {
                 // f16 reads S16 in this step (phi(Q) S16 above): every warp
                 // must be done with it before any publishes (uniform branch).

@@ -230,9 +230,13 @@ pub enum F16Tiles {
     /// +65% of their tensor-core work (no extra memory): the gradients
     /// that cancel (dz0, dq of small heads at q, k ~ N(0, 10)) reached
     /// 1e-2 to 1e-1 in a few percent of such draws when v and dL/do were
-    /// rounded to 8 bits. The forward and the tiled backward passes
-    /// (larger heads) still round them, at no extra work. A caller who
-    /// accepts 8 bits for v and dL/do too converts the inputs to bf16.
+    /// rounded to 8 bits. The forward walk keeps v exact too (+50% of its
+    /// tensor work); the tiled backward passes (heads past 64 state
+    /// tiles) still round v and dL/do, at no extra work. Not for small
+    /// heads with nearly equal keys (q, k ~ N(10, 1), D = M = 2) and a
+    /// `d_final`: there dv missed 1e-2 in ~2% of draws (f16 tiles: none).
+    /// A caller who accepts 8 bits for v and dL/do too converts the
+    /// inputs to bf16.
     Bf16,
 }
 
