@@ -533,7 +533,7 @@ fn half_backward_mu10_small_head_dq() {
 /// rounding of dS's 16-bit copy gave dv 2.3e-2 (the f64 reference on the
 /// rounded keys moves by 2.8e-3 only; 9 of 2,000 seeds of the case missed
 /// the bound). The dkv walk now adds kh dS_lo on one-tile bf16 heads
-/// (docs/kernels.md, "dk accuracy (dkv)"): 3.5e-3; 2,000 seeds, worst
+/// (docs/kernels.md, "dv on one-tile bf16 heads (dkv)"): 3.5e-3; 2,000 seeds, worst
 /// 4.1e-3. Every gradient asserted.
 #[test]
 fn bf16_small_head_dv_with_cancelling_d_final() {

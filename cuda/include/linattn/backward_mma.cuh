@@ -966,7 +966,10 @@ __device__ __forceinline__ void frags_publish_lo_rows(const Acc (&st)[kDkvFrags]
         __syncwarp();
         for (int i = lane; i < 256; i += 32) {
             const float x = ft.scratch[i];
-            dst[(x0 + (i >> 4)) * L16 + e0 + (i & 15)] = from_float<T>(x - to_float(from_float<T>(x)));
+            // hi - x is not finite where hi overflowed: lo is 0 there, so
+            // an infinite dS gives inf in dv, not NaN.
+            const float lo = x - to_float(from_float<T>(x));
+            dst[(x0 + (i >> 4)) * L16 + e0 + (i & 15)] = from_float<T>(lo - lo == 0.0f ? lo : 0.0f);
         }
         __syncwarp();
     }
@@ -1511,6 +1514,8 @@ __device__ __forceinline__ void dkv_mma(const LinattnBackwardParams& p, float* s
     float* zs = cv.take<float>(D16);
     T* S16 = cv.take<T>(D16 * L16);
     T* Q16 = cv.take<T>(C * LD);
+    // K16 then V16 back to back: dv_chunk finds dS_lo in V16 as the next
+    // 128-byte boundary after K16 (DvChunk::s_lo_after_k).
     T* K16 = cv.take<T>(C * LD);
     T* V16 = cv.take<T>(C * L16);
     T* G16 = cv.take<T>(C * L16);

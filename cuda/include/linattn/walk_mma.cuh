@@ -19,8 +19,9 @@
 // in place. After each update a warp publishes its tiles as a 16-bit copy
 // S16 (through a 16 x 16 fp32 scratch of its own) for the next chunk's
 // phi(Q) S16 product; that rounding of S to the tile type T is the only one
-// beyond rounding s phi(q), phi(k) and A to T (and v, for f16 inputs on
-// bf16 tiles: In = __half, T = __nv_bfloat16). f16 covers too little
+// beyond rounding s phi(q), phi(k) and A to T (f16 inputs on bf16 tiles,
+// In = __half, T = __nv_bfloat16, take v as two exact bf16 halves in step
+// 4 rather than round it). f16 covers too little
 // range for a state that grows with the sequence, so each f16 tile is scaled
 // by a power of two that maps its largest entry into [2^14, 2^15), and its
 // partial product is scaled back in fp32 (fragments of one type share their
@@ -40,8 +41,9 @@
 // (3) mask and round A, row sums (f16: row units), z update; (4) f16:
 // phi(Q) S16 into the output fragments; A V into them, outputs to shared
 // memory, state update, S16 publish. Four barriers (f16: five, the fifth
-// before the publish, as step 4 reads S16 there); tiles and sums in a fixed
-// order, so results are bit-identical run to run.
+// before the publish, as step 4 reads S16 there; f16 on bf16 tiles: six in
+// causal chunks, two around v's low half); tiles and sums in a fixed order,
+// so results are bit-identical run to run.
 //
 // Shared memory, in this order (the plan's `walk_shared_bytes` mirrors it;
 // 16-bit row strides padded by 8 elements and fp32 ones by 4 against bank
