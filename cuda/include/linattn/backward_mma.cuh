@@ -950,6 +950,22 @@ __device__ __forceinline__ void frags_publish(const Acc (&st)[kDkvFrags], const 
     }
 }
 
+// Each of this warp's state tiles through its scratch: f(x, e, value) for
+// the tile's 256 elements (x, e: the state's row and column).
+template <typename F>
+__device__ __forceinline__ void frags_each(const Acc (&st)[kDkvFrags], const FragTiles& ft, F f) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int k = 0; k < kDkvFrags; ++k) {
+        int t, x0, e0;
+        if (!ft.at(k, t, x0, e0)) continue;
+        nvcuda::wmma::store_matrix_sync(ft.scratch, st[k], 16, nvcuda::wmma::mem_row_major);
+        __syncwarp();
+        for (int i = lane; i < 256; i += 32) f(x0 + (i >> 4), e0 + (i & 15), ft.scratch[i]);
+        __syncwarp();
+    }
+}
+
 // The fragments' low half, S - hi(S) (exact in fp32; hi as frags_publish
 // rounds it on unscaled tiles), rounded to T into dst (row stride L16),
 // through the warps' scratch. bf16 only: no tile scales.
@@ -957,40 +973,20 @@ template <typename T>
 __device__ __forceinline__ void frags_publish_lo_rows(const Acc (&st)[kDkvFrags], const FragTiles& ft, T* dst,
                                                       int L16) {
     static_assert(!Mma<T>::scaled, "frags_publish_lo_rows: unscaled tiles only");
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int k = 0; k < kDkvFrags; ++k) {
-        int t, x0, e0;
-        if (!ft.at(k, t, x0, e0)) continue;
-        nvcuda::wmma::store_matrix_sync(ft.scratch, st[k], 16, nvcuda::wmma::mem_row_major);
-        __syncwarp();
-        for (int i = lane; i < 256; i += 32) {
-            const float x = ft.scratch[i];
-            // hi - x is not finite where hi overflowed: lo is 0 there, so
-            // an infinite dS gives inf in dv, not NaN.
-            const float lo = x - to_float(from_float<T>(x));
-            dst[(x0 + (i >> 4)) * L16 + e0 + (i & 15)] = from_float<T>(lo - lo == 0.0f ? lo : 0.0f);
-        }
-        __syncwarp();
-    }
+    frags_each(st, ft, [&](int x, int e, float v) {
+        // hi - v is not finite where hi overflowed: lo is 0 there, so an
+        // infinite dS gives inf in dv, not NaN.
+        const float lo = v - to_float(from_float<T>(v));
+        dst[x * L16 + e] = from_float<T>(lo - lo == 0.0f ? lo : 0.0f);
+    });
 }
 
 // The fragments' D x M part to state `sh` of dst (D x M row-major each).
 __device__ __forceinline__ void frags_store(const Acc (&st)[kDkvFrags], const FragTiles& ft, float* dst, int64_t sh,
                                             int D, int M) {
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int k = 0; k < kDkvFrags; ++k) {
-        int t, x0, e0;
-        if (!ft.at(k, t, x0, e0)) continue;
-        nvcuda::wmma::store_matrix_sync(ft.scratch, st[k], 16, nvcuda::wmma::mem_row_major);
-        __syncwarp();
-        for (int i = lane; i < 256; i += 32) {
-            const int x = x0 + (i >> 4), e = e0 + (i & 15);
-            if (x < D && e < M) dst[(sh * D + x) * M + e] = ft.scratch[i];
-        }
-        __syncwarp();
-    }
+    frags_each(st, ft, [&](int x, int e, float v) {
+        if (x < D && e < M) dst[(sh * D + x) * M + e] = v;
+    });
 }
 
 // A split walk's partition sum (LINATTN_BWD_PARTIALS) to its work slot: S
