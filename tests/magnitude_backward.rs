@@ -412,6 +412,14 @@ fn measure<T: Element>(dev: &Device, c: &Case, seed: u64) -> Bounds {
     Bounds { err: e, floor }
 }
 
+/// Asserts every gradient's error under its `tol` plus twice its floor.
+fn assert_within(b: &Bounds, tols: [f64; 5], what: &str) {
+    for (i, &v) in b.err.0.iter().enumerate() {
+        let tol = tols[i] + 2.0 * b.floor.0[i];
+        assert!(v < tol, "{what}: {} rel error {v:e} >= {tol:e}", NAMES[i]);
+    }
+}
+
 /// Half the spacing of T's numbers just above 1.
 fn unit_roundoff(t: DType) -> f64 {
     match t {
@@ -442,18 +450,10 @@ fn check_each<T: Element>(c: &Case, tols: [f64; 5], salt: u64) -> Errors {
     let mut worst = Errors::default();
     for dev in devices() {
         for s in seeds(salt) {
-            let Bounds { err: e, floor } = measure::<T>(&dev, c, s);
-            for (i, &v) in e.0.iter().enumerate() {
-                let tol = tols[i] + 2.0 * floor.0[i];
-                assert!(
-                    v < tol,
-                    "{} {:?} seed {s}: {} rel error {v:e} >= {tol:e}: {c:?}",
-                    dev.describe(),
-                    T::DTYPE,
-                    NAMES[i]
-                );
-            }
-            worst = worst.max(e);
+            let b = measure::<T>(&dev, c, s);
+            let what = format!("{} {:?} seed {s}", dev.describe(), T::DTYPE);
+            assert_within(&b, tols, &format!("{what}: {c:?}"));
+            worst = worst.max(b.err);
         }
     }
     eprintln!("{:?} {c:?}: worst {:?}", T::DTYPE, worst.0);
@@ -545,15 +545,11 @@ fn half_backward_mu10_small_head_dq() {
 fn bf16_small_head_dv_with_cancelling_d_final() {
     let c = mu10_small_head();
     for dev in devices() {
-        let Bounds { err: e, floor } = measure::<bf16>(&dev, &c, 5_662_882);
-        for (i, name) in NAMES.iter().enumerate() {
-            assert!(
-                e.0[i] < 1e-2 + 2.0 * floor.0[i],
-                "{}: {name} {:e}",
-                dev.describe(),
-                e.0[i]
-            );
-        }
+        assert_within(
+            &measure::<bf16>(&dev, &c, 5_662_882),
+            [1e-2; 5],
+            &dev.describe(),
+        );
     }
 }
 
@@ -966,26 +962,13 @@ fn f16_backward_eps_rows_tiled() {
 /// inputs on bf16 tiles"). Every gradient of both is asserted.
 #[test]
 fn bf16_wide_small_head_noncausal_dq() {
-    let c = Case::new(Kind::NonCausal, 193, 2, 2).with(|c| {
-        c.h = 1;
-        c.scale = 3000.0;
-        c.sigma = 10.0;
-        c.initial = true;
-        c.d_final = true;
-    });
+    let c = wide_small_head(Kind::NonCausal, 2);
     let s = 13_950_809_371_891_928_377u64;
     for dev in devices() {
         let b = measure::<bf16>(&dev, &c, s);
         let w = measure::<f16>(&dev, &c.clone().with(|c| c.f16_tiles = F16Tiles::Bf16), s);
         for (what, x) in [("bf16", &b), ("f16 on bf16 tiles", &w)] {
-            for (i, name) in NAMES.iter().enumerate() {
-                assert!(
-                    x.err.0[i] < 1e-2 + 2.0 * x.floor.0[i],
-                    "{} {what}: {name} rel error {:e}",
-                    dev.describe(),
-                    x.err.0[i]
-                );
-            }
+            assert_within(x, [1e-2; 5], &format!("{} {what}", dev.describe()));
         }
     }
 }
@@ -1000,14 +983,19 @@ fn bf16_wide_small_head_noncausal_dq() {
 fn bf16_wide_small_heads() {
     for kind in [Kind::NonCausal, Kind::Causal] {
         for dm in [2, 3, 8, 16] {
-            let c = Case::new(kind, 193, dm, dm).with(|c| {
-                c.h = 1;
-                c.scale = 3000.0;
-                c.sigma = 10.0;
-                c.initial = true;
-                c.d_final = true;
-            });
-            check::<bf16>(&c, 1e-2, 0x17_1de + dm as u64);
+            check::<bf16>(&wide_small_head(kind, dm), 1e-2, 0x17_1de + dm as u64);
         }
     }
+}
+
+/// H = 1, N = 193, D = M = `dm`, elu+1, q, k ~ N(0, 10), scale 3e3, initial
+/// state and d_final: wide keys on a small head.
+fn wide_small_head(kind: Kind, dm: usize) -> Case {
+    Case::new(kind, 193, dm, dm).with(|c| {
+        c.h = 1;
+        c.scale = 3000.0;
+        c.sigma = 10.0;
+        c.initial = true;
+        c.d_final = true;
+    })
 }
